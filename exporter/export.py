@@ -1,0 +1,150 @@
+"""Export a target VLM to ONNX graphs (embed, vision, lm) plus a manifest, atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import transformers
+from PIL import Image
+
+from vispec.runtime.errors import VispecError
+from vispec.runtime.families import FamilyGlue
+from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
+from vispec.runtime.model_dir import WEIGHT_PATTERNS
+from vispec.runtime.processors import load_processor
+from vispec.runtime.specs import embed_spec, lm_step_spec
+
+from .families import FamilyExport
+from .lm_step import EmbedStep, LMStep
+from .loading import load_target
+from .onnx_io import export_graph
+
+DEFAULT_OPSET = 17
+EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside ``out_dir``; rename it into place on success only.
+
+    On any error the temporary folder is removed: no partial artifacts are left behind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise VispecError(f"{out_dir} already exists. Hint: pick a new folder or pass "
+                          f"--overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_processor_files(model_dir: Path, dest: Path) -> None:
+    """Copy config, tokenizer, processor and template files (no weights) into ``dest``."""
+    dest.mkdir()
+    weights = {p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)}
+    for f in model_dir.iterdir():
+        if f.is_file() and f not in weights and not f.name.endswith(".index.json"):
+            shutil.copy2(f, dest / f.name)
+
+
+def example_images() -> list[Image.Image]:
+    """Two small noise images of different shapes, to trace the vision graph."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for h, w in ((56, 56), (56, 84))]
+
+
+def lm_example(spec, glue: FamilyGlue) -> dict[str, np.ndarray]:
+    """Random LM-step inputs at ``new=8, past=5`` with a causal mask."""
+    rng = np.random.default_rng(0)
+    sizes = {"new": EXAMPLE_NEW, "past": EXAMPLE_PAST}
+    feeds = {t.name: rng.standard_normal(spec.shape(t.name, sizes)).astype(t.dtype)
+             for t in spec.inputs if t.dtype.startswith("float")}
+    mask = np.tril(np.ones((EXAMPLE_NEW, EXAMPLE_NEW + EXAMPLE_PAST), bool), k=EXAMPLE_PAST)
+    feeds["attention_mask"] = mask[None, None]
+    feeds["position_ids"] = glue.step_position_ids(EXAMPLE_PAST, np.arange(EXAMPLE_NEW))
+    return feeds
+
+
+def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
+    """Architecture facts the runtime needs, read off the loaded modules and configs."""
+    attn = adapter.language_model.layers[0].self_attn
+    gen = transformers.GenerationConfig.from_pretrained(str(model_dir)) \
+        if (model_dir / "generation_config.json").exists() else None
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else \
+        glue.text_config.get("eos_token_id")
+    return {
+        "model_type": glue.model_type,
+        "num_layers": len(adapter.language_model.layers),
+        "hidden_size": glue.hidden_size,
+        "vocab_size": adapter.lm_head.out_features,
+        "head_dim": attn.head_dim,
+        "kv_heads": attn.k_proj.out_features // attn.head_dim,
+        "image_token_id": glue.image_token_id,
+        "eos_token_ids": sorted({eos} if isinstance(eos, int) else set(eos or [])),
+        "mrope": glue.mrope,
+    }
+
+
+def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
+                  overwrite: bool = False,
+                  progress: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
+    ``lm.onnx``, host-side arrays, the processor files and ``manifest.json``."""
+    model_dir = Path(model_dir)
+    start = time.perf_counter()
+    adapter, glue = load_target(model_dir)
+    processor = load_processor(model_dir)
+    facts = model_facts(adapter, glue, model_dir)
+    lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
+                           vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
+                           head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope)
+    specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len),
+             "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec}
+    example_prompt = glue.prepare(processor, "describe", example_images())
+    examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
+                "vision": glue.vision_feeds(example_prompt), "lm": lm_example(lm_spec, glue)}
+    modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
+               "vision": adapter.vision_module(),
+               "lm": LMStep(adapter.language_model, adapter.lm_head)}
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        graphs = {}
+        for i, name in enumerate(specs, 1):
+            progress(f"[{i}/{len(specs)}] exporting {name} graph")
+            export_graph(modules[name].eval(), specs[name], examples[name], tmp / f"{name}.onnx",
+                         opset)
+            graphs[name] = GraphEntry(f"{name}.onnx", specs[name])
+        extra_files = {}
+        for key, array in glue.extra_arrays(adapter.model).items():
+            np.save(tmp / f"{key}.npy", array)
+            extra_files[key] = f"{key}.npy"
+        copy_processor_files(model_dir, tmp / PROCESSOR_DIR)
+        manifest = Manifest(kind="target", family=glue.model_type,
+                            config_hash=config_hash(model_dir), max_len=max_len, opset=opset,
+                            model=facts, graphs=graphs, versions=versions(),
+                            extra_files=extra_files, source=str(model_dir.resolve()))
+        manifest.save(tmp)
+    progress(f"exported {len(graphs)} graphs to {out_dir} in {time.perf_counter() - start:.1f}s")
+    return manifest

@@ -1,0 +1,101 @@
+"""Plain greedy decoding through the runtime (the baseline the speculative loop must equal)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PromptTooLongError
+from .families import Prompt
+from .kv_cache import KVCache
+from .masks import causal_mask
+from .target import StepOutput, TargetModel
+
+
+@dataclass
+class GenerationStats:
+    """Counts of one generation. ``target_passes`` includes the prefill; ``accepted`` holds,
+    per target pass after the prefill, the tokens it emitted: accepted drafts plus the
+    bonus token (always 1 for plain decoding)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_passes: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput (the prefill is reported apart)."""
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens emitted per target pass after the prefill, bonus token included."""
+        return float(np.mean(self.accepted)) if self.accepted else 0.0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    stats: GenerationStats
+
+
+@dataclass
+class Prefilled:
+    """State after the prompt's pass: the first new token comes from ``out.logits[-1]``."""
+
+    out: StepOutput
+    next_position: int  # text position of the next token (M-RoPE offset included)
+
+
+def check_fits(prompt: Prompt, max_new_tokens: int, max_len: int, reserve: int = 0) -> None:
+    need = len(prompt.input_ids) + max_new_tokens + reserve
+    if need > max_len:
+        raise PromptTooLongError(
+            f"prompt of {len(prompt.input_ids)} tokens + {max_new_tokens} new tokens"
+            f"{f' + {reserve} draft-tree slots' if reserve else ''} = {need} > max_len "
+            f"{max_len}. Hint: shorten the prompt, lower --max-new-tokens, or re-export "
+            f"with a larger --max-len")
+
+
+def prefill(target: TargetModel, cache: KVCache, prompt: Prompt) -> Prefilled:
+    """Run the whole prompt (images merged) through the LM and commit its K/V."""
+    embeds = target.prompt_embeds(prompt)
+    positions, next_position = target.glue.position_ids(prompt)
+    cache.reset()
+    out = target.step(cache, embeds, positions, causal_mask(0, len(embeds)))
+    cache.commit(len(embeds))
+    return Prefilled(out, next_position)
+
+
+def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
+                   cache: KVCache | None = None) -> GenerationResult:
+    """Greedy decoding, one token per target pass; stops at EOS (which is kept)."""
+    check_fits(prompt, max_new_tokens, target.max_len)
+    cache = cache or target.new_cache()
+    stats = GenerationStats(prompt_tokens=len(prompt.input_ids))
+    t0 = time.perf_counter()
+    state = prefill(target, cache, prompt)
+    stats.prefill_seconds = time.perf_counter() - t0
+    stats.target_passes = 1
+    token = int(np.argmax(state.out.logits[-1]))
+    tokens, position = [token], state.next_position
+    t0 = time.perf_counter()
+    while len(tokens) < max_new_tokens and token not in target.eos_token_ids:
+        out = target.step(cache, target.embed([token]),
+                          target.glue.step_position_ids(position, np.zeros(1, np.int64)),
+                          causal_mask(cache.length, 1))
+        cache.commit(1)
+        position += 1
+        token = int(np.argmax(out.logits[-1]))
+        tokens.append(token)
+        stats.target_passes += 1
+        stats.accepted.append(1)
+    stats.decode_seconds = time.perf_counter() - t0
+    stats.new_tokens = len(tokens)
+    text = target.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    return GenerationResult(tokens, text, stats)

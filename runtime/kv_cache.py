@@ -1,0 +1,75 @@
+"""Preallocated KV cache: one buffer per session, new rows written in place by the graph."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import PromptTooLongError
+from .specs import past_names, present_names
+
+
+class KVCache:
+    """``buffer [layers, 2, max_len, kv_heads, head_dim]``; rows ``[0, length)`` are valid.
+
+    Sequence-major per layer, so ``buffer[l, 0, :n]`` is a contiguous ``[n, kvh, hd]``
+    block: the past inputs and the present outputs of a step graph bind straight onto
+    views of this one allocation.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype=np.float32):
+        self.buffer = np.zeros((num_layers, 2, max_len, kv_heads, head_dim), dtype)
+        self.num_layers = num_layers
+        self.max_len = max_len
+        self.length = 0
+
+    def past(self) -> dict[str, np.ndarray]:
+        """Views of the valid rows, keyed by the step graph's past input names."""
+        views = {}
+        for layer in range(self.num_layers):
+            k, v = past_names(layer)
+            views[k] = self.buffer[layer, 0, None, :self.length]  # [1, P, kvh, hd]
+            views[v] = self.buffer[layer, 1, None, :self.length]
+        return views
+
+    def present(self, n: int) -> dict[str, np.ndarray]:
+        """Views of the next ``n`` rows, where a step graph writes the new K/V in place."""
+        self.ensure_room(n)
+        views = {}
+        for layer in range(self.num_layers):
+            k, v = present_names(layer)
+            views[k] = self.buffer[layer, 0, None, self.length:self.length + n]
+            views[v] = self.buffer[layer, 1, None, self.length:self.length + n]
+        return views
+
+    def ensure_room(self, n: int) -> None:
+        if self.length + n > self.max_len:
+            raise PromptTooLongError(f"KV cache full: {self.length} + {n} rows > max_len "
+                                     f"{self.max_len}. Hint: shorten the prompt or "
+                                     f"max_new_tokens, or re-export with a larger --max-len")
+
+    def commit(self, n: int) -> None:
+        """Mark the ``n`` rows written after ``length`` as valid."""
+        self.ensure_room(n)
+        self.length += n
+
+    def compact(self, rows: np.ndarray, start: int) -> None:
+        """Move rows ``rows`` (absolute indices, ascending, each >= its destination) to
+        ``start, start+1, ...`` for every layer, in place; the cache then ends there.
+
+        Used after tree verification: the accepted nodes' K/V move to their final slots.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        dest = np.arange(start, start + len(rows))
+        if len(rows) and (np.any(rows < dest) or np.any(np.diff(rows) <= 0)):
+            raise ValueError("compact needs ascending source rows at or after their targets")
+        moved = rows != dest
+        if moved.any():
+            self.buffer[:, :, dest[moved]] = self.buffer[:, :, rows[moved]]
+        self.length = start + len(rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget rows from ``length`` on (the buffer is kept)."""
+        self.length = min(self.length, length)
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,97 @@
+"""The manifest saved beside exported graphs: what was exported, from what, with which IO."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ManifestError
+from .specs import GraphSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "vispec-manifest/1"
+PROCESSOR_DIR = "processor"  # tokenizer, processor and config.json copied from the model
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph: its file (relative to the artifact dir) and its IO spec."""
+
+    file: str
+    spec: GraphSpec
+
+
+@dataclass
+class Manifest:
+    """Everything the engine builder and the runtime need to know about an artifact dir.
+
+    ``kind`` is ``"target"`` or ``"drafter"``; ``model`` holds the architecture facts the
+    runtime needs (layers, heads, token ids, ...); ``extra_files`` names host-side arrays
+    saved beside the graphs (e.g. LLaVA-NeXT's ``image_newline``).
+    """
+
+    kind: str
+    family: str
+    config_hash: str
+    max_len: int
+    opset: int
+    model: dict
+    graphs: dict[str, GraphEntry]
+    versions: dict = field(default_factory=dict)
+    extra_files: dict = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "kind": self.kind, "family": self.family,
+            "config_hash": self.config_hash, "max_len": self.max_len, "opset": self.opset,
+            "model": self.model, "versions": self.versions, "source": self.source,
+            "extra_files": self.extra_files,
+            "graphs": {k: {"file": g.file, "spec": g.spec.to_dict()}
+                       for k, g in self.graphs.items()},
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        """Read and check ``directory/manifest.json`` and that every file it names exists."""
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST_NAME} in {directory}. Hint: point at a folder "
+                                f"written by `vispec-export export`")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
+            m = cls(kind=d["kind"], family=d["family"], config_hash=d["config_hash"],
+                    max_len=int(d["max_len"]), opset=int(d["opset"]), model=dict(d["model"]),
+                    versions=dict(d.get("versions", {})), source=d.get("source", ""),
+                    extra_files=dict(d.get("extra_files", {})),
+                    graphs={k: GraphEntry(g["file"], GraphSpec.from_dict(g["spec"]))
+                            for k, g in d["graphs"].items()})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(f"{path} is corrupt ({type(e).__name__}: {e}). Hint: "
+                                f"re-run `vispec-export export` into a fresh folder") from e
+        missing = [f for f in [g.file for g in m.graphs.values()] + list(m.extra_files.values())
+                   if not (directory / f).exists()]
+        if missing:
+            raise ManifestError(f"{path} names files that are missing: {missing}. Hint: copy "
+                                f"the whole artifact folder, or re-export")
+        return m
+
+    def graph(self, name: str) -> GraphEntry:
+        if name not in self.graphs:
+            raise ManifestError(f"manifest has no graph {name!r} (has {sorted(self.graphs)})")
+        return self.graphs[name]
+
+
+def config_hash(model_dir: str | os.PathLike) -> str:
+    """sha256 of a model directory's config.json: ties artifacts to the model they came from."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]

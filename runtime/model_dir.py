@@ -1,0 +1,34 @@
+"""Cheap checks of a local Hugging Face model directory, before any weight is loaded."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelDirError
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """``config.json`` of a local model directory, with errors a user can act on."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist. Hint: pass a local "
+                            f"folder holding config.json and weights (no hub downloads here)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model folder. "
+                            f"Hint: pass the folder that `save_pretrained` wrote")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelDirError(f"{path} is not valid JSON ({e}). Hint: re-save the model") from e
+
+
+def check_weights(model_dir: str | os.PathLike) -> None:
+    """Fail early when a model directory has no weight files."""
+    model_dir = Path(model_dir)
+    if not any(any(model_dir.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelDirError(f"{model_dir} has no weights ({' or '.join(WEIGHT_PATTERNS)}). "
+                            f"Hint: copy the checkpoint files into the folder")

@@ -1,0 +1,291 @@
+"""Graph IO specs: the one place where tensor names, dtypes and dynamic dims are written.
+
+The exporter derives ``torch.onnx.export`` names and dynamic axes from a :class:`GraphSpec`,
+the engine builder derives TensorRT optimization profiles from it, and the runtime derives
+buffer shapes and input checks from it. Specs travel in the manifest beside the ONNX files.
+
+A shape entry is an ``int`` (static), a dim name (``"new"``) or a sum of dim names and
+integers (``"past+new"``): the attention mask's key axis is ``past + new``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ShapeError
+
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic axis with its (min, opt, max) range, as an engine profile needs it."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (0 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"dim {self.name!r}: need 0 <= min <= opt <= max, got "
+                             f"({self.min}, {self.opt}, {self.max})")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str
+    shape: tuple  # of int | str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name!r}: dtype {self.dtype!r} not in {DTYPES}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+
+def _terms(entry) -> list:
+    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in str(entry).split("+")]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Inputs, outputs and dynamic dims of one graph."""
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    dims: tuple
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "dims", tuple(self.dims))
+        known = {d.name for d in self.dims}
+        names = [t.name for t in self.inputs + self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"graph {self.name!r}: duplicate tensor names")
+        for t in self.inputs + self.outputs:
+            for entry in t.shape:
+                for term in _terms(entry) if isinstance(entry, str) else []:
+                    if isinstance(term, str) and term not in known:
+                        raise ValueError(f"graph {self.name!r}: tensor {t.name!r} uses "
+                                         f"undeclared dim {term!r}")
+
+    # -- lookups -------------------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise KeyError(f"graph {self.name!r} has no dim {name!r}")
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"graph {self.name!r} has no tensor {name!r}")
+
+    # -- shapes --------------------------------------------------------------------------
+    def shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape of tensor ``name`` for the given dim sizes."""
+        return tuple(_resolve(e, sizes) for e in self.tensor(name).shape)
+
+    def profile(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Input shapes at every dim's ``min``, ``opt`` or ``max`` (an engine profile)."""
+        sizes = {d.name: getattr(d, which) for d in self.dims}
+        return {t.name: self.shape(t.name, sizes) for t in self.inputs}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export(dynamic_axes=...)`` form; a sum axis is named by its text."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dyn = {i: str(e).replace("+", "_plus_") for i, e in enumerate(t.shape)
+                   if isinstance(e, str)}
+            if dyn:
+                axes[t.name] = dyn
+        return axes
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """Check names, dtypes, ranks and dim ranges of ``feeds``; return the dim sizes.
+
+        Every problem is collected before raising one :class:`ShapeError`.
+        """
+        problems, sizes = [], {}
+        missing = set(self.input_names) - set(feeds)
+        extra = set(feeds) - set(self.input_names)
+        if missing or extra:
+            problems.append(f"missing inputs {sorted(missing)}, unexpected {sorted(extra)}")
+        for t in self.inputs:
+            if t.name not in feeds:
+                continue
+            a = feeds[t.name]
+            if a.dtype != t.np_dtype:
+                problems.append(f"input {t.name!r} | dtype {a.dtype}. Expected: {t.dtype}")
+            if a.ndim != len(t.shape):
+                problems.append(f"input {t.name!r} | shape {a.shape}. Expected rank "
+                                f"{len(t.shape)}: {t.shape}")
+                continue
+            for axis, entry in enumerate(t.shape):
+                if isinstance(entry, str) and "+" not in entry:
+                    prev = sizes.setdefault(entry, a.shape[axis])
+                    if prev != a.shape[axis]:
+                        problems.append(f"input {t.name!r} axis {axis} ({entry}) is "
+                                        f"{a.shape[axis]}, other inputs say {prev}")
+        for t in self.inputs:
+            a = feeds.get(t.name)
+            if a is None or a.ndim != len(t.shape):
+                continue
+            try:
+                want = self.shape(t.name, sizes)
+            except KeyError:
+                continue
+            if a.shape != want:
+                problems.append(f"input {t.name!r} | shape {a.shape}. Expected {want} "
+                                f"from {t.shape}")
+        for name, size in sizes.items():
+            d = self.dim(name)
+            if not d.min <= size <= d.max:
+                problems.append(f"dim {name!r} = {size} is outside the graph's profile "
+                                f"[{d.min}, {d.max}]. Hint: re-export with a larger range "
+                                f"(e.g. --max-len) or shorten the input")
+        if problems:
+            raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
+        return sizes
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [_tensor_dict(t) for t in self.inputs],
+            "outputs": [_tensor_dict(t) for t in self.outputs],
+            "dims": [{"name": d.name, "min": d.min, "opt": d.opt, "max": d.max}
+                     for d in self.dims],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphSpec":
+        return cls(
+            name=d["name"],
+            inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                          for t in d["outputs"]),
+            dims=tuple(Dim(**x) for x in d["dims"]),
+            meta=dict(d.get("meta", {})),
+        )
+
+
+def _tensor_dict(t: TensorSpec) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+def _resolve(entry, sizes: dict[str, int]) -> int:
+    if isinstance(entry, int):
+        return entry
+    return sum(t if isinstance(t, int) else sizes[t] for t in _terms(entry))
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor names shared by the graphs of targets and drafters.
+INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+HIDDEN_STATES = "hidden_states"
+TOPK_LOGPROBS = "topk_logprobs"
+TOPK_IDS = "topk_ids"
+
+# Dims shared by every step graph.
+NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
+PAST = "past"  # tokens already in the KV cache
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """Names of layer ``layer``'s past key and value inputs."""
+    return f"past_key.{layer}", f"past_value.{layer}"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Names of layer ``layer``'s outputs: key and value of the new tokens only."""
+    return f"present_key.{layer}", f"present_value.{layer}"
+
+
+def step_dims(max_len: int, max_new: int | None = None, opt_new: int = 8) -> tuple[Dim, Dim]:
+    """The ``new`` and ``past`` dims of a step graph working inside a ``max_len`` cache."""
+    max_new = max_len if max_new is None else min(max_new, max_len)
+    return (Dim(NEW, 1, min(opt_new, max_new), max_new),
+            Dim(PAST, 0, max_len // 2, max_len - 1))
+
+
+def kv_tensors(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> tuple[list, list]:
+    """Per-layer past inputs ``[1, past, kv_heads, head_dim]`` and present outputs
+    ``[1, new, kv_heads, head_dim]``.
+
+    Sequence-major layout: the first ``past`` rows of a preallocated
+    ``[max_len, kv_heads, head_dim]`` slab are contiguous, so the runtime binds views of
+    its KV buffer directly, and writes the new rows in place.
+    """
+    ins, outs = [], []
+    for layer in range(num_layers):
+        for name in past_names(layer):
+            ins.append(TensorSpec(name, dtype, (1, PAST, kv_heads, head_dim)))
+        for name in present_names(layer):
+            outs.append(TensorSpec(name, dtype, (1, NEW, kv_heads, head_dim)))
+    return ins, outs
+
+
+def lm_step_spec(*, num_layers: int, hidden_size: int, vocab_size: int, kv_heads: int,
+                 head_dim: int, max_len: int, mrope: bool, dtype: str = "float32",
+                 name: str = "lm") -> GraphSpec:
+    """The target language model step: serves prefill, decode and tree verification.
+
+    ``attention_mask[0, 0, i, j]`` is True where new token i may attend to key j
+    (keys = past then new), so any tree mask can be fed.
+    """
+    pos_shape = (3, 1, NEW) if mrope else (1, NEW)
+    kv_in, kv_out = kv_tensors(num_layers, kv_heads, head_dim, dtype)
+    return GraphSpec(
+        name=name,
+        inputs=(TensorSpec(INPUTS_EMBEDS, dtype, (1, NEW, hidden_size)),
+                TensorSpec(POSITION_IDS, "int64", pos_shape),
+                TensorSpec(ATTENTION_MASK, "bool", (1, 1, NEW, f"{PAST}+{NEW}")),
+                *kv_in),
+        outputs=(TensorSpec(LOGITS, dtype, (1, NEW, vocab_size)),
+                 TensorSpec(HIDDEN_STATES, dtype, (1, NEW, hidden_size)),
+                 *kv_out),
+        dims=step_dims(max_len),
+        meta={"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
+              "hidden_size": hidden_size, "vocab_size": vocab_size, "mrope": mrope},
+    )
+
+
+def embed_spec(*, hidden_size: int, max_len: int, dtype: str = "float32",
+               name: str = "embed") -> GraphSpec:
+    """Token-embedding lookup: ``input_ids [1, new] -> inputs_embeds [1, new, H]``."""
+    return GraphSpec(
+        name=name,
+        inputs=(TensorSpec(INPUT_IDS, "int64", (1, NEW)),),
+        outputs=(TensorSpec(INPUTS_EMBEDS, dtype, (1, NEW, hidden_size)),),
+        dims=(Dim(NEW, 1, 8, max_len),),
+    )
+
+# Vision graphs: pixel inputs in, image embeddings in the language model's input space out.
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
