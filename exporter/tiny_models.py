@@ -7,7 +7,8 @@ byte-level BPE tokenizer and the family's processor files with a chat template, 
 Pitfalls built in on purpose (see shared/PITFALLS.md):
 - every text config states ``head_dim``; for "llava_next" (Mistral-style) it differs from
   hidden_size / num_attention_heads;
-- "llava_next" and "qwen2_5_vl" have a config vocab larger than the tokenizer's (padded rows);
+- "llava_next" and "qwen2_5_vl" have a config vocab larger than the tokenizer's (padded rows),
+  and so does every family in the "100m" preset (config vocab 4096);
 - "qwen2_5_vl" has M-RoPE, qkv biases and a windowed vision tower with full-attention blocks.
 """
 
@@ -108,6 +109,7 @@ class _TokenSpec:
     """Special tokens of a family (ids follow list order, starting at 0) and its chat template."""
 
     specials: tuple[str, ...]
+    unk: str | None
     bos: str | None
     eos: tuple[str, ...]
     pad: str
@@ -120,9 +122,9 @@ _LLAVA_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 _QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _TOKEN_SPECS = {
-    "llava": _TokenSpec(_LLAVA_TOKENS, "<s>", ("</s>",), "<pad>", "<image>", _LLAVA_TEMPLATE, 1),
-    "llava_next": _TokenSpec(_LLAVA_TOKENS, "<s>", ("</s>",), "<pad>", "<image>", _LLAVA_TEMPLATE, 64),
-    "qwen2_5_vl": _TokenSpec(_QWEN_TOKENS, None, ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>",
+    "llava": _TokenSpec(_LLAVA_TOKENS, "<unk>", "<s>", ("</s>",), "<pad>", "<image>", _LLAVA_TEMPLATE, 1),
+    "llava_next": _TokenSpec(_LLAVA_TOKENS, "<unk>", "<s>", ("</s>",), "<pad>", "<image>", _LLAVA_TEMPLATE, 64),
+    "qwen2_5_vl": _TokenSpec(_QWEN_TOKENS, None, None, ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>",
                              "<|image_pad|>", _QWEN_TEMPLATE, 64),
 }
 
@@ -145,8 +147,8 @@ def _train_tokenizer(spec: _TokenSpec) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.Sequence([byte_level, template])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos[0], pad_token=spec.pad,
-        unk_token=spec.specials[0] if spec.bos else None,
-        extra_special_tokens=[t for t in spec.specials if t not in (spec.bos, spec.eos[0], spec.pad)],
+        unk_token=spec.unk,
+        extra_special_tokens=[t for t in spec.specials if t not in (spec.unk, spec.bos, spec.eos[0], spec.pad)],
         chat_template=spec.chat_template, clean_up_tokenization_spaces=False)
 
 
@@ -208,7 +210,7 @@ def _llava_next(tokenizer, spec, preset):
 
 
 def _qwen2_5_vl(tokenizer, spec, preset):
-    """Qwen2.5-VL layout: 14px patches merged 2x2, 28px attention windows, M-RoPE [2, 3, 3]."""
+    """Qwen2.5-VL layout: 14px patches merged 2x2, 28px attention windows, M-RoPE split 16:24:24 as in 7B."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}

@@ -5,11 +5,16 @@ Call the processor with ``return_tensors="np"``: the runtime has no torch.
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 
 from transformers import LlavaNextProcessor, LlavaProcessor, Qwen2_5_VLProcessor
+
+from .errors import ModelDirError
+from .model_dir import read_config
+
+
+class ProcessorError(ModelDirError, ValueError):
+    """No processor for this directory: config.json missing or unreadable, or an unsupported model_type."""
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -37,18 +42,15 @@ SUPPORTED_MODEL_TYPES = tuple(_PROCESSORS)
 
 
 def read_model_type(model_dir: str | os.PathLike) -> str:
-    """Return ``model_type`` from ``model_dir/config.json``; ValueError if it cannot be read."""
-    config_path = pathlib.Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path} not found: pass a local Hugging Face model directory "
-                         "(the folder holding config.json, the weights and the processor files).")
+    """Return ``model_type`` from ``model_dir/config.json``; ProcessorError if it cannot be read."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {config_path} ({err}); re-save the model or fix the file.") from err
+        config = read_config(model_dir)
+    except ModelDirError as err:
+        raise ProcessorError(str(err)) from err
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str):
-        raise ValueError(f"{config_path} has no 'model_type' string; it is not a Hugging Face model config.")
+        raise ProcessorError(f"{model_dir}/config.json has no 'model_type' string: not a Hugging Face "
+                             "model config. Hint: pass the folder that `save_pretrained` wrote")
     return model_type
 
 
@@ -56,6 +58,6 @@ def load_processor(model_dir: str | os.PathLike):
     """Return the family's processor loaded from ``model_dir`` only (never the network)."""
     model_type = read_model_type(model_dir)
     if model_type not in _PROCESSORS:
-        raise ValueError(f"model_type {model_type!r} in {model_dir} is not supported; "
-                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+        raise ProcessorError(f"model_type {model_type!r} in {model_dir} is not supported. "
+                             f"Hint: supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return _PROCESSORS[model_type].from_pretrained(os.fspath(model_dir), local_files_only=True)

@@ -93,8 +93,8 @@ def test_chat_templates(tmp_path):
     llava = load_processor(build_tiny_model("llava", tmp_path / "llava"))
     qwen = load_processor(build_tiny_model("qwen2_5_vl", tmp_path / "qwen"))
     assert _prompt(llava, MESSAGES_WITH_IMAGE) == "USER: <image>\nWhat is this? ASSISTANT:"
-    assert _prompt(qwen, MESSAGES_WITH_IMAGE).endswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?"
-                                 "<|im_end|>\n<|im_start|>assistant\n")
+    assert _prompt(qwen, MESSAGES_WITH_IMAGE).endswith(
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_special_token_ids_match_config(model_dir):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vispec.runtime.processors import SUPPORTED_MODEL_TYPES, load_processor, read_model_type
+from vispec.runtime.errors import ModelDirError
+from vispec.runtime.processors import SUPPORTED_MODEL_TYPES, ProcessorError, load_processor, read_model_type
 
 tiny_models = pytest.importorskip("vispec.exporter.tiny_models", reason="building the tiny models needs torch")
 
@@ -111,19 +112,25 @@ def test_read_model_type(model_dirs, family):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "config.json not found"),
-    ("{not json", "cannot read"),
+    (None, "has no config.json"),
+    ("{not json", "not valid JSON"),
     ('{"architectures": []}', "no 'model_type'"),
     ('["llava"]', "no 'model_type'"),
 ])
 def test_read_model_type_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "config.json").write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         read_model_type(tmp_path)
+    assert isinstance(raised.value, ModelDirError)
+
+
+def test_read_model_type_missing_directory(tmp_path):
+    with pytest.raises(ProcessorError, match="does not exist"):
+        read_model_type(tmp_path / "missing")
 
 
 def test_load_processor_rejects_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="'gpt2'.*supported model types: llava, llava_next, qwen2_5_vl"):
+    with pytest.raises(ProcessorError, match="'gpt2'.*supported model types: llava, llava_next, qwen2_5_vl"):
         load_processor(tmp_path)

@@ -1,0 +1,118 @@
+"""INT8 as explicit Q/DQ in the ONNX graph: the only INT8 form TensorRT 11 accepts.
+
+Only the weight matmuls (MatMul with a constant B, Gemm, Conv) are quantized, with
+symmetric int8 activations and symmetric per-output-channel int8 weights; softmax, norms,
+attention score matmuls (both sides activations) and biases stay in float.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from vispec.runtime.errors import VispecError
+from vispec.runtime.masks import causal_mask
+from vispec.runtime.specs import ATTENTION_MASK, INPUTS_EMBEDS, POSITION_IDS, GraphSpec
+
+QUANT_OP_TYPES = ("MatMul", "Gemm", "Conv")
+QDQ_OPTIONS = {
+    "ActivationSymmetric": True,   # TensorRT needs zero points of 0
+    "WeightSymmetric": True,
+    "MatMulConstBOnly": True,      # linear layers only, not Q @ K^T or P @ V
+    "QuantizeBias": False,         # TensorRT fuses float biases itself
+    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B [in, out]: per output channel
+}
+DEFAULT_PROMPTS = (
+    "Describe this picture in detail.",
+    "What is the capital of France, and why is it famous?",
+    "Write a short poem about the sea at night.",
+    "List three ways to make a small garden more welcoming to bees.",
+    "Explain step by step how a bicycle gear system works.",
+)
+
+
+class _Feeds(CalibrationDataReader):
+    """Hands checked feed dicts to ONNX Runtime's calibrator, one batch at a time."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]], spec: GraphSpec):
+        self.feeds, self.spec, self.count = iter(feeds), spec, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self.feeds, None)
+        if feed is not None:
+            self.spec.check_inputs(feed)
+            self.count += 1
+        return feed
+
+
+def quantize_qdq(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike,
+                 calibration: Iterable[dict[str, np.ndarray]], spec: GraphSpec) -> Path:
+    """Write an INT8 Q/DQ copy of ``onnx_in`` to ``onnx_out``, calibrated (min/max) on the
+    feed dicts of ``calibration``, each checked against ``spec``."""
+    reader = _Feeds(calibration, spec)
+    quantize_static(
+        str(onnx_in), str(onnx_out), reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANT_OP_TYPES),
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=_has_external_data(onnx_in),
+        extra_options=dict(QDQ_OPTIONS),
+    )
+    if reader.count == 0:
+        Path(onnx_out).unlink(missing_ok=True)
+        raise VispecError(f"graph {spec.name!r}: the calibration data was empty. Expected "
+                          f"at least one feed dict. Hint: pass a few real prompts")
+    return Path(onnx_out)
+
+
+def _has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model keeps weights beyond the 2 GB protobuf limit in side files."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def prefill_feeds(spec: GraphSpec, inputs_embeds: np.ndarray,
+                  position_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """LM-step feeds of a prompt's prefill: ``inputs_embeds [L, H]`` and the prompt's
+    position ids, a causal mask, and an empty past for every layer."""
+    n = inputs_embeds.shape[0]
+    sizes = {"new": n, "past": 0}
+    feeds = {INPUTS_EMBEDS: inputs_embeds[None].astype(spec.tensor(INPUTS_EMBEDS).dtype),
+             POSITION_IDS: np.asarray(position_ids, np.int64),
+             ATTENTION_MASK: causal_mask(0, n)}
+    for t in spec.inputs:
+        if t.name not in feeds:
+            feeds[t.name] = np.zeros(spec.shape(t.name, sizes), t.np_dtype)
+    return feeds
+
+
+def lm_calibration_feeds(artifact_dir: str | os.PathLike,
+                         prompts: Iterable[str | tuple[str, list]] = DEFAULT_PROMPTS
+                         ) -> Iterator[dict[str, np.ndarray]]:
+    """Real prefill feeds of a target's ``lm`` graph, computed by its exported ONNX graphs.
+
+    Each prompt is a text or ``(text, images)``; it goes through the model's own processor,
+    embedding and vision graphs (ONNX Runtime), so image features are placed as at run time.
+    """
+    from vispec.runtime.target import TargetModel  # loads processors: only when used
+
+    target = TargetModel(artifact_dir, backend="ort")
+    spec = target.manifest.graph("lm").spec
+    for item in prompts:
+        text, images = (item, None) if isinstance(item, str) else item
+        prompt = target.prepare(text, images)
+        positions, _ = target.glue.position_ids(prompt)
+        yield prefill_feeds(spec, target.prompt_embeds(prompt), positions)

@@ -1,0 +1,123 @@
+"""``vispec-export``: a thin shell over the Python API (see README for both).
+
+Heavy imports (torch for export/validate) happen inside the commands, so ``generate``
+runs on a machine without torch.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from vispec.runtime.errors import VispecError
+
+EXIT_BAD_INPUT = 2
+
+
+def _progress(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _user_errors(fn):
+    """Turn :class:`VispecError` into one clear line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VispecError as e:
+            click.echo(f"error: {e}", err=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Export VLM targets and speculative drafters to ONNX/TensorRT, and run them.
+
+    Typical flow: export -> validate -> build (TensorRT) -> generate.
+    """
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--max-len", default=1024, show_default=True,
+              help="KV-cache length the graphs (and engine profiles) are sized for.")
+@click.option("--max-images", default=4, show_default=True, help="Images per prompt.")
+@click.option("--opset", default=17, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_user_errors
+def export(model_dir, out_dir, max_len, max_images, opset, overwrite):
+    """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
+    LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
+    from .export import export_target
+    export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
+                  overwrite=overwrite, progress=_progress)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random tree case.")
+@click.option("--max-new-tokens", default=16, show_default=True,
+              help="Length of the greedy identity check against model.generate.")
+@_user_errors
+def validate(model_dir, artifact_dir, seed, max_new_tokens):
+    """Compare ARTIFACT_DIR's graphs with the PyTorch model in MODEL_DIR.
+
+    Prints one row per graph output and case (prefill, decode, random tree), and checks
+    that greedy generation is token-identical to model.generate. Exit 1 on a failure.
+    """
+    from .report import print_parity, validate_all
+    rows, greedy = validate_all(model_dir, artifact_dir, seed=seed,
+                                max_new_tokens=max_new_tokens, progress=_progress)
+    ok = print_parity(rows, greedy)
+    raise SystemExit(0 if ok else 1)
+
+
+@cli.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16",
+              show_default=True, help="int8 inserts explicit Q/DQ first (TensorRT 10.3+).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_user_errors
+def build(artifact_dir, out_dir, precision, overwrite):
+    """Build TensorRT engines for every graph in ARTIFACT_DIR into OUT_DIR (needs
+    TensorRT on this machine: run it on the target GPU, e.g. the Jetson itself)."""
+    from vispec.engines.build import BuildConfig, build_engines
+    config = BuildConfig.from_cli(precision=precision)
+    build_engines(artifact_dir, out_dir, config, overwrite=overwrite, progress=_progress)
+
+
+@cli.command()
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+              help="Target artifact folder (from `export`, or engines from `build`).")
+@click.option("--prompt", required=True, help="User message.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image file; repeat for several.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
+              show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads per graph.")
+@_user_errors
+def generate(model, prompt, images, max_new_tokens, backend, threads):
+    """Generate a reply with the runtime (no torch needed) and print speed statistics."""
+    from vispec.runtime.pipeline import Pipeline
+    pipe = Pipeline(model, backend=backend, threads=threads)
+    result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens)
+    click.echo(result.text)
+    s = result.stats
+    click.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s decode, "
+               f"{s.target_passes} target passes (prefill included), "
+               f"{s.mean_accepted:.2f} tokens per decode pass incl. bonus]", err=True)
+
+
+def main() -> None:
+    cli(prog_name="vispec-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
