@@ -28,8 +28,8 @@ QUANT_OP_TYPES = ("MatMul", "Gemm", "Conv")
 QDQ_OPTIONS = {
     "ActivationSymmetric": True,   # TensorRT needs zero points of 0
     "WeightSymmetric": True,
-    "MatMulConstBOnly": True,      # linear layers only, not Q @ K^T or P @ V
     "QuantizeBias": False,         # TensorRT fuses float biases itself
+    "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B [in, out]: per output channel
 }
 DEFAULT_PROMPTS = (
@@ -59,16 +59,19 @@ def quantize_qdq(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike,
                  calibration: Iterable[dict[str, np.ndarray]], spec: GraphSpec) -> Path:
     """Write an INT8 Q/DQ copy of ``onnx_in`` to ``onnx_out``, calibrated (min/max) on the
     feed dicts of ``calibration``, each checked against ``spec``."""
+    model = onnx.load(str(onnx_in), load_external_data=False)  # structure only
     reader = _Feeds(calibration, spec)
     quantize_static(
         str(onnx_in), str(onnx_out), reader,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(QUANT_OP_TYPES),
+        nodes_to_quantize=weight_nodes(model, spec.name),
         per_channel=True,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=_has_external_data(onnx_in),
+        use_external_data_format=any(t.data_location == onnx.TensorProto.EXTERNAL
+                                     for t in model.graph.initializer),
         extra_options=dict(QDQ_OPTIONS),
     )
     if reader.count == 0:
@@ -78,10 +81,18 @@ def quantize_qdq(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike,
     return Path(onnx_out)
 
 
-def _has_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model keeps weights beyond the 2 GB protobuf limit in side files."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+def weight_nodes(model: onnx.ModelProto, graph: str = "") -> list[str]:
+    """Names of the nodes to quantize: MatMul/Gemm/Conv whose weight is an initializer
+    (linear layers and convolutions, not the attention matmuls of two activations)."""
+    weights = {t.name for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node
+             if n.op_type in QUANT_OP_TYPES and len(n.input) > 1 and n.input[1] in weights]
+    unnamed = [n.op_type for n in nodes if not n.name]
+    if unnamed:
+        raise VispecError(f"graph {graph!r}: {len(unnamed)} {sorted(set(unnamed))} nodes have "
+                          f"no name, so they cannot be picked for quantization. Hint: "
+                          f"re-export with torch.onnx.export (it names every node)")
+    return [n.name for n in nodes]
 
 
 def prefill_feeds(spec: GraphSpec, inputs_embeds: np.ndarray,

@@ -222,7 +222,7 @@ def _qwen2_5_vl(tokenizer, spec, preset):
     vision = dict(depth=_VISION["num_hidden_layers"], hidden_size=_VISION["hidden_size"],
                   intermediate_size=_VISION["intermediate_size"], num_heads=_VISION["num_attention_heads"],
                   out_hidden_size=dims["hidden_size"], patch_size=_PATCH, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=28, fullatt_block_indexes=[1])
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=_PATCH,
                                                merge_size=2, temporal_patch_size=2)

@@ -10,6 +10,7 @@ from .errors import PromptTooLongError
 from .families import Prompt
 from .kv_cache import KVCache
 from .masks import causal_mask
+from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
 
 
@@ -49,6 +50,7 @@ class Prefilled:
     """State after the prompt's pass: the first new token comes from ``out.logits[-1]``."""
 
     out: StepOutput
+    embeds: np.ndarray  # [L, H] the prompt's LM-input embeddings (image features placed)
     next_position: int  # text position of the next token (M-RoPE offset included)
 
 
@@ -69,12 +71,29 @@ def prefill(target: TargetModel, cache: KVCache, prompt: Prompt) -> Prefilled:
     cache.reset()
     out = target.step(cache, embeds, positions, causal_mask(0, len(embeds)))
     cache.commit(len(embeds))
-    return Prefilled(out, next_position)
+    return Prefilled(out, embeds, next_position)
+
+
+def emit(tokens: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:
+    """Append ``new`` to ``tokens`` up to the budget or an EOS (kept); True when done."""
+    for token in new:
+        tokens.append(int(token))
+        if token in eos or len(tokens) >= max_new_tokens:
+            return True
+    return False
+
+
+def finish(target: TargetModel, tokens: list[int], stats: GenerationStats) -> GenerationResult:
+    stats.new_tokens = len(tokens)
+    text = target.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    return GenerationResult(tokens, text, stats)
 
 
 def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
-                   cache: KVCache | None = None) -> GenerationResult:
-    """Greedy decoding, one token per target pass; stops at EOS (which is kept)."""
+                   cache: KVCache | None = None,
+                   sampling: Sampling = Sampling()) -> GenerationResult:
+    """One token per target pass (greedy unless ``sampling`` says otherwise); stops at EOS
+    (which is kept) or after ``max_new_tokens``."""
     check_fits(prompt, max_new_tokens, target.max_len)
     cache = cache or target.new_cache()
     stats = GenerationStats(prompt_tokens=len(prompt.input_ids))
@@ -82,20 +101,21 @@ def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
     state = prefill(target, cache, prompt)
     stats.prefill_seconds = time.perf_counter() - t0
     stats.target_passes = 1
-    token = int(np.argmax(state.out.logits[-1]))
-    tokens, position = [token], state.next_position
+    chooser = TokenChooser(sampling)
+    tokens: list[int] = []
+    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
+                target.eos_token_ids)
+    position = state.next_position
     t0 = time.perf_counter()
-    while len(tokens) < max_new_tokens and token not in target.eos_token_ids:
-        out = target.step(cache, target.embed([token]),
+    while not done:
+        out = target.step(cache, target.embed(tokens[-1:]),
                           target.glue.step_position_ids(position, np.zeros(1, np.int64)),
                           causal_mask(cache.length, 1))
         cache.commit(1)
         position += 1
-        token = int(np.argmax(out.logits[-1]))
-        tokens.append(token)
+        done = emit(tokens, [chooser.choose(out.logits[-1])], max_new_tokens,
+                    target.eos_token_ids)
         stats.target_passes += 1
         stats.accepted.append(1)
     stats.decode_seconds = time.perf_counter() - t0
-    stats.new_tokens = len(tokens)
-    text = target.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    return GenerationResult(tokens, text, stats)
+    return finish(target, tokens, stats)

@@ -153,9 +153,10 @@ def sampling_case(seed: int, vocab: int = 6):
 def test_sampling_first_token_follows_target(temperature, top_p):
     tree, logits = sampling_case(seed=1)
     rng = np.random.default_rng(2)
-    draws = 20_000
-    first = [accepted_tokens(tree, accept_sampling(tree, logits, temperature, rng, top_p))[0]
-             for _ in range(draws)]
+    first = [
+        accepted_tokens(tree, accept_sampling(tree, logits, temperature, rng, top_p))[0]
+        for _ in range(20_000)
+    ]
     counts = np.bincount(first, minlength=logits.shape[1])
     probs = target_probs(logits[0], temperature, top_p)
     statistic, df = chi2(counts, probs)

@@ -38,19 +38,19 @@ class PathDrafter:
         assert tokens.shape == parent_rows.shape == (k,) and mask.shape == (k, r + k)
         assert mask.dtype == bool and (mask[:, r:] == np.eye(k, dtype=bool)).all()
         assert level == len(self.levels) + 1
-        logp, ids, paths, attends = [], [], [], []
+        outputs = []
         for j in range(k):
             parent = int(parent_rows[j])
+            assert -1 <= parent < r
             above = self.attends[parent] if parent >= 0 else set()
             assert set(np.flatnonzero(mask[j, :r]).tolist()) == above
             path = (self.paths[parent] if parent >= 0 else ()) + (int(tokens[j]),)
             assert len(path) == level
-            child_logp, child_ids = children(path, k, self.vocab, self.seed, self.coarse)
-            logp.append(child_logp), ids.append(child_ids), paths.append(path)
-            attends.append(above | {r + j})
-        self.paths += paths
-        self.attends += attends
+            outputs.append(children(path, k, self.vocab, self.seed, self.coarse))
+            self.paths.append(path)  # row r + j
+            self.attends.append(above | {r + j})
         self.levels.append(level)
+        logp, ids = zip(*outputs)
         return np.stack(logp), np.stack(ids).astype(np.int64)
 
 

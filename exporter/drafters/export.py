@@ -1,0 +1,182 @@
+"""Export a drafter to ONNX (fuse, step, and ViSpec's adaptor) with a manifest, and check the
+graphs under ONNX Runtime against the PyTorch modules."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vispec.runtime.backends import make_runner
+from vispec.runtime.drafter_specs import FUSED, IMAGE_EMBEDS, IMAGE_TOKENS, adaptor_spec, \
+    drafter_step_spec, fuse_spec
+from vispec.runtime.families import glue_for
+from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
+from vispec.runtime.masks import causal_mask
+from vispec.runtime.model_dir import read_config
+from vispec.runtime.specs import ATTENTION_MASK, GraphSpec, NEW, PAST, POSITION_IDS, \
+    past_names
+
+from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, atomic_output_dir, versions
+from ..loading import load_target
+from ..onnx_io import export_graph
+from ..parity import ParityRow, compare
+from .checkpoint import load_drafter
+from .modules import AdaptorGraph, Drafter, FuseGraph, StepGraph
+
+DEFAULT_MAX_IMAGE_TOKENS = 4096
+EXAMPLE_IMAGE_TOKENS = 8
+
+
+def target_lm_head(target_model_dir: str | os.PathLike) -> torch.Tensor:
+    """The target's LM head weight ``[V, H]`` (float32), used for the drafter's logits."""
+    adapter, _ = load_target(target_model_dir)
+    return adapter.lm_head.weight.detach().float().clone()
+
+
+def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int,
+                   max_len: int, max_image_tokens: int) -> dict[str, tuple]:
+    """Graph name -> (module, spec) for ``drafter``."""
+    c = drafter.config
+    graphs = {
+        "fuse": (FuseGraph(drafter), fuse_spec(c.kind, c.hidden_size, max_len)),
+        "step": (StepGraph(drafter, lm_head_weight, top_k),
+                 drafter_step_spec(hidden_size=c.hidden_size, kv_heads=c.kv_heads,
+                                   head_dim=c.head_dim, top_k=top_k, max_len=max_len)),
+    }
+    if c.kind == "vispec":
+        graphs["adaptor"] = (AdaptorGraph(drafter),
+                             adaptor_spec(hidden_size=c.hidden_size, num_q=c.num_q,
+                                          max_image_tokens=max_image_tokens))
+    return graphs
+
+
+def example_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
+                  residual_rows: int = 1) -> dict[str, np.ndarray]:
+    """Random inputs of ``spec`` at ``sizes``: floats N(0,1), positions after the past,
+    a causal mask, a valid residual index."""
+    feeds = {t.name: rng.standard_normal(spec.shape(t.name, sizes)).astype(t.dtype)
+             for t in spec.inputs if t.dtype.startswith("float")}
+    past, new = sizes.get(PAST, 0), sizes.get(NEW, 0)
+    for t in spec.inputs:
+        if t.name == POSITION_IDS:
+            feeds[t.name] = np.arange(past, past + new, dtype=np.int64)[None]
+        elif t.name == ATTENTION_MASK:
+            feeds[t.name] = causal_mask(past, new)
+        elif t.dtype == "int64":  # the residual index
+            feeds[t.name] = np.array([min(1, residual_rows - 1)], np.int64)
+    return feeds
+
+
+def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path) -> dict:
+    """What the runtime needs, plus the target it belongs to."""
+    c = drafter.config
+    return {"drafter_type": c.kind, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "num_heads": c.num_heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+            "top_k": top_k, "num_q": c.num_q, "residual_rows": c.residual_rows,
+            "target_model_type": glue_for(read_config(target_model_dir)).model_type,
+            "target_config_hash": config_hash(target_model_dir)}
+
+
+def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike, *, top_k: int = 10, max_len: int = 1024,
+                   max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, opset: int = DEFAULT_OPSET,
+                   overwrite: bool = False,
+                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """Export the drafter at ``drafter_dir`` (official layout) for the target at
+    ``target_model_dir`` into ``out_dir``: ``fuse.onnx``, ``step.onnx`` (+ ``adaptor.onnx``
+    for ViSpec) and ``manifest.json``, atomically."""
+    drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
+    start = time.perf_counter()
+    drafter = load_drafter(drafter_dir, target_model_dir)
+    if not 1 <= top_k <= drafter.config.vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={drafter.config.vocab_size}]")
+    graphs = drafter_graphs(drafter, target_lm_head(target_model_dir), top_k=top_k,
+                            max_len=max_len, max_image_tokens=max_image_tokens)
+    sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
+    rng = np.random.default_rng(0)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        entries = {}
+        for i, (name, (module, spec)) in enumerate(graphs.items(), 1):
+            progress(f"[{i}/{len(graphs)}] exporting drafter {name} graph")
+            feeds = example_feeds(spec, sizes, rng, drafter.config.residual_rows)
+            export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
+            entries[name] = GraphEntry(f"{name}.onnx", spec)
+        manifest = Manifest(kind="drafter", family=drafter.kind,
+                            config_hash=config_hash(drafter_dir), max_len=max_len, opset=opset,
+                            model=model_facts(drafter, top_k, target_model_dir), graphs=entries,
+                            versions=versions(), source=str(drafter_dir.resolve()))
+        manifest.save(tmp)
+    progress(f"exported {len(entries)} drafter graphs to {out_dir} in "
+             f"{time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+# -- parity -----------------------------------------------------------------------------------
+def random_tree_mask(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n, n]`` ancestor mask of a random tree whose parents precede their children."""
+    mask = np.eye(n, dtype=bool)
+    for i in range(1, n):
+        parent = int(rng.integers(-1, i))
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+@torch.no_grad()
+def _torch_outputs(module, spec: GraphSpec, feeds: dict) -> dict[str, np.ndarray]:
+    out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names))
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: o.numpy() for name, o in zip(spec.output_names, out)}
+
+
+def _compare_all(graph: str, case: str, got: dict, want: dict) -> list[ParityRow]:
+    return [compare(graph, case, name, got[name], want[name]) for name in want]
+
+
+def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.PathLike,
+                     artifact_dir: str | os.PathLike, *, seed: int = 0) -> list[ParityRow]:
+    """Every exported graph under ONNX Runtime vs the PyTorch modules (fp32): fuse over
+    prefill rows; step over prefill rows, one row and a random 8-32 row tree mask, both
+    over the real past the prefill rows produced; the adaptor over one image."""
+    artifact_dir = Path(artifact_dir)
+    manifest = Manifest.load(artifact_dir)
+    drafter = load_drafter(drafter_dir, target_model_dir)
+    graphs = drafter_graphs(drafter, target_lm_head(target_model_dir),
+                            top_k=manifest.model["top_k"], max_len=manifest.max_len,
+                            max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS)
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def run(name: str, case: str, feeds: dict) -> dict:
+        module, _ = graphs[name]
+        entry = manifest.graph(name)
+        with make_runner("ort", artifact_dir / entry.file, entry.spec) as runner:
+            got = runner.infer(feeds)
+        want = _torch_outputs(module, entry.spec, feeds)
+        rows.extend(_compare_all(name, case, got, want))
+        return want
+
+    r = drafter.config.residual_rows
+    prefill = run("fuse", "prefill", example_feeds(manifest.graph("fuse").spec, {NEW: 12}, rng, r))
+    step_spec = manifest.graph("step").spec
+    feeds = example_feeds(step_spec, {NEW: 12, PAST: 0}, rng)
+    feeds[FUSED] = prefill[FUSED]
+    past = run("step", "prefill", feeds)
+    k, v = past_names(0)
+    real_past = {k: past["present_key.0"], v: past["present_value.0"]}
+    single = example_feeds(step_spec, {NEW: 1, PAST: 12}, rng)
+    run("step", "single", {**single, **real_past})
+    n = int(rng.integers(8, 33))
+    tree = example_feeds(step_spec, {NEW: n, PAST: 12}, rng)
+    tree[ATTENTION_MASK] = np.concatenate([np.ones((n, 12), bool), random_tree_mask(n, rng)],
+                                          axis=1)[None, None]
+    run("step", f"tree{n}", {**tree, **real_past})
+    if "adaptor" in graphs:
+        image = {IMAGE_EMBEDS: rng.standard_normal((20, drafter.config.hidden_size),
+                                                   dtype=np.float32)}
+        run("adaptor", "image20", image)
+    return rows

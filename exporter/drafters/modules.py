@@ -1,0 +1,205 @@
+"""PyTorch drafters (EAGLE, ViSpec, HiViS) whose parameter names are the official checkpoint keys,
+and the three exportable graphs over them (fuse, step, adaptor).
+
+    fuse    : (e [1,S,H], f [1,S,H], g [1,H] | residual index [1]) -> fused rows [1,S,H]
+    step    : (fused, positions [1,S], mask [1,1,S,P+S], past K/V) -> hidden, top-k, new K/V
+    adaptor : (ViSpec) image embeddings [N,H] -> [num_q,H]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from ..lm_step import attend, mask_to_bias
+from .config import DrafterConfig
+
+_KINDS: dict[str, type["Drafter"]] = {}
+
+
+def register(cls: type["Drafter"]) -> type["Drafter"]:
+    """Class decorator: make a drafter kind buildable by name."""
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def build_drafter(config: DrafterConfig) -> "Drafter":
+    """An (uninitialised) drafter module of ``config.kind``."""
+    return _KINDS[config.kind](config)
+
+
+class DrafterAttention(torch.nn.Module):
+    """q/k/v/o projections in the layout :func:`lm_step.attend` reads."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.head_dim = c.head_dim
+        self.scaling = c.head_dim ** -0.5
+        self.q_proj = torch.nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = torch.nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = torch.nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = torch.nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+
+class DrafterLayer(torch.nn.Module):
+    """The drafter's decoder layer: no input norm; fp32 RMSNorm before the SiLU MLP."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.self_attn = DrafterAttention(c)
+        self.mlp = LlamaMLP(c.llama_config())
+        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, bias, past_k, past_v):
+        """``x [1,S,H]`` -> (``[1,S,H]``, new K, new V ``[1,S,kvh,hd]``)."""
+        a, k, v = attend(self.self_attn, x, cos, sin, bias, past_k, past_v)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class ImageAdaptor(torch.nn.Module):
+    """ViSpec's ``imadpt``: ``num_q`` learned queries attend (non-causally) over one image."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = c.num_heads, c.hidden_size // c.num_heads
+        width = self.num_heads * self.head_dim
+        self.q = torch.nn.Parameter(torch.randn(c.num_q, self.num_heads, self.head_dim)
+                                    * self.head_dim ** -0.5)
+        self.k_proj = torch.nn.Linear(c.hidden_size, width, bias=c.qkv_bias)
+        self.v_proj = torch.nn.Linear(c.hidden_size, width, bias=c.qkv_bias)
+        self.o_proj = torch.nn.Linear(width, c.hidden_size, bias=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` -> ``[num_q, H]``."""
+        n = image_embeds.shape[0]
+        k = self.k_proj(image_embeds).view(n, self.num_heads, self.head_dim).transpose(0, 1)
+        v = self.v_proj(image_embeds).view(n, self.num_heads, self.head_dim).transpose(0, 1)
+        q = self.q.transpose(0, 1)  # [heads, num_q, hd]
+        probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1)
+        out = (probs @ v).transpose(0, 1).reshape(self.q.shape[0], -1)  # [num_q, heads*hd]
+        return self.o_proj(out)
+
+
+class Drafter(torch.nn.Module):
+    """Shared parts of every drafter; subclasses add their fusion parameters and ``fuse``.
+
+    ``state_dict()`` keys are exactly the official checkpoint's. The LM head is the target's
+    and is not part of the drafter (see :class:`StepGraph`).
+    """
+
+    kind: str
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = torch.nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = torch.nn.ModuleList([DrafterLayer(c)])
+        self.rotary = LlamaRotaryEmbedding(c.llama_config())
+
+    def fuse(self, embeds: torch.Tensor, features: torch.Tensor, extra: torch.Tensor):
+        """Decoder-layer input rows ``[1,S,H]`` from ``e``, ``f`` and the kind's extra input."""
+        raise NotImplementedError
+
+    def layer(self, fused, positions, mask, past_k, past_v):
+        """Run the decoder layer over ``fused [1,S,H]`` at ``positions [1,S]`` with a bool
+        ``mask [1,1,S,P+S]`` over the past ``[1,P,kvh,hd]`` and the new rows."""
+        cos, sin = self.rotary(fused, positions)
+        return self.layers[0](fused, cos, sin, mask_to_bias(mask, fused.dtype), past_k, past_v)
+
+
+@register
+class EagleDrafter(Drafter):
+    """EAGLE-2: ``fc(cat(e, f))``."""
+
+    kind = "eagle"
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__(c)
+        self.fc = torch.nn.Linear(2 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
+
+    def fuse(self, embeds, features, extra=None):
+        return self.fc(torch.cat([embeds, features], dim=-1))
+
+
+@register
+class VispecDrafter(Drafter):
+    """ViSpec: ``fc(cat(e, img_fc(cat(f, g))))`` with the latest image's global feature g."""
+
+    kind = "vispec"
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__(c)
+        h = c.hidden_size
+        self.fc = torch.nn.Linear(2 * h, h, bias=c.fc_bias)
+        self.img_fc = torch.nn.Linear(2 * h, h, bias=c.fc_bias)
+        self.imadpt = ImageAdaptor(c)
+        with torch.no_grad():  # a new drafter starts as EAGLE: img_fc passes f through
+            self.img_fc.weight.zero_()
+            self.img_fc.weight[:, :h].copy_(torch.eye(h))
+            if self.img_fc.bias is not None:
+                self.img_fc.bias.zero_()
+
+    def fuse(self, embeds, features, global_feature):
+        g = global_feature[:, None].expand_as(features)  # [1,H] -> [1,S,H]
+        return self.fc(torch.cat([embeds, self.img_fc(torch.cat([features, g], dim=-1))], -1))
+
+
+@register
+class HivisDrafter(Drafter):
+    """HiViS: ``fc(cat(e, f, residual[k]))``, ``k`` picked per call."""
+
+    kind = "hivis"
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__(c)
+        self.fc = torch.nn.Linear(3 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
+        self.residual = torch.nn.Parameter(torch.zeros(c.residual_rows, c.hidden_size))
+
+    def fuse(self, embeds, features, residual_index):
+        r = self.residual.index_select(0, residual_index)[:, None].expand_as(features)
+        return self.fc(torch.cat([embeds, features, r], dim=-1))
+
+
+# -- exportable graphs ---------------------------------------------------------------------
+class FuseGraph(torch.nn.Module):
+    """``(inputs_embeds, features[, global_feature | residual_index]) -> fused``."""
+
+    def __init__(self, drafter: Drafter):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, embeds, features, extra=None):
+        return self.drafter.fuse(embeds, features, extra)
+
+
+class StepGraph(torch.nn.Module):
+    """``(fused, position_ids, attention_mask, past_key.0, past_value.0)
+    -> (hidden_states, topk_logprobs, topk_ids, present_key.0, present_value.0)``."""
+
+    def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, top_k: int):
+        super().__init__()
+        self.drafter = drafter
+        self.lm_head = torch.nn.Linear(lm_head_weight.shape[1], lm_head_weight.shape[0],
+                                       bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(lm_head_weight)
+        self.top_k = top_k
+
+    def forward(self, fused, position_ids, attention_mask, past_k, past_v):
+        hidden, k, v = self.drafter.layer(fused, position_ids, attention_mask, past_k, past_v)
+        logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1,S,V]
+        top = torch.topk(logp, self.top_k, dim=-1)
+        return hidden, top.values, top.indices, k, v
+
+
+class AdaptorGraph(torch.nn.Module):
+    """``image_embeds [N,H] -> adaptor_rows [num_q,H]``."""
+
+    def __init__(self, drafter: VispecDrafter):
+        super().__init__()
+        self.imadpt = drafter.imadpt
+
+    def forward(self, image_embeds):
+        return self.imadpt(image_embeds)

@@ -1,0 +1,127 @@
+"""TensorRT backend: a serialized engine run through the name-based API of TensorRT 10+.
+
+``tensorrt`` and ``polygraphy.cuda`` are imported when a runner is made, so importing this
+module never fails. Host numpy feeds are copied to device buffers and the outputs copied
+back into the caller's arrays (which may be views of the host KV cache).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ShapeError, VispecError
+from ..specs import GraphSpec
+from .base import GraphRunner
+
+
+class TensorRTMissingError(VispecError):
+    """The ``tensorrt`` Python package (or polygraphy) cannot be imported."""
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or a :class:`TensorRTMissingError` saying what to do."""
+    try:
+        import tensorrt
+        import polygraphy.cuda  # noqa: F401  (device buffers and streams)
+    except ImportError as e:
+        raise TensorRTMissingError(
+            f"TensorRT is not available ({e}). Expected: the `tensorrt` Python package "
+            f">= 10.3 and polygraphy. Hint: on Jetson install JetPack 6.2+ (it ships "
+            f"TensorRT 10.3); on x86 `pip install vispec-export[tensorrt]` on a machine with "
+            f"an NVIDIA GPU; or use `--backend ort`") from e
+    return tensorrt
+
+
+class TrtRunner(GraphRunner):
+    """One engine, one execution context, one CUDA stream; device buffers grow on demand.
+
+    With several optimization profiles, each call uses the first one whose ranges hold
+    every input shape (the builder makes them disjoint in ``new``).
+    """
+
+    def __init__(self, path: str | os.PathLike, spec: GraphSpec):
+        super().__init__(spec)
+        trt = import_tensorrt()
+        from polygraphy import cuda
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise VispecError(f"could not load the TensorRT engine {path} (TensorRT "
+                              f"{trt.__version__}). Hint: an engine only runs on the TensorRT "
+                              f"version and GPU that built it: rebuild it on this device")
+        self._check_io(trt)
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        # One device buffer per tensor, reused and grown across calls. A device-resident KV
+        # cache would replace the past/present buffers here: one device slab bound by
+        # offset (past = rows [0, length), present = rows [length, length + new)), so the
+        # per-step host<->device KV copies below disappear.
+        self.buffers = {name: cuda.DeviceArray(dtype=self.spec.tensor(name).np_dtype)
+                        for name in self.spec.input_names + self.spec.output_names}
+        self.ranges = [{name: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(
+                            name, p)) for name in self.spec.input_names}
+                       for p in range(self.engine.num_optimization_profiles)]
+        self.profile = 0
+
+    def _check_io(self, trt) -> None:
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        problems = []
+        if sorted(names) != sorted(self.spec.input_names + self.spec.output_names):
+            problems.append(f"engine tensors {sorted(names)}, spec tensors "
+                            f"{sorted(self.spec.input_names + self.spec.output_names)}")
+        for name in set(names) & set(self.spec.input_names + self.spec.output_names):
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            if dtype != self.spec.tensor(name).np_dtype:
+                problems.append(f"tensor {name!r} | engine dtype {dtype}. Expected: "
+                                f"{self.spec.tensor(name).dtype}")
+        if problems:
+            raise VispecError(f"graph {self.spec.name!r}: the engine does not match the "
+                              f"manifest: {'; '.join(problems)}. Hint: rebuild the engines "
+                              f"from this artifact folder")
+
+    def select_profile(self, feeds: dict[str, np.ndarray]) -> int:
+        """Index of the first optimization profile whose ranges hold the feeds' shapes."""
+        for index, ranges in enumerate(self.ranges):
+            if all(all(lo <= n <= hi for lo, n, hi in zip(ranges[name][0], a.shape,
+                                                           ranges[name][2]))
+                   for name, a in feeds.items()):
+                return index
+        shapes = {name: a.shape for name, a in feeds.items()}
+        raise ShapeError(f"graph {self.spec.name!r}: input shapes {shapes} fit none of the "
+                         f"engine's {len(self.ranges)} optimization profiles. Hint: rebuild "
+                         f"the engine with profiles covering the manifest's dim ranges")
+
+    def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        ctx, stream = self.context, self.stream
+        profile = self.select_profile(feeds)
+        if profile != self.profile:
+            ctx.set_optimization_profile_async(profile, stream.ptr)
+            self.profile = profile
+        for name, array in feeds.items():
+            array = np.ascontiguousarray(array)
+            ctx.set_input_shape(name, array.shape)
+            buffer = self.buffers[name].resize(array.shape).copy_from(array, stream)
+            ctx.set_tensor_address(name, buffer.ptr)
+        for name, array in outputs.items():
+            if tuple(ctx.get_tensor_shape(name)) != array.shape:
+                raise ShapeError(f"graph {self.spec.name!r}: output {name!r} | engine shape "
+                                 f"{tuple(ctx.get_tensor_shape(name))}. Expected: "
+                                 f"{array.shape} from the manifest. Hint: rebuild the engine")
+            ctx.set_tensor_address(name, self.buffers[name].resize(array.shape).ptr)
+        if not ctx.execute_async_v3(stream.ptr):
+            raise VispecError(f"graph {self.spec.name!r}: TensorRT execution failed (see the "
+                              f"TensorRT log above)")
+        for name, array in outputs.items():
+            self.buffers[name].copy_to(array, stream)
+        stream.synchronize()
+
+    def close(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+        if self.stream is not None:
+            self.stream.free()
+        self.buffers, self.stream, self.context, self.engine = {}, None, None, None

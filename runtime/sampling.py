@@ -1,0 +1,51 @@
+"""Token choice: greedy, or temperature/top-p sampling with a seeded generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .acceptance import Verification, accept_greedy, accept_sampling, target_probs
+from .tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """``temperature == 0`` is greedy; otherwise softmax(logits / T) within top-p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature | {self.temperature}. Expected: >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p | {self.top_p}. Expected: 0 < top_p <= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class TokenChooser:
+    """Chooses tokens from target logits, and verifies draft trees, under one ``Sampling``."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from logits ``[V]``."""
+        s = self.sampling
+        if s.greedy:
+            return int(np.argmax(logits))
+        p = target_probs(logits, s.temperature, s.top_p)
+        return int(self.rng.choice(p.size, p=p))
+
+    def verify(self, tree: DraftTree, logits: np.ndarray) -> Verification:
+        """Accepted path of ``tree`` given the target's logits at every node ``[T, V]``."""
+        s = self.sampling
+        if s.greedy:
+            return accept_greedy(tree, logits)
+        return accept_sampling(tree, logits, s.temperature, self.rng, s.top_p)

@@ -1,0 +1,114 @@
+"""The speculative loop: draft a tree, verify it in one target pass, keep the exact prefix.
+
+    prefill target -> x_L ; drafter.prefill -> top-k of the next token
+    repeat:
+      tree   = build_draft_tree(root = last emitted token, drafter steps)    # [T] nodes
+      out    = target.step(tree tokens, positions = next_pos + depth, tree mask)
+      v      = verify(tree, out.logits)            # accepted path (root first) + bonus
+      cache.compact(accepted rows -> their final slots)   # in place, no reallocation
+      drafter.advance(out.hidden[accepted], accepted drafted tokens + bonus)
+
+Greedy verification keeps exactly the target's own argmax chain; sampling verification
+keeps the target's distribution (``acceptance.accept_sampling``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+
+from .acceptance import Verification, accepted_tokens
+from .families import Prompt
+from .generate import GenerationResult, GenerationStats, check_fits, emit, finish, prefill
+from .kv_cache import KVCache
+from .masks import tree_mask
+from .sampling import Sampling, TokenChooser
+from .target import StepOutput, TargetModel
+from .tree import DraftTree, TreeConfig, build_draft_tree
+
+# Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS).
+DEFAULT_TREES = {
+    "vispec": TreeConfig(total_tokens=30, depth=3, top_k=8),
+    "eagle": TreeConfig(total_tokens=60, depth=5, top_k=10),
+    "hivis": TreeConfig(total_tokens=60, depth=5, top_k=10),
+}
+
+
+class Drafter(Protocol):
+    """What the loop needs of a drafter session (``vispec.runtime.drafters``)."""
+
+    kind: str
+    top_k: int
+
+    def prefill(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,
+                next_token: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
+                  level: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def draft(drafter: Drafter, root: int, topk: tuple[np.ndarray, np.ndarray],
+          config: TreeConfig) -> DraftTree:
+    """Expand an EAGLE-2 tree from ``root`` with the drafter's top-k (cut to the config's)."""
+    k = config.top_k
+
+    def step(tokens, parent_rows, mask, level):
+        logp, ids = drafter.tree_step(tokens, parent_rows, mask, level)
+        return logp[:, :k], ids[:, :k]
+
+    return build_draft_tree(root, topk[0][:k], topk[1][:k], step, config)
+
+
+def verify(target: TargetModel, cache: KVCache, tree: DraftTree, position: int,
+           chooser: TokenChooser) -> tuple[Verification, StepOutput]:
+    """One target pass over the whole tree; the accepted nodes' K/V are compacted in place
+    to the cache's next slots and committed."""
+    past = cache.length
+    out = target.step(cache, target.embed(tree.tokens),
+                      target.glue.step_position_ids(position, tree.depths),
+                      tree_mask(past, tree.mask))
+    verification = chooser.verify(tree, out.logits)
+    cache.compact(past + verification.accepted, past)
+    return verification, out
+
+
+def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
+                         max_new_tokens: int, *, tree: TreeConfig | None = None,
+                         sampling: Sampling = Sampling(),
+                         cache: KVCache | None = None) -> GenerationResult:
+    """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling."""
+    tree_config = tree or DEFAULT_TREES[drafter.kind]
+    if tree_config.top_k > drafter.top_k:
+        raise ValueError(f"tree top_k {tree_config.top_k} > the drafter graph's top-k "
+                         f"{drafter.top_k}. Hint: lower --top-k or re-export the drafter "
+                         f"with a larger --top-k")
+    check_fits(prompt, max_new_tokens, target.max_len, reserve=tree_config.total_tokens)
+    cache = cache or target.new_cache()
+    chooser = TokenChooser(sampling)
+    stats = GenerationStats(prompt_tokens=len(prompt.input_ids))
+    t0 = time.perf_counter()
+    state = prefill(target, cache, prompt)
+    stats.prefill_seconds = time.perf_counter() - t0
+    stats.target_passes = 1
+    tokens: list[int] = []
+    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
+                target.eos_token_ids)
+    t0 = time.perf_counter()
+    topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
+    position = state.next_position
+    while not done:
+        draft_tree = draft(drafter, tokens[-1], topk, tree_config)
+        verification, out = verify(target, cache, draft_tree, position, chooser)
+        new = accepted_tokens(draft_tree, verification)
+        before = len(tokens)
+        done = emit(tokens, new.tolist(), max_new_tokens, target.eos_token_ids)
+        stats.target_passes += 1
+        stats.accepted.append(len(tokens) - before)
+        position += len(verification.accepted)
+        if not done:
+            topk = drafter.advance(out.hidden[verification.accepted], new)
+    stats.decode_seconds = time.perf_counter() - t0
+    return finish(target, tokens, stats)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models of each family, built and exported once per session."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: any download attempt must fail
+
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+TEST_MAX_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory):
+    """``tiny_target(family) -> (model_dir, artifact_dir)``, built and exported once."""
+    from vispec.exporter.export import export_target
+    from vispec.exporter.tiny_models import build_tiny_model
+
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            root = tmp_path_factory.mktemp(family)
+            model_dir = build_tiny_model(family, root / "model")
+            export_target(model_dir, root / "artifacts", max_len=TEST_MAX_LEN)
+            built[family] = (model_dir, root / "artifacts")
+        return built[family]
+
+    return get
+
+
+@pytest.fixture
+def noise_image():
+    """``noise_image(height=56, width=56, seed=0)`` -> a random RGB PIL image."""
+    def make(height: int = 56, width: int = 56, seed: int = 0) -> Image.Image:
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return make
+
+
+def cuda_available() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu with a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
