@@ -6,6 +6,7 @@ attention score matmuls (both sides activations) and biases stay in float.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -29,6 +30,7 @@ QDQ_OPTIONS = {
     "ActivationSymmetric": True,   # TensorRT needs zero points of 0
     "WeightSymmetric": True,
     "QuantizeBias": False,         # TensorRT fuses float biases itself
+    "DedicatedQDQPair": True,      # a residual beside a linear layer stays unquantized
     "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B [in, out]: per output channel
 }
@@ -45,13 +47,17 @@ class _Feeds(CalibrationDataReader):
     """Hands checked feed dicts to ONNX Runtime's calibrator, one batch at a time."""
 
     def __init__(self, feeds: Iterable[dict[str, np.ndarray]], spec: GraphSpec):
-        self.feeds, self.spec, self.count = iter(feeds), spec, 0
+        feeds = iter(feeds)
+        first = next(feeds, None)
+        if first is None:
+            raise VispecError(f"graph {spec.name!r}: the calibration data was empty. Expected "
+                              f"at least one feed dict. Hint: pass a few real prompts")
+        self.feeds, self.spec = itertools.chain([first], feeds), spec
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         feed = next(self.feeds, None)
         if feed is not None:
             self.spec.check_inputs(feed)
-            self.count += 1
         return feed
 
 
@@ -60,12 +66,13 @@ def quantize_qdq(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike,
     """Write an INT8 Q/DQ copy of ``onnx_in`` to ``onnx_out``, calibrated (min/max) on the
     feed dicts of ``calibration``, each checked against ``spec``."""
     model = onnx.load(str(onnx_in), load_external_data=False)  # structure only
+    picked = weight_nodes(model, spec.name)
     reader = _Feeds(calibration, spec)
     quantize_static(
         str(onnx_in), str(onnx_out), reader,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(QUANT_OP_TYPES),
-        nodes_to_quantize=weight_nodes(model, spec.name),
+        nodes_to_quantize=picked,
         per_channel=True,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
@@ -74,10 +81,7 @@ def quantize_qdq(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike,
                                      for t in model.graph.initializer),
         extra_options=dict(QDQ_OPTIONS),
     )
-    if reader.count == 0:
-        Path(onnx_out).unlink(missing_ok=True)
-        raise VispecError(f"graph {spec.name!r}: the calibration data was empty. Expected "
-                          f"at least one feed dict. Hint: pass a few real prompts")
+    _unquantize_other_consumers(Path(onnx_out), set(picked))
     return Path(onnx_out)
 
 
@@ -93,6 +97,24 @@ def weight_nodes(model: onnx.ModelProto, graph: str = "") -> list[str]:
                           f"no name, so they cannot be picked for quantization. Hint: "
                           f"re-export with torch.onnx.export (it names every node)")
     return [n.name for n in nodes]
+
+
+def _unquantize_other_consumers(path: Path, picked: set[str]) -> None:
+    """Give the float tensor back to nodes that were not picked but share a quantized input.
+
+    ONNX Runtime rewires every consumer of a quantized activation onto its DequantizeLinear
+    output, so e.g. a residual Add beside a linear layer would see int8 rounding.
+    """
+    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
+    nodes = model.graph.node
+    quantize_inputs = {n.output[0]: n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    floats = {n.output[0]: quantize_inputs[n.input[0]] for n in nodes
+              if n.op_type == "DequantizeLinear" and n.input[0] in quantize_inputs}
+    for node in nodes:
+        if node.name not in picked and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            for i, name in enumerate(node.input):
+                node.input[i] = floats.get(name, name)
+    onnx.save(model, str(path))
 
 
 def prefill_feeds(spec: GraphSpec, inputs_embeds: np.ndarray,

@@ -57,14 +57,38 @@ def export(model_dir, out_dir, max_len, max_images, opset, overwrite):
                   overwrite=overwrite, progress=_progress)
 
 
+@cli.command("export-drafter")
+@click.argument("drafter_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--target", "target_dir", required=True, type=click.Path(path_type=Path),
+              help="The target's local Hugging Face folder (LM head, sizes, config hash).")
+@click.option("--top-k", default=10, show_default=True,
+              help="Width of the fused top-k output (>= the tree's top_k at run time).")
+@click.option("--max-len", default=1024, show_default=True)
+@click.option("--opset", default=17, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_user_errors
+def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, overwrite):
+    """Export a ViSpec, HiViS or EAGLE drafter checkpoint (official layout: config.json +
+    pytorch_model.bin or model.safetensors; the type is detected from its keys) to ONNX
+    graphs (fuse, step, adaptor) + manifest.json in OUT_DIR."""
+    from .drafters.export import export_drafter as run
+    run(drafter_dir, target_dir, out_dir, top_k=top_k, max_len=max_len, opset=opset,
+        overwrite=overwrite, progress=_progress)
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--drafter", "drafter_dir", type=click.Path(path_type=Path), default=None,
+              help="Drafter checkpoint folder, to validate its graphs too.")
+@click.option("--drafter-artifacts", type=click.Path(path_type=Path), default=None,
+              help="The drafter's exported folder (with --drafter).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random tree case.")
 @click.option("--max-new-tokens", default=16, show_default=True,
               help="Length of the greedy identity check against model.generate.")
 @_user_errors
-def validate(model_dir, artifact_dir, seed, max_new_tokens):
+def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_new_tokens):
     """Compare ARTIFACT_DIR's graphs with the PyTorch model in MODEL_DIR.
 
     Prints one row per graph output and case (prefill, decode, random tree), and checks
@@ -73,7 +97,29 @@ def validate(model_dir, artifact_dir, seed, max_new_tokens):
     from .report import print_parity, validate_all
     rows, greedy = validate_all(model_dir, artifact_dir, seed=seed,
                                 max_new_tokens=max_new_tokens, progress=_progress)
+    if (drafter_dir is None) != (drafter_artifacts is None):
+        raise click.UsageError("--drafter and --drafter-artifacts go together")
+    if drafter_dir is not None:
+        from .drafters.export import validate_drafter
+        rows += validate_drafter(drafter_dir, model_dir, drafter_artifacts, seed=seed)
     ok = print_parity(rows, greedy)
+    raise SystemExit(0 if ok else 1)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path), default="demo_out")
+@click.option("--family", type=click.Choice(["llava", "llava_next", "qwen2_5_vl"]),
+              default="llava", show_default=True)
+@click.option("--drafter", "drafter_kind", type=click.Choice(["vispec", "hivis", "eagle"]),
+              default="vispec", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_user_errors
+def demo(out_dir, family, drafter_kind, overwrite):
+    """End-to-end demo on a tiny model built here: export, validate against PyTorch,
+    generate plainly and speculatively. Exit 1 if a check fails."""
+    from .demo import run_demo
+    ok = run_demo(out_dir, family=family, drafter_kind=drafter_kind, overwrite=overwrite,
+                  progress=_progress)
     raise SystemExit(0 if ok else 1)
 
 
@@ -98,21 +144,44 @@ def build(artifact_dir, out_dir, precision, overwrite):
 @click.option("--prompt", required=True, help="User message.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="Image file; repeat for several.")
+@click.option("--drafter", type=click.Path(path_type=Path), default=None,
+              help="Drafter artifact folder (from `export-drafter`): speculative decoding.")
+@click.option("--no-draft", is_flag=True, help="Plain decoding through the same runtime.")
 @click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs).")
+@click.option("--total-tokens", type=int, default=None,
+              help="Draft tree size incl. root (default: the drafter's published setting).")
+@click.option("--depth", type=int, default=None, help="Draft tree depth.")
+@click.option("--top-k", type=int, default=None, help="Children per expanded node.")
 @click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
               show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads per graph.")
 @_user_errors
-def generate(model, prompt, images, max_new_tokens, backend, threads):
-    """Generate a reply with the runtime (no torch needed) and print speed statistics."""
+def generate(model, prompt, images, drafter, no_draft, max_new_tokens, temperature, top_p,
+             seed, total_tokens, depth, top_k, backend, threads):
+    """Generate a reply with the runtime (no torch needed) and print speed statistics:
+    decode tokens/s, target passes (prefill included) and mean tokens per decode pass
+    (accepted drafts + the bonus token; 1.00 for plain decoding)."""
     from vispec.runtime.pipeline import Pipeline
-    pipe = Pipeline(model, backend=backend, threads=threads)
+    from vispec.runtime.sampling import Sampling
+    from vispec.runtime.speculative import tree_config
+    try:
+        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    pipe = Pipeline(model, drafter_dir=None if no_draft else drafter, backend=backend,
+                    threads=threads, sampling=sampling)
+    if pipe.drafter is not None:
+        pipe.tree = tree_config(pipe.drafter.kind, total_tokens, depth, top_k)
     result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens)
     click.echo(result.text)
     s = result.stats
-    click.echo(f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s decode, "
+    mode = f"speculative ({pipe.drafter.kind}, {pipe.tree})" if pipe.drafter else "plain"
+    click.echo(f"[{mode}] {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s decode, "
                f"{s.target_passes} target passes (prefill included), "
-               f"{s.mean_accepted:.2f} tokens per decode pass incl. bonus]", err=True)
+               f"{s.mean_accepted:.2f} tokens per decode pass (bonus included)", err=True)
 
 
 def main() -> None:

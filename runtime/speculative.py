@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import VispecError
 from .acceptance import Verification, accepted_tokens
 from .families import Prompt
 from .generate import GenerationResult, GenerationStats, check_fits, emit, finish, prefill
@@ -33,6 +34,17 @@ DEFAULT_TREES = {
     "eagle": TreeConfig(total_tokens=60, depth=5, top_k=10),
     "hivis": TreeConfig(total_tokens=60, depth=5, top_k=10),
 }
+
+
+def tree_config(kind: str, total_tokens: int | None = None, depth: int | None = None,
+                top_k: int | None = None) -> TreeConfig:
+    """The published tree of drafter ``kind`` with any of its fields overridden."""
+    base = DEFAULT_TREES[kind]
+    try:
+        return TreeConfig(total_tokens=total_tokens or base.total_tokens,
+                          depth=depth or base.depth, top_k=top_k or base.top_k)
+    except ValueError as e:
+        raise VispecError(str(e)) from None
 
 
 class Drafter(Protocol):

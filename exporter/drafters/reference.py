@@ -6,7 +6,7 @@ numpy path must match it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,11 +19,13 @@ from .modules import Drafter
 
 @dataclass(frozen=True)
 class DrafterRows:
-    """Drafter outputs over its (compressed) rows."""
+    """Drafter inputs and outputs over its (compressed) rows."""
 
-    hidden: torch.Tensor     # [N, H]
+    fused: torch.Tensor      # [N, H] decoder-layer inputs
     positions: torch.Tensor  # [N] int64
+    hidden: torch.Tensor     # [N, H]
     logp: torch.Tensor       # [N, V] log_softmax(lm_head(hidden))
+    global_feature: torch.Tensor | None = None  # ViSpec: g after these rows
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k log-probs and ids of the last row."""
@@ -41,7 +43,7 @@ def run_rows(drafter: Drafter, lm_head_weight: torch.Tensor, fused: torch.Tensor
     empty = torch.zeros(1, 0, c.kv_heads, c.head_dim)
     hidden, _, _ = drafter.layer(fused[None], positions[None], mask[None, None], empty, empty)
     logp = torch.log_softmax(hidden[0] @ lm_head_weight.T, dim=-1)
-    return DrafterRows(hidden[0], positions, logp)
+    return DrafterRows(fused, positions, hidden[0], logp)
 
 
 @torch.no_grad()
@@ -54,14 +56,14 @@ def reference_prefill(drafter: Drafter, lm_head_weight: torch.Tensor, glue: Fami
     e = torch.as_tensor(embeds)
     f = torch.as_tensor(features)
     x_next = drafter.embed_tokens(torch.tensor([next_token]))  # [1, H]
-    fused, positions = _ROWS[drafter.kind](drafter, glue, ids, e, f, x_next)
-    return run_rows(drafter, lm_head_weight, fused, positions)
+    fused, positions, g = _ROWS[drafter.kind](drafter, glue, ids, e, f, x_next)
+    return replace(run_rows(drafter, lm_head_weight, fused, positions), global_feature=g)
 
 
 def _eagle_rows(drafter, glue, ids, e, f, x_next):
     """Row i = (f_i, e_{i+1}) at position i; the last row takes x_L's embedding."""
     shifted = torch.cat([e[1:], x_next])
-    return drafter.fuse(shifted[None], f[None])[0], torch.arange(len(ids))
+    return drafter.fuse(shifted[None], f[None])[0], torch.arange(len(ids)), None
 
 
 def _vispec_rows(drafter, glue, ids, e, f, x_next):
@@ -82,7 +84,7 @@ def _vispec_rows(drafter, glue, ids, e, f, x_next):
         g, start = adapted[-1:], run_end
     rows.append(drafter.fuse(shifted[None, start:], f[None, start:], g)[0])
     positions.append(torch.arange(start, len(ids)))
-    return torch.cat(rows), torch.cat(positions)
+    return torch.cat(rows), torch.cat(positions), g
 
 
 def _hivis_rows(drafter, glue, ids, e, f, x_next):
@@ -91,7 +93,7 @@ def _hivis_rows(drafter, glue, ids, e, f, x_next):
     kept = torch.as_tensor(kept)
     shifted = torch.cat([e[kept][1:], x_next])
     fused = drafter.fuse(shifted[None], f[kept][None], torch.tensor([0]))[0]
-    return fused, torch.as_tensor(positions)
+    return fused, torch.as_tensor(positions), None
 
 
 _ROWS = {"eagle": _eagle_rows, "vispec": _vispec_rows, "hivis": _hivis_rows}

@@ -1,0 +1,164 @@
+"""A drafter behind a backend: its own one-layer KV cache, driven by the speculative loop.
+
+Rows and positions (EAGLE-2 conventions, ``cnets.py``/``cnets_ours.py`` ``topK_genrate``):
+
+- prefill: row i = (f_i, e_{i+1}) at position i, the last row (f_{L-1}, embed(x_L)); kinds
+  may drop or compress rows (ViSpec, HiViS), so the cache length (rows) and the next
+  position (``max position + 1``) are tracked apart.
+- tree: the nodes of depth ``level`` (1 = the root's children) are fed at
+  ``next_position + level - 1`` (EAGLE's ``len_posi + i``), each with its parent's drafter
+  hidden (the last committed row for level 1); their rows go after the committed cache and
+  are dropped when the next round or ``advance`` starts.
+- advance: row j = (f of accepted node j, embed(token after it)) at ``next_position + j``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..backends import make_runner
+from ..drafter_specs import FEATURES, FUSED
+from ..errors import ManifestError
+from ..kv_cache import KVCache
+from ..manifest import Manifest
+from ..masks import causal_mask
+from ..specs import ATTENTION_MASK, HIDDEN_STATES, INPUTS_EMBEDS, POSITION_IDS, TOPK_IDS, \
+    TOPK_LOGPROBS
+from ..target import TargetModel
+
+_SESSIONS: dict[str, type["DrafterSession"]] = {}
+
+
+def register(cls: type["DrafterSession"]) -> type["DrafterSession"]:
+    """Class decorator: the session class of one drafter kind (the manifest's family)."""
+    _SESSIONS[cls.kind] = cls
+    return cls
+
+
+def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: str = "ort",
+                 threads: int | None = None) -> "DrafterSession":
+    """The session of the drafter exported into ``artifact_dir``, bound to ``target``."""
+    artifact_dir = Path(artifact_dir)
+    manifest = Manifest.load(artifact_dir)
+    if manifest.kind != "drafter":
+        raise ManifestError(f"{artifact_dir} holds a {manifest.kind!r} export, not a drafter. "
+                            f"Hint: pass the folder written by the drafter export")
+    if manifest.family not in _SESSIONS:
+        raise ManifestError(f"{artifact_dir}: unknown drafter type {manifest.family!r} "
+                            f"(known: {sorted(_SESSIONS)}). Hint: re-export the drafter")
+    want, got = manifest.model.get("target_config_hash"), target.manifest.config_hash
+    if want != got:
+        raise ManifestError(f"the drafter in {artifact_dir} was exported for a target with "
+                            f"config hash {want}, but the target in {target.dir} has {got}. "
+                            f"Hint: export the drafter against this target model")
+    return _SESSIONS[manifest.family](artifact_dir, manifest, target, backend, threads)
+
+
+class DrafterSession:
+    """Drafter state of one generation: committed cache rows, next position, last hidden.
+
+    Subclasses set ``kind`` and implement the kind-specific parts: ``_fuse_inputs`` (the
+    fuse graph's extra input) and, where rows are dropped or compressed, ``_prefill_rows``.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, target: TargetModel,
+                 backend: str, threads: int | None):
+        self.manifest, self.target, self.facts = manifest, target, manifest.model
+        self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads)
+                        for name, g in manifest.graphs.items()}
+        self.top_k: int = int(self.facts["top_k"])
+        self.cache = KVCache(1, self.facts["kv_heads"], self.facts["head_dim"], manifest.max_len)
+        self.next_position = 0
+        self.committed = 0                   # cache rows kept across rounds
+        self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row
+        self.tree_hidden: list[np.ndarray] = []     # [K, H] per tree call of this round
+
+    # -- the loop's interface ------------------------------------------------------------------
+    def prefill(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,
+                next_token: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start a generation from the prompt; returns the last row's (logp [k], ids [k])."""
+        self.cache.reset()
+        self._reset_state()
+        fused, positions = self._prefill_rows(np.asarray(input_ids), embeds, features,
+                                              self.target.embed([next_token]))
+        return self._commit(fused, positions)
+
+    def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
+                  level: int) -> tuple[np.ndarray, np.ndarray]:
+        """One tree level (``runtime.tree.DraftStep``): logp [K, k] and ids [K, k]."""
+        if level == 1:
+            self._drop_tree()
+        k, r = len(tokens), self.cache.length - self.committed
+        if mask.shape != (k, r + k):
+            raise ValueError(f"tree mask | shape {mask.shape}. Expected: ({k}, {r + k}) for "
+                             f"{k} nodes after {r} tree rows of this round (level {level})")
+        rows = np.concatenate([self.last_hidden[None], *self.tree_hidden])  # [1 + R, H]
+        features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
+        fused = self._fuse(self.target.embed(tokens), features, level)
+        positions = np.full(k, self.next_position + level - 1, np.int64)
+        full_mask = np.concatenate([np.ones((k, self.committed), bool), mask], axis=1)
+        out = self._step(fused, positions, full_mask[None, None])
+        self.cache.commit(k)
+        self.tree_hidden.append(out[HIDDEN_STATES][0])
+        return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
+
+    def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append the accepted rows (f_j, embed(tokens_j)); returns the last row's top-k."""
+        self._drop_tree()
+        fused = self._fuse(self.target.embed(tokens), features, level=0)
+        positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
+        return self._commit(fused, positions)
+
+    # -- kind hooks ----------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        """Forget kind state carried across rounds (ViSpec's global feature)."""
+
+    def _fuse_inputs(self, level: int) -> dict[str, np.ndarray]:
+        """The fuse graph's extra input for rows of tree ``level`` (0 = committed rows)."""
+        return {}
+
+    def _prefill_rows(self, input_ids, embeds, features, next_embed):
+        """Fused prompt rows ``[N, H]`` and their positions ``[N]``: the EAGLE shift."""
+        shifted = np.concatenate([embeds[1:], next_embed])  # row i <- e_{i+1}
+        return self._fuse(shifted, features, 0), np.arange(len(input_ids), dtype=np.int64)
+
+    # -- graph calls ---------------------------------------------------------------------------
+    def _fuse(self, embeds: np.ndarray, features: np.ndarray, level: int) -> np.ndarray:
+        """``[S, H]`` x2 -> fused rows ``[S, H]``."""
+        feeds = {INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32)[None],
+                 FEATURES: np.ascontiguousarray(features, np.float32)[None],
+                 **self._fuse_inputs(level)}
+        return self.runners["fuse"].infer(feeds)[FUSED][0]
+
+    def _step(self, fused: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> dict:
+        """The layer over ``fused [S, H]`` after the cache's rows; K/V land in the cache."""
+        feeds = {FUSED: fused[None], POSITION_IDS: positions[None], ATTENTION_MASK: mask,
+                 **self.cache.past()}
+        return self.runners["step"].infer(feeds, self.cache.present(len(fused)))
+
+    def _commit(self, fused: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._step(fused, positions, causal_mask(self.cache.length, len(fused)))
+        self.cache.commit(len(fused))
+        self.committed = self.cache.length
+        self.next_position = int(positions[-1]) + 1
+        self.last_hidden = out[HIDDEN_STATES][0, -1].copy()
+        return out[TOPK_LOGPROBS][0, -1], out[TOPK_IDS][0, -1]
+
+    def _drop_tree(self) -> None:
+        self.cache.truncate(self.committed)
+        self.tree_hidden = []
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

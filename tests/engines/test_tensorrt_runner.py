@@ -1,0 +1,47 @@
+"""The TensorRT runner: a clear error without TensorRT; parity with ONNX Runtime on a GPU."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vispec.runtime.backends import make_runner
+from vispec.runtime.backends.ort import OrtRunner
+from vispec.runtime.backends.tensorrt import TensorRTMissingError
+
+from tiny_block import SPEC, block_artifacts, feeds
+
+
+def test_module_imports_without_tensorrt_or_torch():
+    code = ("import sys; sys.modules['tensorrt'] = None; "
+            "import vispec.runtime.backends.tensorrt; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runner_without_tensorrt_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(TensorRTMissingError, match="JetPack.*--backend ort"):
+        make_runner("tensorrt", tmp_path / "block.engine", SPEC)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("fp16", 2e-2), ("int8", 0.1)])
+def test_engine_matches_onnxruntime(tmp_path, precision, tolerance):
+    pytest.importorskip("tensorrt")
+    from vispec.engines.build import BuildConfig, build_engines
+    from vispec.runtime.backends.tensorrt import TrtRunner
+
+    artifacts = block_artifacts(tmp_path / "artifacts")
+    calibration = {"block": [feeds(n, seed) for seed, n in enumerate((4, 16, 64, 128))]}
+    out = build_engines(artifacts, tmp_path / "engines", BuildConfig(precision=precision),
+                        calibration=calibration)
+    reference = OrtRunner(artifacts / "block.onnx", SPEC)
+    with TrtRunner(out / "block.engine", SPEC) as runner:
+        assert runner.engine.num_optimization_profiles == 2
+        for new, profile in ((4, 0), (100, 1), (1, 0)):  # decode, prefill, decode again
+            feed = feeds(new, seed=new)
+            mine = {"y": np.empty((1, new, 32), np.float32)}  # caller-owned, written in place
+            runner.infer(feed, mine)
+            assert runner.profile == profile
+            want = reference.infer(feed)["y"]
+            assert np.abs(mine["y"] - want).max() < tolerance * max(1.0, np.abs(want).max())
