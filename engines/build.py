@@ -45,7 +45,6 @@ class BuildConfig:
     timing_cache: Path | None = None
     profiles: tuple = DEFAULT_SPLITS
     calibration_prompts: tuple = DEFAULT_PROMPTS
-    overwrite: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -68,8 +67,7 @@ class BuildConfig:
     @classmethod
     def from_cli(cls, precision: str = "fp16", workspace_mib: int | None = None,
                  timing_cache: str | None = None, profiles: str = "decode=64,prefill",
-                 calibration_file: str | None = None, overwrite: bool = False
-                 ) -> "BuildConfig":
+                 calibration_file: str | None = None) -> "BuildConfig":
         """From CLI strings: ``profiles`` like ``"decode=64,prefill"`` (``""``: one
         profile); ``calibration_file`` holds one prompt per line."""
         splits = []
@@ -84,7 +82,7 @@ class BuildConfig:
             prompts = tuple(line for line in Path(calibration_file).read_text().splitlines()
                             if line.strip())
         return cls(precision=precision, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                   profiles=tuple(splits), calibration_prompts=prompts, overwrite=overwrite)
+                   profiles=tuple(splits), calibration_prompts=prompts)
 
 
 @dataclass(frozen=True)
@@ -196,9 +194,11 @@ def engine_manifest(manifest: Manifest, plans: list[GraphPlan], trt_version: str
 
 def build_engines(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   config: BuildConfig, *, calibration: Mapping[str, Feeds] | None = None,
+                  overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Path:
     """Build ``<graph>.engine`` for every graph of the export at ``artifact_dir`` into
-    ``out_dir`` (atomically), with the processor files, host arrays and a manifest.
+    ``out_dir`` (atomically; an existing ``out_dir`` is replaced only with ``overwrite``),
+    with the processor files, host arrays and a manifest.
 
     For int8, ``calibration`` maps graph names to feed dicts; by default a target's ``lm``
     graph is calibrated on ``config.calibration_prompts``.
@@ -210,7 +210,7 @@ def build_engines(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
         calibration = {"lm": lm_calibration_feeds(artifact_dir, config.calibration_prompts)}
     calibration = dict(calibration or {})
     plans = plan_build(manifest, artifact_dir, config, trt.__version__, calibration)
-    with atomic_output_dir(out_dir, config.overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         work = tmp / ".qdq"
         for i, plan in enumerate(plans, 1):
             source = plan.onnx

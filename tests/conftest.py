@@ -9,7 +9,6 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: any download attempt must fail
 
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 TEST_MAX_LEN = 256
 
 

@@ -36,8 +36,9 @@ def weight_file(drafter_dir: str | os.PathLike) -> Path:
     for name in WEIGHT_FILES:
         if (Path(drafter_dir) / name).is_file():
             return Path(drafter_dir) / name
-    raise DrafterCheckpointError(f"{drafter_dir} has no drafter weights ({' or '.join(WEIGHT_FILES)})."
-                                 f" Hint: download the whole drafter folder")
+    raise DrafterCheckpointError(f"{drafter_dir} has no drafter weights "
+                                 f"({' or '.join(WEIGHT_FILES)}). Hint: download the whole "
+                                 f"drafter folder")
 
 
 def check_against_target(config: dict, target_model_dir: str | os.PathLike) -> None:

@@ -1,7 +1,7 @@
 """A drafter's architecture, read from the official ``config.json`` plus two weight shapes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
@@ -84,6 +84,3 @@ class DrafterConfig:
                            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
                            rope_scaling=self.rope_scaling, hidden_act=self.hidden_act,
                            max_position_embeddings=self.max_position_embeddings, mlp_bias=False)
-
-    def facts(self) -> dict:
-        return asdict(self)

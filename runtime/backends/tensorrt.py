@@ -53,7 +53,7 @@ class TrtRunner(GraphRunner):
             raise VispecError(f"could not load the TensorRT engine {path} (TensorRT "
                               f"{trt.__version__}). Hint: an engine only runs on the TensorRT "
                               f"version and GPU that built it: rebuild it on this device")
-        self._check_io(trt)
+        self._check_io()
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         # One device buffer per tensor, reused and grown across calls. A device-resident KV
@@ -67,16 +67,18 @@ class TrtRunner(GraphRunner):
                        for p in range(self.engine.num_optimization_profiles)]
         self.profile = 0
 
-    def _check_io(self, trt) -> None:
+    def _check_io(self) -> None:
+        from polygraphy.datatype import DataType
+
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         problems = []
         if sorted(names) != sorted(self.spec.input_names + self.spec.output_names):
             problems.append(f"engine tensors {sorted(names)}, spec tensors "
                             f"{sorted(self.spec.input_names + self.spec.output_names)}")
         for name in set(names) & set(self.spec.input_names + self.spec.output_names):
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            if dtype != self.spec.tensor(name).np_dtype:
-                problems.append(f"tensor {name!r} | engine dtype {dtype}. Expected: "
+            dtype = DataType.from_dtype(self.engine.get_tensor_dtype(name), "tensorrt")
+            if dtype != DataType.from_dtype(self.spec.tensor(name).np_dtype):
+                problems.append(f"tensor {name!r} | engine dtype {dtype.name}. Expected: "
                                 f"{self.spec.tensor(name).dtype}")
         if problems:
             raise VispecError(f"graph {self.spec.name!r}: the engine does not match the "
@@ -103,7 +105,9 @@ class TrtRunner(GraphRunner):
             self.profile = profile
         for name, array in feeds.items():
             array = np.ascontiguousarray(array)
-            ctx.set_input_shape(name, array.shape)
+            if not ctx.set_input_shape(name, array.shape):
+                raise ShapeError(f"graph {self.spec.name!r}: input {name!r} | shape "
+                                 f"{array.shape} refused by optimization profile {profile}")
             buffer = self.buffers[name].resize(array.shape).copy_from(array, stream)
             ctx.set_tensor_address(name, buffer.ptr)
         for name, array in outputs.items():

@@ -77,6 +77,7 @@ class DrafterSession:
         self.committed = 0                   # cache rows kept across rounds
         self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row
         self.tree_hidden: list[np.ndarray] = []     # [K, H] per tree call of this round
+        self._reset_state()
 
     # -- the loop's interface ------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,

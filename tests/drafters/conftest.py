@@ -1,7 +1,6 @@
 """Drafter fixtures: tiny drafters of every kind for tiny targets, exported once per session."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 DRAFT_TOP_K = 4
@@ -44,7 +43,7 @@ def target_model(tiny_target):
     return get
 
 
-def two_images():
-    rng = np.random.default_rng(1)
-    from PIL import Image
-    return [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(2)]
+@pytest.fixture
+def two_images(noise_image):
+    """Two noise images: a prompt with two image runs and text between them."""
+    return [noise_image(seed=1), noise_image(seed=2)]

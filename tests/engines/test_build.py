@@ -6,8 +6,13 @@ import onnx
 import pytest
 
 from vispec.engines import build
-from vispec.engines.build import BuildConfig, build_engines, create_config, plan_build, \
-    precision_options
+from vispec.engines.build import (
+    BuildConfig,
+    build_engines,
+    create_config,
+    plan_build,
+    precision_options,
+)
 from vispec.runtime.backends.tensorrt import TensorRTMissingError
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
@@ -135,6 +140,7 @@ def test_target_int8_calibrates_its_lm_on_prompts(tiny_target, tmp_path, fake_te
     manifest = Manifest.load(out)
     assert {k: g.spec.meta.get("precision") for k, g in manifest.graphs.items()} == \
         {"embed": "fp16", "vision": "fp16", "lm": "int8"}
-    assert "QuantizeLinear" in fake_tensorrt["lm"] and "QuantizeLinear" not in fake_tensorrt["embed"]
+    assert "QuantizeLinear" in fake_tensorrt["lm"]
+    assert "QuantizeLinear" not in fake_tensorrt["embed"]
     assert (out / "processor" / "config.json").is_file()
     assert list(manifest.graph("vision").spec.meta["profiles"]) == ["all"]

@@ -27,7 +27,9 @@ def test_runner_without_tensorrt_says_what_to_do(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("fp16", 2e-2), ("int8", 0.1)])
 def test_engine_matches_onnxruntime(tmp_path, precision, tolerance):
-    pytest.importorskip("tensorrt")
+    trt = pytest.importorskip("tensorrt")
+    if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 11:
+        pytest.skip("TensorRT 11 takes fp16 from the graph: this export is float32")
     from vispec.engines.build import BuildConfig, build_engines
     from vispec.runtime.backends.tensorrt import TrtRunner
 

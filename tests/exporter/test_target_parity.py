@@ -7,7 +7,7 @@ from vispec.exporter.parity import compare
 from vispec.exporter.validate import validate_target
 from vispec.runtime.manifest import Manifest
 
-from conftest import FAMILIES
+from vispec.exporter.tiny_models import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

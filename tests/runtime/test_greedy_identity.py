@@ -6,7 +6,7 @@ from vispec.exporter.reference import hf_greedy
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.target import TargetModel
 
-from conftest import FAMILIES
+from vispec.exporter.tiny_models import FAMILIES
 
 PROMPTS = ("What is in the picture?", "Tell me a long story about a red boat and the sea.")
 
