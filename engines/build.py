@@ -19,7 +19,7 @@ import polygraphy
 from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
 from polygraphy.exception import PolygraphyException
 
-from vispec.exporter.export import atomic_output_dir
+from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends.tensorrt import import_tensorrt
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest

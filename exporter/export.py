@@ -1,10 +1,8 @@
 """Export a target VLM to ONNX graphs (embed, vision, lm) plus a manifest, atomically."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +14,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vispec.runtime.errors import VispecError
+from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.families import FamilyGlue
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import WEIGHT_PATTERNS
@@ -36,27 +34,6 @@ def versions() -> dict[str, str]:
     """Library versions recorded in every manifest."""
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``out_dir``; rename it into place on success only.
-
-    On any error the temporary folder is removed: no partial artifacts are left behind.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise VispecError(f"{out_dir} already exists. Hint: pick a new folder or pass "
-                          f"--overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_processor_files(model_dir: Path, dest: Path) -> None:

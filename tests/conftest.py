@@ -40,18 +40,19 @@ def noise_image():
     return make
 
 
-def cuda_available() -> bool:
-    try:
-        import onnxruntime
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+def gpu_stack_available() -> bool:
+    """onnxruntime's CUDA provider or TensorRT is importable (each gpu test checks its own)."""
+    import importlib.util
+
+    import onnxruntime
+    return ("CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            or importlib.util.find_spec("tensorrt") is not None)
 
 
 def pytest_collection_modifyitems(config, items):
-    if cuda_available():
+    if gpu_stack_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu with a GPU)")
+    skip = pytest.mark.skip(reason="needs a GPU stack (onnxruntime-gpu or TensorRT)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

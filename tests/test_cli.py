@@ -6,7 +6,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from vispec.exporter import export as export_module
+from vispec.runtime import atomic
 from vispec.exporter.cli import cli
 from vispec.exporter.export import export_target
 
@@ -65,7 +65,7 @@ def test_failed_rename_leaves_no_partial_output(tmp_path, tiny_target, monkeypat
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError):
         export_target(model_dir, tmp_path / "out", max_len=64)
     assert _leftovers(tmp_path) == []
