@@ -31,6 +31,32 @@ def tiny_target(tmp_path_factory):
     return get
 
 
+DRAFT_TOP_K = 4
+DRAFTER_MAX_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tiny_target, tmp_path_factory):
+    """``tiny_drafter(kind, family, seed=0) -> (drafter_dir, artifact_dir)``, built and
+    exported once."""
+    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
+    from vispec.exporter.drafters.export import export_drafter
+
+    built = {}
+
+    def get(kind: str, family: str, seed: int = 0):
+        if (kind, family, seed) not in built:
+            model_dir, _ = tiny_target(family)
+            root = tmp_path_factory.mktemp(f"{kind}-{family}-{seed}")
+            drafter_dir = build_tiny_drafter(kind, model_dir, root / "drafter", seed=seed)
+            export_drafter(drafter_dir, model_dir, root / "artifacts", top_k=DRAFT_TOP_K,
+                           max_len=DRAFTER_MAX_LEN)
+            built[kind, family, seed] = (drafter_dir, root / "artifacts")
+        return built[kind, family, seed]
+
+    return get
+
+
 @pytest.fixture
 def noise_image():
     """``noise_image(height=56, width=56, seed=0)`` -> a random RGB PIL image."""

@@ -24,7 +24,7 @@ from ..drafter_specs import FEATURES, FUSED
 from ..errors import ManifestError
 from ..kv_cache import KVCache
 from ..manifest import Manifest
-from ..masks import causal_mask
+from ..masks import causal_mask, tree_mask
 from ..specs import ATTENTION_MASK, HIDDEN_STATES, INPUTS_EMBEDS, POSITION_IDS, TOPK_IDS, \
     TOPK_LOGPROBS
 from ..target import TargetModel
@@ -102,8 +102,7 @@ class DrafterSession:
         features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
         fused = self._fuse(self.target.embed(tokens), features, level)
         positions = np.full(k, self.next_position + level - 1, np.int64)
-        full_mask = np.concatenate([np.ones((k, self.committed), bool), mask], axis=1)
-        out = self._step(fused, positions, full_mask[None, None])
+        out = self._step(fused, positions, tree_mask(self.committed, mask))  # [1,1,K,C+R+K]
         self.cache.commit(k)
         self.tree_hidden.append(out[HIDDEN_STATES][0])
         return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
