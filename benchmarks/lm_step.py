@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from vispec.exporter.export import export_target
 from vispec.exporter.tiny_models import build_tiny_model
 from vispec.runtime.masks import causal_mask, tree_mask

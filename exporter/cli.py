@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import click
-
 from vispec.runtime.errors import VispecError
 
 EXIT_BAD_INPUT = 2

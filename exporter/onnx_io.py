@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from vispec.runtime.errors import VispecError
 from vispec.runtime.specs import GraphSpec
 

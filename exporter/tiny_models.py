@@ -39,7 +39,6 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
-
 from vispec.runtime.processors import ImageOnlyQwen2_5_VLProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")

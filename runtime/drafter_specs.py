@@ -10,8 +10,20 @@ Graph split (every drafter):
 """
 from __future__ import annotations
 
-from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUTS_EMBEDS, NEW, POSITION_IDS, \
-    TOPK_IDS, TOPK_LOGPROBS, Dim, GraphSpec, TensorSpec, kv_tensors, step_dims
+from .specs import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    NEW,
+    POSITION_IDS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    Dim,
+    GraphSpec,
+    TensorSpec,
+    kv_tensors,
+    step_dims,
+)
 
 DRAFTER_TYPES = ("eagle", "vispec", "hivis")
 

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import VispecError
 from .acceptance import Verification, accepted_tokens
+from .errors import VispecError
 from .families import Prompt
 from .generate import GenerationResult, GenerationStats, check_fits, emit, finish, prefill
 from .kv_cache import KVCache

@@ -14,8 +14,7 @@ from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
 from .manifest import PROCESSOR_DIR, Manifest
 from .processors import load_processor
-from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, \
-    POSITION_IDS
+from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, POSITION_IDS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -10,6 +11,15 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: any download attempt must fail
 
 TEST_MAX_LEN = 256
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline: a connection attempt fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
-from vispec.runtime import atomic
 from vispec.exporter.cli import cli
 from vispec.exporter.export import export_target
+from vispec.runtime import atomic
 
 
 def run(*args):

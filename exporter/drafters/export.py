@@ -9,17 +9,21 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from vispec.runtime.backends import make_runner
 from vispec.runtime.atomic import atomic_output_dir
-from vispec.runtime.drafter_specs import FUSED, IMAGE_EMBEDS, IMAGE_TOKENS, adaptor_spec, \
-    drafter_step_spec, fuse_spec
+from vispec.runtime.backends import make_runner
+from vispec.runtime.drafter_specs import (
+    FUSED,
+    IMAGE_EMBEDS,
+    IMAGE_TOKENS,
+    adaptor_spec,
+    drafter_step_spec,
+    fuse_spec,
+)
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.model_dir import read_config
-from vispec.runtime.specs import ATTENTION_MASK, GraphSpec, NEW, PAST, POSITION_IDS, \
-    past_names
+from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, POSITION_IDS, GraphSpec, past_names
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
 from ..loading import load_target

@@ -23,8 +23,8 @@ class TensorRTMissingError(VispecError):
 def import_tensorrt():
     """The ``tensorrt`` module, or a :class:`TensorRTMissingError` saying what to do."""
     try:
-        import tensorrt
         import polygraphy.cuda  # noqa: F401  (device buffers and streams)
+        import tensorrt
     except ImportError as e:
         raise TensorRTMissingError(
             f"TensorRT is not available ({e}). Expected: the `tensorrt` Python package "

@@ -25,8 +25,14 @@ from ..errors import ManifestError
 from ..kv_cache import KVCache
 from ..manifest import Manifest
 from ..masks import causal_mask, tree_mask
-from ..specs import ATTENTION_MASK, HIDDEN_STATES, INPUTS_EMBEDS, POSITION_IDS, TOPK_IDS, \
-    TOPK_LOGPROBS
+from ..specs import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    INPUTS_EMBEDS,
+    POSITION_IDS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+)
 from ..target import TargetModel
 
 _SESSIONS: dict[str, type["DrafterSession"]] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+
 @pytest.fixture(scope="session")
 def target_model(tiny_target):
     """``target_model(family) -> TargetModel`` over the exported tiny target."""

@@ -5,9 +5,14 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from vispec.exporter.drafters.checkpoint import DrafterCheckpointError, build_tiny_drafter, \
-    detect_kind, drafter_config, load_drafter, write_checkpoint
+from vispec.exporter.drafters.checkpoint import (
+    DrafterCheckpointError,
+    build_tiny_drafter,
+    detect_kind,
+    drafter_config,
+    load_drafter,
+    write_checkpoint,
+)
 from vispec.runtime.errors import ModelDirError
 
 KINDS = ("eagle", "vispec", "hivis")

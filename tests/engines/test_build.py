@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import onnx
 import pytest
-
+from tiny_block import block_artifacts, feeds
 from vispec.engines import build
 from vispec.engines.build import (
     BuildConfig,
@@ -16,8 +16,6 @@ from vispec.engines.build import (
 from vispec.runtime.backends.tensorrt import TensorRTMissingError
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
-
-from tiny_block import block_artifacts, feeds
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-
+from tiny_block import SPEC, export_block, feeds
 from vispec.engines.quantize import (
     lm_calibration_feeds,
     prefill_feeds,
@@ -14,8 +14,6 @@ from vispec.engines.quantize import (
 from vispec.runtime.errors import ShapeError, VispecError
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.specs import lm_step_spec
-
-from tiny_block import SPEC, export_block, feeds
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
-
 from vispec.exporter.families import export_adapter
-from vispec.exporter.tiny_models import build_tiny_model
 from vispec.runtime.families import glue_for
 from vispec.runtime.families.base import Prompt
 from vispec.runtime.processors import load_processor
@@ -17,12 +15,10 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """HF model, glue and image processor; 56px windows so windowing reorders tokens."""
-    path = build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("qwen"))
+def tiny(tiny_target):
+    """HF model, glue and image processor (56px windows: windowing reorders tokens)."""
+    path, _ = tiny_target("qwen2_5_vl")
     config = json.loads((path / "config.json").read_text())
-    config["vision_config"]["window_size"] = 56
-    (path / "config.json").write_text(json.dumps(config))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     return model, glue_for(config), load_processor(path).image_processor
 

@@ -2,12 +2,10 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from vispec.exporter.parity import compare
+from vispec.exporter.tiny_models import FAMILIES
 from vispec.exporter.validate import validate_target
 from vispec.runtime.manifest import Manifest
-
-from vispec.exporter.tiny_models import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

