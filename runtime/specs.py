@@ -64,6 +64,9 @@ class GraphSpec:
     outputs: tuple
     dims: tuple
     meta: dict = field(default_factory=dict, compare=False)
+    # Parsed once (the runtime checks every call): name -> spec, name -> parsed shape.
+    _tensors: dict = field(init=False, repr=False, compare=False)
+    _parsed: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -73,12 +76,16 @@ class GraphSpec:
         names = [t.name for t in self.inputs + self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"graph {self.name!r}: duplicate tensor names")
+        parsed = {}
         for t in self.inputs + self.outputs:
-            for entry in t.shape:
-                for term in _terms(entry) if isinstance(entry, str) else []:
+            parsed[t.name] = tuple(e if isinstance(e, int) else tuple(_terms(e)) for e in t.shape)
+            for entry in parsed[t.name]:
+                for term in entry if isinstance(entry, tuple) else ():
                     if isinstance(term, str) and term not in known:
                         raise ValueError(f"graph {self.name!r}: tensor {t.name!r} uses "
                                          f"undeclared dim {term!r}")
+        object.__setattr__(self, "_tensors", {t.name: t for t in self.inputs + self.outputs})
+        object.__setattr__(self, "_parsed", parsed)
 
     # -- lookups -------------------------------------------------------------------------
     @property
@@ -96,15 +103,18 @@ class GraphSpec:
         raise KeyError(f"graph {self.name!r} has no dim {name!r}")
 
     def tensor(self, name: str) -> TensorSpec:
-        for t in self.inputs + self.outputs:
-            if t.name == name:
-                return t
-        raise KeyError(f"graph {self.name!r} has no tensor {name!r}")
+        if name not in self._tensors:
+            raise KeyError(f"graph {self.name!r} has no tensor {name!r}")
+        return self._tensors[name]
 
     # -- shapes --------------------------------------------------------------------------
     def shape(self, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
         """Concrete shape of tensor ``name`` for the given dim sizes."""
-        return tuple(_resolve(e, sizes) for e in self.tensor(name).shape)
+        if name not in self._parsed:
+            raise KeyError(f"graph {self.name!r} has no tensor {name!r}")
+        return tuple(e if isinstance(e, int) else
+                     sum(t if isinstance(t, int) else sizes[t] for t in e)
+                     for e in self._parsed[name])
 
     def profile(self, which: str) -> dict[str, tuple[int, ...]]:
         """Input shapes at every dim's ``min``, ``opt`` or ``max`` (an engine profile)."""
@@ -141,11 +151,11 @@ class GraphSpec:
                 problems.append(f"input {t.name!r} | shape {a.shape}. Expected rank "
                                 f"{len(t.shape)}: {t.shape}")
                 continue
-            for axis, entry in enumerate(t.shape):
-                if isinstance(entry, str) and "+" not in entry:
-                    prev = sizes.setdefault(entry, a.shape[axis])
+            for axis, entry in enumerate(self._parsed[t.name]):
+                if isinstance(entry, tuple) and len(entry) == 1:
+                    prev = sizes.setdefault(entry[0], a.shape[axis])
                     if prev != a.shape[axis]:
-                        problems.append(f"input {t.name!r} axis {axis} ({entry}) is "
+                        problems.append(f"input {t.name!r} axis {axis} ({entry[0]}) is "
                                         f"{a.shape[axis]}, other inputs say {prev}")
         for t in self.inputs:
             a = feeds.get(t.name)
@@ -193,12 +203,6 @@ class GraphSpec:
 
 def _tensor_dict(t: TensorSpec) -> dict:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-
-
-def _resolve(entry, sizes: dict[str, int]) -> int:
-    if isinstance(entry, int):
-        return entry
-    return sum(t if isinstance(t, int) else sizes[t] for t in _terms(entry))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,277 @@
+"""EAGLE-style self-distillation: train a drafter to predict its own target (CPU-sized).
+
+    data : random word prompts (half with a noise image) -> the target decodes a continuation;
+           per sequence: ids [L], LM-input embeddings e [L,H], features f [L,H], logits [L,V]
+    rows : the drafter's full-sequence forward in the runtime's row layout (reference.py:
+           EAGLE shift, ViSpec image compression, HiViS image removal)
+    loss : row r pairs f_s with e_n (n = the next token the row sees, s + 1 or the next text
+           token) and learns  CE(lm_head(hidden_r), softmax(logits_n))
+                              + feature_weight * smooth_l1(hidden_r, f_n)
+Frozen: ``embed_tokens`` (the target's copy) and the target's lm_head.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vispec.runtime.atomic import atomic_output_dir
+from vispec.runtime.drafters.layouts import hivis_text_rows
+from vispec.runtime.families import FamilyGlue, Prompt
+from vispec.runtime.processors import load_processor
+
+from ..loading import load_target
+from ..reference import hf_lm, hf_prompt_embeds
+from .checkpoint import build_tiny_drafter, drafter_config, load_drafter, write_checkpoint
+from .modules import Drafter, build_drafter
+from .reference import _ROWS, DrafterRows, run_rows
+
+Progress = Callable[[str], None]
+_WORDS = ("the a red blue green small big old new cat dog boat car tree house man woman child "
+          "bird sky water road city park table cup book picture image photo left right near "
+          "under over next to and with is are sits runs looks holds shows describe what how "
+          "many where colour there people two three bright dark quiet busy morning night "
+          "street field garden kitchen window door train horse").split()
+_IMAGE_SIZE = 56
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Distillation settings; ``temperature`` 0 decodes the data greedily."""
+
+    steps: int = 300
+    lr: float = 3e-3
+    sequences: int = 32
+    new_tokens: int = 48
+    temperature: float = 0.0
+    feature_weight: float = 0.1
+    seed: int = 0
+    with_images: bool = True
+    batch: int = 4  # sequences per optimiser step
+
+    def __post_init__(self):
+        problems = [f"{name}={getattr(self, name)}" for name in ("steps", "sequences",
+                    "new_tokens", "batch") if getattr(self, name) < 1]
+        problems += [f"{name}={getattr(self, name)}" for name in ("temperature",
+                     "feature_weight") if getattr(self, name) < 0]
+        problems += [f"lr={self.lr}"] if not self.lr > 0 else []
+        if problems:
+            raise ValueError(f"TrainConfig | {', '.join(problems)}. Expected: steps, sequences, "
+                             f"new_tokens, batch >= 1; lr > 0; temperature, feature_weight >= 0")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One decoded sequence (prompt + continuation) as the target saw it."""
+
+    ids: np.ndarray          # [L] int64
+    embeds: torch.Tensor     # [L, H] LM-input embeddings (image features placed)
+    features: torch.Tensor   # [L, H] final post-norm hidden states
+    logits: torch.Tensor     # [L, V]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    loss: float
+    top1: float  # fraction of labelled rows where the drafter's argmax is the target's
+
+
+# -- data ---------------------------------------------------------------------------------
+def random_prompt(glue: FamilyGlue, processor, rng: np.random.Generator,
+                  with_image: bool) -> Prompt:
+    """A prompt of 3-12 random words, with one noise image if ``with_image``."""
+    text = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 13))))
+    pixels = rng.integers(0, 256, (_IMAGE_SIZE, _IMAGE_SIZE, 3), dtype=np.uint8)
+    return glue.prepare(processor, text, [Image.fromarray(pixels)] if with_image else [])
+
+
+@torch.no_grad()
+def decode(adapter, glue: FamilyGlue, prompt: Prompt, new_tokens: int, temperature: float,
+           generator: torch.Generator) -> Sample:
+    """The target (HF PyTorch) continues ``prompt`` by up to ``new_tokens`` tokens (stops
+    after EOS), keeping every position's e, f and logits."""
+    eos = adapter.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    embeds = hf_prompt_embeds(adapter, glue, prompt)                # [P, H]
+    positions, next_position = glue.position_ids(prompt)
+    logits, hidden, cache = hf_lm(adapter, embeds, positions)
+    ids, rows = list(prompt.input_ids), [(embeds, hidden, logits)]
+    for i in range(new_tokens):
+        token = _choose(logits[-1], temperature, generator)
+        ids.append(token)
+        e = adapter.language_model.embed_tokens(torch.tensor([token]))  # [1, H]
+        logits, hidden, cache = hf_lm(
+            adapter, e, glue.step_position_ids(next_position + i, np.zeros(1, np.int64)), cache)
+        rows.append((e, hidden, logits))
+        if token in eos:
+            break
+    e, f, z = (torch.cat(parts) for parts in zip(*rows))
+    return Sample(np.asarray(ids, np.int64), e, f, z)
+
+
+def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode_samples(adapter, glue: FamilyGlue, processor, config: TrainConfig,
+                   progress: Progress = lambda msg: None) -> list[Sample]:
+    """``config.sequences`` random prompts (every other one with an image) decoded."""
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    samples = []
+    for i in range(config.sequences):
+        prompt = random_prompt(glue, processor, rng, config.with_images and i % 2 == 1)
+        samples.append(decode(adapter, glue, prompt, config.new_tokens, config.temperature,
+                              generator))
+    progress(f"decoded {len(samples)} sequences ({sum(len(s.ids) for s in samples)} tokens)")
+    return samples
+
+
+def make_training_data(target_model_dir: str | os.PathLike, config: TrainConfig = TrainConfig(),
+                       progress: Progress = lambda msg: None) -> list[Sample]:
+    """Distillation data from the target at ``target_model_dir``."""
+    adapter, glue = load_target(target_model_dir)
+    return decode_samples(adapter, glue, load_processor(target_model_dir), config, progress)
+
+
+# -- loss ---------------------------------------------------------------------------------
+def drafter_rows(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+                 sample: Sample) -> DrafterRows:
+    """``reference_prefill`` over the whole sequence, with gradients."""
+    ids = torch.as_tensor(sample.ids)
+    x_next = drafter.embed_tokens(sample.logits[-1:].argmax(-1))  # [1, H]
+    fused, positions, _ = _ROWS[drafter.kind](drafter, glue, ids, sample.embeds,
+                                              sample.features, x_next)
+    return run_rows.__wrapped__(drafter, lm_head_weight, fused, positions)  # minus no_grad
+
+
+def _shifted_next(glue: FamilyGlue, ids: np.ndarray, rows: DrafterRows) -> np.ndarray:
+    """EAGLE/ViSpec: row at position p sees x_{p+1}; image rows (ViSpec adaptor) unlabelled."""
+    nxt = rows.positions.numpy() + 1
+    valid = nxt < len(ids)
+    valid[valid] = ids[nxt[valid]] != glue.image_token_id
+    return np.where(valid, nxt, -1)
+
+
+def _hivis_next(glue: FamilyGlue, ids: np.ndarray, rows: DrafterRows) -> np.ndarray:
+    """HiViS: row r sees the next kept (text) token."""
+    kept, _ = hivis_text_rows(glue, ids)
+    return np.append(kept[1:], -1)
+
+
+# kind -> (glue, ids [L], rows) -> [N] index of the token each row sees next (-1: no label)
+_NEXT_TOKEN = {"eagle": _shifted_next, "vispec": _shifted_next, "hivis": _hivis_next}
+
+
+def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+                sample: Sample, feature_weight: float) -> tuple[torch.Tensor, int, int]:
+    """(loss, rows whose top-1 matches the target's, labelled rows) of one sequence."""
+    rows = drafter_rows(drafter, lm_head_weight, glue, sample)
+    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, rows)
+    keep, nxt = torch.as_tensor(nxt >= 0), torch.as_tensor(nxt[nxt >= 0])
+    logp, hidden = rows.logp[keep], rows.hidden[keep]                 # [M, V], [M, H]
+    target = sample.logits[nxt]                                       # [M, V]
+    ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
+    reg = torch.nn.functional.smooth_l1_loss(hidden, sample.features[nxt])
+    agree = int((logp.argmax(-1) == target.argmax(-1)).sum())
+    return ce + feature_weight * reg, agree, len(nxt)
+
+
+@torch.no_grad()
+def evaluate(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+             samples: list[Sample], feature_weight: float = 0.1) -> Metrics:
+    """Mean loss and top-1 agreement with the target over ``samples``."""
+    losses, agree, count = zip(*(sample_loss(drafter, lm_head_weight, glue, s, feature_weight)
+                                 for s in samples))
+    return Metrics(float(torch.stack(losses).mean()), sum(agree) / max(1, sum(count)))
+
+
+# -- training -----------------------------------------------------------------------------
+def fresh_drafter(kind: str, target_model_dir: str | os.PathLike, seed: int = 0) -> Drafter:
+    """A new drafter of ``kind`` sized like ``build_tiny_drafter``'s, with the modules' own
+    init (ViSpec's img_fc passes f through, HiViS's residual is zero) and the target's
+    ``embed_tokens``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sized = load_drafter(build_tiny_drafter(kind, target_model_dir, Path(tmp) / "d", seed))
+    torch.manual_seed(seed)
+    drafter = build_drafter(sized.config)
+    drafter.embed_tokens.load_state_dict(sized.embed_tokens.state_dict())
+    return drafter
+
+
+def initial_drafter(target_model_dir, kind: str | None, init_dir, seed: int) -> Drafter:
+    """``init_dir``'s drafter (its kind must equal ``kind`` if given) or a fresh one."""
+    if init_dir is None:
+        if kind is None:
+            raise ValueError("train_drafter needs a `kind` or an `init_dir`")
+        return fresh_drafter(kind, target_model_dir, seed)
+    found = drafter_config(init_dir, target_model_dir).kind  # cheap checks first
+    if kind is not None and kind != found:
+        raise ValueError(f"init_dir {init_dir} holds a {found} drafter, not {kind}")
+    return load_drafter(init_dir, target_model_dir)
+
+
+def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+        samples: list[Sample], config: TrainConfig,
+        progress: Progress = lambda msg: None) -> Metrics:
+    """Adam on the drafter's own weights (``embed_tokens`` frozen); returns the metrics of
+    the last logging window."""
+    drafter.embed_tokens.requires_grad_(False)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1 - step / config.steps)  # linear decay to 0
+    rng = np.random.default_rng(config.seed)
+    every = max(1, config.steps // 10)
+    window = [0.0, 0, 0]  # loss sum, agreeing rows, labelled rows
+    drafter.train()
+    for step in range(1, config.steps + 1):
+        batch = rng.choice(len(samples), size=min(config.batch, len(samples)), replace=False)
+        results = [sample_loss(drafter, lm_head_weight, glue, samples[i], config.feature_weight)
+                   for i in batch]
+        loss = torch.stack([r[0] for r in results]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        window = [window[0] + float(loss), window[1] + sum(r[1] for r in results),
+                  window[2] + sum(r[2] for r in results)]
+        if step % every == 0 or step == config.steps:
+            metrics = Metrics(window[0] / (step - (step - 1) // every * every),
+                              window[1] / max(1, window[2]))
+            progress(f"step {step}/{config.steps} loss {metrics.loss:.3f} "
+                     f"top-1 {metrics.top1:.2f}")
+            window = [0.0, 0, 0]
+    drafter.eval()
+    return metrics
+
+
+def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  kind: str | None = None, init_dir: str | os.PathLike | None = None,
+                  config: TrainConfig = TrainConfig(), overwrite: bool = False,
+                  progress: Progress = lambda msg: None) -> Path:
+    """Distil a drafter (from ``init_dir`` or a fresh one of ``kind``) from the target at
+    ``target_model_dir``; writes the official checkpoint layout into ``out_dir``
+    atomically and returns it."""
+    start = time.perf_counter()
+    drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
+    adapter, glue = load_target(target_model_dir)
+    lm_head = adapter.lm_head.weight.detach().float()  # [V, H], frozen
+    samples = decode_samples(adapter, glue, load_processor(target_model_dir), config, progress)
+    fit(drafter, lm_head, glue, samples, config, progress)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_checkpoint(drafter, tmp)
+    progress(f"trained {drafter.kind} drafter -> {out_dir} in "
+             f"{time.perf_counter() - start:.1f}s")
+    return Path(out_dir)
