@@ -94,7 +94,7 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
     """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling."""
     tree_config = tree or DEFAULT_TREES[drafter.kind]
     if tree_config.top_k > drafter.top_k:
-        raise ValueError(f"tree top_k {tree_config.top_k} > the drafter graph's top-k "
+        raise VispecError(f"tree top_k {tree_config.top_k} > the drafter graph's top-k "
                          f"{drafter.top_k}. Hint: lower --top-k or re-export the drafter "
                          f"with a larger --top-k")
     check_fits(prompt, max_new_tokens, target.max_len, reserve=tree_config.total_tokens)

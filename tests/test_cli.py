@@ -124,3 +124,34 @@ def test_generate_prints_text_and_statistics(tiny_target, noise_image, tmp_path)
                  "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert "tok/s" in result.output and "target passes" in result.output
+
+
+def test_export_drafter_and_generate_speculatively(tiny_target, tmp_path):
+    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
+    model_dir, artifacts = tiny_target("llava")
+    drafter = build_tiny_drafter("hivis", model_dir, tmp_path / "drafter")
+    result = run("export-drafter", drafter, tmp_path / "onnx", "--target", model_dir, "--max-len", "256")
+    assert result.exit_code == 0, result.output
+    args = ("generate", "--model", artifacts, "--prompt", "Tell me a story", "--max-new-tokens", "12")
+    spec = run(*args, "--drafter", tmp_path / "onnx", "--total-tokens", "12", "--depth", "2")
+    plain = run(*args, "--drafter", tmp_path / "onnx", "--no-draft")
+    assert spec.exit_code == 0 and plain.exit_code == 0, spec.output + plain.output
+    assert "speculative (hivis" in spec.output and "[plain]" in plain.output
+    assert spec.output.splitlines()[0] == plain.output.splitlines()[0]  # same text
+    too_wide = run(*args, "--drafter", tmp_path / "onnx", "--top-k", "50")
+    assert too_wide.exit_code == 2 and "top-k" in too_wide.output
+
+
+def test_drafter_of_another_target_is_refused(tiny_target, tiny_drafter):
+    _, llava = tiny_target("llava")
+    _, qwen_drafter = tiny_drafter("eagle", "qwen2_5_vl")
+    result = run("generate", "--model", llava, "--drafter", qwen_drafter, "--prompt", "hi")
+    assert result.exit_code == 2 and "exported for a target" in result.output
+
+
+def test_export_drafter_for_a_mismatched_target(tiny_target, tiny_drafter, tmp_path):
+    llava_dir, _ = tiny_target("llava")  # vocab 480; the Qwen drafter's is 512
+    qwen_drafter, _ = tiny_drafter("vispec", "qwen2_5_vl")
+    result = run("export-drafter", qwen_drafter, tmp_path / "out", "--target", llava_dir)
+    assert result.exit_code == 2 and "vocab" in result.output
+    assert _leftovers(tmp_path) == []
