@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target

@@ -18,6 +18,7 @@ import numpy as np
 import polygraphy
 from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
 from polygraphy.exception import PolygraphyException
+
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends.tensorrt import import_tensorrt
 from vispec.runtime.errors import VispecError

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from polygraphy.backend.trt import Profile
+
 from vispec.runtime.specs import NEW, Dim, GraphSpec
 
 Shape = tuple[int, ...]

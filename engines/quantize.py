@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+
 from vispec.runtime.errors import VispecError
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.specs import ATTENTION_MASK, INPUTS_EMBEDS, POSITION_IDS, GraphSpec

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from vispec.runtime.errors import VispecError
 
 EXIT_BAD_INPUT = 2

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 from rich.console import Console
+
 from vispec.runtime.errors import VispecError
 from vispec.runtime.pipeline import Pipeline
 

@@ -13,6 +13,7 @@ import onnxruntime
 import torch
 import transformers
 from PIL import Image
+
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.families import FamilyGlue
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash

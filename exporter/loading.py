@@ -5,6 +5,7 @@ import os
 
 import torch
 import transformers
+
 from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.model_dir import check_weights, read_config
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from vispec.runtime.errors import VispecError
 from vispec.runtime.specs import GraphSpec
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import DynamicCache
+
 from vispec.runtime.families import FamilyGlue, Prompt
 
 from .families import FamilyExport

@@ -7,6 +7,7 @@ from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
+
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.target import TargetModel
 

@@ -39,6 +39,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
+
 from vispec.runtime.processors import ImageOnlyQwen2_5_VLProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+
 from vispec.runtime.errors import ManifestError
 from vispec.runtime.manifest import config_hash
 from vispec.runtime.masks import causal_mask, tree_mask

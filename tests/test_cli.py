@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+
 from vispec.exporter.cli import cli
 from vispec.exporter.export import export_target
 from vispec.runtime import atomic

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from vispec.runtime.errors import ModelDirError
 from vispec.runtime.families import glue_for
 from vispec.runtime.model_dir import read_config

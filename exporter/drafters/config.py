@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import LlamaConfig
+
 from vispec.runtime.drafter_specs import DRAFTER_TYPES
 from vispec.runtime.errors import ModelDirError
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import (

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
 from vispec.runtime.drafters.layouts import hivis_text_rows, image_runs
 from vispec.runtime.families import FamilyGlue
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
 from vispec.runtime.errors import ModelDirError
 
 _REGISTRY: dict[str, type["FamilyExport"]] = {}

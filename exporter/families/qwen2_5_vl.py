@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from vispec.runtime.families.qwen2_5_vl import Qwen25VLGlue
 
 from .base import FamilyExport, register

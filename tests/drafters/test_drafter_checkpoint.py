@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from vispec.exporter.drafters.checkpoint import (
     DrafterCheckpointError,
     build_tiny_drafter,

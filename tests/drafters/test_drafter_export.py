@@ -2,6 +2,7 @@
 import os
 
 import pytest
+
 from vispec.exporter.drafters.export import export_drafter, validate_drafter
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest, config_hash

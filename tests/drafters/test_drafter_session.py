@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+
 from vispec.exporter.drafters.checkpoint import load_drafter
 from vispec.exporter.drafters.export import target_lm_head
 from vispec.exporter.drafters.reference import reference_prefill, run_rows

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 from tiny_block import block_artifacts, feeds
+
 from vispec.engines import build
 from vispec.engines.build import (
     BuildConfig,

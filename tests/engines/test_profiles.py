@@ -1,5 +1,6 @@
 """Optimization profiles derived from the graph specs alone."""
 import pytest
+
 from vispec.engines.profiles import graph_profiles, profile_shapes, split_dim, to_polygraphy
 from vispec.runtime.specs import Dim, embed_spec, lm_step_spec
 

@@ -5,6 +5,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from tiny_block import SPEC, export_block, feeds
+
 from vispec.engines.quantize import (
     lm_calibration_feeds,
     prefill_feeds,

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 from tiny_block import SPEC, block_artifacts, feeds
+
 from vispec.runtime.backends import make_runner
 from vispec.runtime.backends.ort import OrtRunner
 from vispec.runtime.backends.tensorrt import TensorRTMissingError

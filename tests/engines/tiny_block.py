@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vispec.runtime.manifest import GraphEntry, Manifest
 from vispec.runtime.specs import Dim, GraphSpec, TensorSpec
 

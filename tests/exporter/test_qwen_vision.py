@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
+
 from vispec.exporter.families import export_adapter
 from vispec.runtime.families import glue_for
 from vispec.runtime.families.base import Prompt

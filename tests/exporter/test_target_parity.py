@@ -2,6 +2,7 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from vispec.exporter.parity import compare
 from vispec.exporter.tiny_models import FAMILIES
 from vispec.exporter.validate import validate_target

@@ -13,6 +13,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
 )
+
 from vispec.exporter.tiny_models import FAMILIES, build_tiny_model
 from vispec.runtime.processors import load_processor
 

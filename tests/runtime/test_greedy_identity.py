@@ -1,5 +1,6 @@
 """Plain greedy decoding through the ONNX Runtime backend == transformers' generate."""
 import pytest
+
 from vispec.exporter.loading import load_target
 from vispec.exporter.reference import hf_greedy
 from vispec.exporter.tiny_models import FAMILIES

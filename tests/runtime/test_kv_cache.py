@@ -1,6 +1,7 @@
 """The preallocated KV cache: in-place writes by the graph, compaction, bounds."""
 import numpy as np
 import pytest
+
 from vispec.runtime.errors import PromptTooLongError
 from vispec.runtime.kv_cache import KVCache
 from vispec.runtime.masks import causal_mask

@@ -2,6 +2,7 @@
 import numpy as np
 import onnxruntime
 import pytest
+
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.target import TargetModel
 

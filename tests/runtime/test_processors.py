@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
 from vispec.runtime.errors import ModelDirError
 from vispec.runtime.processors import (
     SUPPORTED_MODEL_TYPES,

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
 from vispec.runtime.families.base import Prompt

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from vispec.exporter.tiny_models import FAMILIES
 from vispec.runtime.acceptance import target_probs
 from vispec.runtime.drafter_specs import DRAFTER_TYPES
