@@ -149,12 +149,10 @@ def write_checkpoint(drafter: Drafter, out_dir: str | os.PathLike,
 
 
 @torch.no_grad()
-def build_tiny_drafter(kind: str, target_model_dir: str | os.PathLike,
-                       out_dir: str | os.PathLike, seed: int = 0,
-                       fmt: str = "safetensors") -> Path:
-    """A random drafter of ``kind`` for a (tiny) target: sizes from the target's text config,
-    ``embed_tokens`` copied from the target, every other weight random (img_fc too, so
-    that tests see the global feature). Returns the folder."""
+def new_drafter(kind: str, target_model_dir: str | os.PathLike, seed: int = 0) -> Drafter:
+    """A fresh drafter of ``kind`` sized from the target's text config, with the modules'
+    own init (ViSpec's img_fc passes f through, HiViS's residual is zero) and the target's
+    ``embed_tokens``."""
     text = glue_for(read_config(target_model_dir)).text_config
     config = DrafterConfig.from_json(
         {**text, "rope_theta": text.get("rope_parameters", {}).get("rope_theta"),
@@ -162,12 +160,24 @@ def build_tiny_drafter(kind: str, target_model_dir: str | os.PathLike,
         kind, num_q=3 if kind == "vispec" else 0, residual_rows=4 if kind == "hivis" else 0)
     torch.manual_seed(seed)
     drafter = build_drafter(config)
+    adapter, _ = load_target(target_model_dir)
+    drafter.embed_tokens.weight.copy_(adapter.language_model.embed_tokens.weight)
+    return drafter
+
+
+@torch.no_grad()
+def build_tiny_drafter(kind: str, target_model_dir: str | os.PathLike,
+                       out_dir: str | os.PathLike, seed: int = 0,
+                       fmt: str = "safetensors") -> Path:
+    """A random drafter of ``kind`` for a (tiny) target: ``new_drafter`` with every weight
+    but ``embed_tokens`` random (img_fc too, so that tests see the global feature)."""
+    drafter = new_drafter(kind, target_model_dir, seed)
     for name, param in drafter.named_parameters():
+        if name.startswith("embed_tokens"):
+            continue
         if name.endswith("layernorm.weight"):
             param.uniform_(0.5, 1.5)
         else:
-            fan_in = param.shape[-1] if param.ndim > 1 else config.hidden_size
+            fan_in = param.shape[-1] if param.ndim > 1 else drafter.config.hidden_size
             param.normal_(0.0, 1.5 / math.sqrt(fan_in))
-    adapter, _ = load_target(target_model_dir)
-    drafter.embed_tokens.weight.copy_(adapter.language_model.embed_tokens.weight)
     return write_checkpoint(drafter, out_dir, fmt)

@@ -33,11 +33,10 @@ class DrafterRows:
         return top.values.numpy(), top.indices.numpy()
 
 
-@torch.no_grad()
 def run_rows(drafter: Drafter, lm_head_weight: torch.Tensor, fused: torch.Tensor,
              positions: torch.Tensor, mask: torch.Tensor | None = None) -> DrafterRows:
     """The decoder layer over ``fused [N,H]`` at ``positions [N]`` with a bool ``mask [N,N]``
-    (causal when None), no past."""
+    (causal when None), no past. Differentiable (training uses it)."""
     n, c = fused.shape[0], drafter.config
     mask = torch.ones(n, n).tril().bool() if mask is None else mask
     empty = torch.zeros(1, 0, c.kv_heads, c.head_dim)
@@ -52,12 +51,18 @@ def reference_prefill(drafter: Drafter, lm_head_weight: torch.Tensor, glue: Fami
                       next_token: int) -> DrafterRows:
     """Drafter outputs over a prompt (``input_ids [L]``, target LM-input ``embeds [L,H]``,
     target features ``[L,H]``) followed by the target's ``next_token``."""
-    ids = torch.as_tensor(np.asarray(input_ids))
-    e = torch.as_tensor(embeds)
-    f = torch.as_tensor(features)
     x_next = drafter.embed_tokens(torch.tensor([next_token]))  # [1, H]
-    fused, positions, g = _ROWS[drafter.kind](drafter, glue, ids, e, f, x_next)
+    fused, positions, g = drafter_rows(drafter, glue, input_ids, embeds, features, x_next)
     return replace(run_rows(drafter, lm_head_weight, fused, positions), global_feature=g)
+
+
+def drafter_rows(drafter: Drafter, glue: FamilyGlue, input_ids, embeds, features,
+                 next_embed: torch.Tensor):
+    """The drafter's fused rows ``[N, H]``, their positions ``[N]`` and ViSpec's g (or
+    None) for a prompt followed by a token embedded as ``next_embed [1, H]``."""
+    ids = torch.as_tensor(np.asarray(input_ids))
+    return _ROWS[drafter.kind](drafter, glue, ids, torch.as_tensor(embeds),
+                               torch.as_tensor(features), next_embed)
 
 
 def _eagle_rows(drafter, glue, ids, e, f, x_next):

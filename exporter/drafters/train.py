@@ -12,7 +12,6 @@ Frozen: ``embed_tokens`` (the target's copy) and the target's lm_head.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from vispec.runtime.processors import load_processor
 
 from ..loading import load_target
 from ..reference import hf_lm, hf_prompt_embeds
-from .checkpoint import build_tiny_drafter, drafter_config, load_drafter, write_checkpoint
-from .modules import Drafter, build_drafter
-from .reference import _ROWS, DrafterRows, run_rows
+from .checkpoint import drafter_config, load_drafter, new_drafter, write_checkpoint
+from .modules import Drafter
+from .reference import drafter_rows, run_rows
 
 Progress = Callable[[str], None]
 _WORDS = ("the a red blue green small big old new cat dog boat car tree house man woman child "
@@ -46,9 +45,9 @@ _IMAGE_SIZE = 56
 class TrainConfig:
     """Distillation settings; ``temperature`` 0 decodes the data greedily."""
 
-    steps: int = 300
+    steps: int = 1000
     lr: float = 3e-3
-    sequences: int = 32
+    sequences: int = 512
     new_tokens: int = 48
     temperature: float = 0.0
     feature_weight: float = 0.1
@@ -145,79 +144,83 @@ def make_training_data(target_model_dir: str | os.PathLike, config: TrainConfig 
 
 
 # -- loss ---------------------------------------------------------------------------------
-def drafter_rows(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-                 sample: Sample) -> DrafterRows:
-    """``reference_prefill`` over the whole sequence, with gradients."""
-    ids = torch.as_tensor(sample.ids)
+def fused_rows(drafter: Drafter, glue: FamilyGlue,
+               sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runtime's decoder-layer inputs ``[N, H]`` and positions ``[N]`` over a whole
+    sequence, as ``reference_prefill`` builds them (with gradients)."""
     x_next = drafter.embed_tokens(sample.logits[-1:].argmax(-1))  # [1, H]
-    fused, positions, _ = _ROWS[drafter.kind](drafter, glue, ids, sample.embeds,
-                                              sample.features, x_next)
-    return run_rows.__wrapped__(drafter, lm_head_weight, fused, positions)  # minus no_grad
+    fused, positions, _ = drafter_rows(drafter, glue, sample.ids, sample.embeds,
+                                       sample.features, x_next)
+    return fused, positions
 
 
-def _shifted_next(glue: FamilyGlue, ids: np.ndarray, rows: DrafterRows) -> np.ndarray:
-    """EAGLE/ViSpec: row at position p sees x_{p+1}; image rows (ViSpec adaptor) unlabelled."""
-    nxt = rows.positions.numpy() + 1
+def _shifted_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """EAGLE/ViSpec: the row at position p sees x_{p+1}; image rows are unlabelled."""
+    nxt = positions + 1
     valid = nxt < len(ids)
     valid[valid] = ids[nxt[valid]] != glue.image_token_id
     return np.where(valid, nxt, -1)
 
 
-def _hivis_next(glue: FamilyGlue, ids: np.ndarray, rows: DrafterRows) -> np.ndarray:
+def _hivis_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """HiViS: row r sees the next kept (text) token."""
     kept, _ = hivis_text_rows(glue, ids)
     return np.append(kept[1:], -1)
 
 
-# kind -> (glue, ids [L], rows) -> [N] index of the token each row sees next (-1: no label)
+# kind -> (glue, ids [L], row positions [N]) -> [N] index of the token each row sees next
+# (its label: the target's logits and feature there), -1 for none
 _NEXT_TOKEN = {"eagle": _shifted_next, "vispec": _shifted_next, "hivis": _hivis_next}
 
 
 def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
                 sample: Sample, feature_weight: float) -> tuple[torch.Tensor, int, int]:
-    """(loss, rows whose top-1 matches the target's, labelled rows) of one sequence."""
-    rows = drafter_rows(drafter, lm_head_weight, glue, sample)
-    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, rows)
-    keep, nxt = torch.as_tensor(nxt >= 0), torch.as_tensor(nxt[nxt >= 0])
-    logp, hidden = rows.logp[keep], rows.hidden[keep]                 # [M, V], [M, H]
-    target = sample.logits[nxt]                                       # [M, V]
+    """(mean loss, rows whose top-1 is the target's, labelled rows) of one sequence."""
+    fused, positions = fused_rows(drafter, glue, sample)
+    rows = run_rows(drafter, lm_head_weight, fused, positions)
+    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.numpy())
+    keep, nxt = torch.as_tensor(nxt >= 0), nxt[nxt >= 0]
+    logp, target = rows.logp[keep], sample.logits[nxt]                # [M, V]
     ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
-    reg = torch.nn.functional.smooth_l1_loss(hidden, sample.features[nxt])
+    reg = torch.nn.functional.smooth_l1_loss(rows.hidden[keep], sample.features[nxt])
     agree = int((logp.argmax(-1) == target.argmax(-1)).sum())
     return ce + feature_weight * reg, agree, len(nxt)
+
+
+def batch_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+               samples: list[Sample], feature_weight: float) -> tuple[torch.Tensor, int, int]:
+    """``sample_loss`` over ``samples``, the loss averaged over labelled rows."""
+    results = [sample_loss(drafter, lm_head_weight, glue, s, feature_weight) for s in samples]
+    count = sum(c for _, _, c in results)
+    loss = sum(loss * c for loss, _, c in results) / count
+    return loss, sum(a for _, a, _ in results), count
 
 
 @torch.no_grad()
 def evaluate(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
              samples: list[Sample], feature_weight: float = 0.1) -> Metrics:
     """Mean loss and top-1 agreement with the target over ``samples``."""
-    losses, agree, count = zip(*(sample_loss(drafter, lm_head_weight, glue, s, feature_weight)
-                                 for s in samples))
-    return Metrics(float(torch.stack(losses).mean()), sum(agree) / max(1, sum(count)))
+    return _summary([sample_loss(drafter, lm_head_weight, glue, s, feature_weight)
+                     for s in samples])
+
+
+def _summary(results: list[tuple[torch.Tensor, int, int]]) -> Metrics:
+    """Row-weighted means of ``batch_loss`` results."""
+    rows = sum(count for _, _, count in results)
+    return Metrics(sum(float(loss) * count for loss, _, count in results) / rows,
+                   sum(agree for _, agree, _ in results) / rows)
 
 
 # -- training -----------------------------------------------------------------------------
-def fresh_drafter(kind: str, target_model_dir: str | os.PathLike, seed: int = 0) -> Drafter:
-    """A new drafter of ``kind`` sized like ``build_tiny_drafter``'s, with the modules' own
-    init (ViSpec's img_fc passes f through, HiViS's residual is zero) and the target's
-    ``embed_tokens``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sized = load_drafter(build_tiny_drafter(kind, target_model_dir, Path(tmp) / "d", seed))
-    torch.manual_seed(seed)
-    drafter = build_drafter(sized.config)
-    drafter.embed_tokens.load_state_dict(sized.embed_tokens.state_dict())
-    return drafter
-
-
 def initial_drafter(target_model_dir, kind: str | None, init_dir, seed: int) -> Drafter:
     """``init_dir``'s drafter (its kind must equal ``kind`` if given) or a fresh one."""
     if init_dir is None:
         if kind is None:
             raise ValueError("train_drafter needs a `kind` or an `init_dir`")
-        return fresh_drafter(kind, target_model_dir, seed)
+        return new_drafter(kind, target_model_dir, seed)
     found = drafter_config(init_dir, target_model_dir).kind  # cheap checks first
     if kind is not None and kind != found:
-        raise ValueError(f"init_dir {init_dir} holds a {found} drafter, not {kind}")
+        raise ValueError(f"init_dir {init_dir} holds a {found!r} drafter, not {kind!r}")
     return load_drafter(init_dir, target_model_dir)
 
 
@@ -233,26 +236,22 @@ def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
         optimizer, lambda step: 1 - step / config.steps)  # linear decay to 0
     rng = np.random.default_rng(config.seed)
     every = max(1, config.steps // 10)
-    window = [0.0, 0, 0]  # loss sum, agreeing rows, labelled rows
+    window = []  # batch_loss results since the last report
     drafter.train()
     for step in range(1, config.steps + 1):
         batch = rng.choice(len(samples), size=min(config.batch, len(samples)), replace=False)
-        results = [sample_loss(drafter, lm_head_weight, glue, samples[i], config.feature_weight)
-                   for i in batch]
-        loss = torch.stack([r[0] for r in results]).mean()
+        loss, agree, count = batch_loss(drafter, lm_head_weight, glue,
+                                        [samples[i] for i in batch], config.feature_weight)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        window = [window[0] + float(loss), window[1] + sum(r[1] for r in results),
-                  window[2] + sum(r[2] for r in results)]
+        window.append((loss.detach(), agree, count))
         if step % every == 0 or step == config.steps:
-            metrics = Metrics(window[0] / (step - (step - 1) // every * every),
-                              window[1] / max(1, window[2]))
+            metrics, window = _summary(window), []
             progress(f"step {step}/{config.steps} loss {metrics.loss:.3f} "
                      f"top-1 {metrics.top1:.2f}")
-            window = [0.0, 0, 0]
     drafter.eval()
     return metrics
 
@@ -265,12 +264,13 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
     ``target_model_dir``; writes the official checkpoint layout into ``out_dir``
     atomically and returns it."""
     start = time.perf_counter()
-    drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
-    adapter, glue = load_target(target_model_dir)
-    lm_head = adapter.lm_head.weight.detach().float()  # [V, H], frozen
-    samples = decode_samples(adapter, glue, load_processor(target_model_dir), config, progress)
-    fit(drafter, lm_head, glue, samples, config, progress)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite) as tmp:  # refuses an existing out_dir first
+        drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
+        adapter, glue = load_target(target_model_dir)
+        lm_head = adapter.lm_head.weight.detach().float()  # [V, H], frozen
+        samples = decode_samples(adapter, glue, load_processor(target_model_dir), config,
+                                 progress)
+        fit(drafter, lm_head, glue, samples, config, progress)
         write_checkpoint(drafter, tmp)
     progress(f"trained {drafter.kind} drafter -> {out_dir} in "
              f"{time.perf_counter() - start:.1f}s")

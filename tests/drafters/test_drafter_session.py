@@ -95,6 +95,7 @@ def test_tree_steps_match_reference(generation):
         np.testing.assert_allclose(got[0], top.values.numpy(), rtol=1e-4, atol=2e-3)
 
 
+@torch.no_grad()
 def _tree_reference(gen, ref, earlier, tokens, parent_hidden, level):
     """Prefix rows + this round's tree rows (node j of level l sees its own chain)."""
     drafter, k = gen.drafter, len(tokens)
