@@ -30,12 +30,13 @@ PROMPTS = ("What is in the picture?", "Describe the boat on the sea in detail.",
            "Tell me a story about a child and a bird.", "What colour is the sky?")
 
 
-def make_drafter(kind: str, model_dir: Path, work: Path, train_steps: int) -> Path:
-    if train_steps <= 0:
+def make_drafter(kind: str, model_dir: Path, work: Path, steps: int, sequences: int) -> Path:
+    if steps <= 0:
         return build_tiny_drafter(kind, model_dir, work / f"{kind}-random")
     from vispec.exporter.drafters.train import TrainConfig, train_drafter
     return train_drafter(model_dir, work / f"{kind}-trained", kind=kind,
-                         config=TrainConfig(steps=train_steps), progress=lambda m: None)
+                         config=TrainConfig(steps=steps, sequences=sequences),
+                         progress=lambda m: None)
 
 
 def decode_all(run, prompts) -> tuple[float, float, list[list[int]]]:
@@ -54,7 +55,11 @@ def decode_all(run, prompts) -> tuple[float, float, list[list[int]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llava")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "100m"],
+                        help="target size (100m: the ~100M-parameter random model)")
+    parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--train-sequences", type=int, default=512,
+                        help="target continuations decoded as training data")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--trees", default="8:2:3,16:3:4,30:3:8",
                         help="total:depth:top_k tree settings to try")
@@ -62,7 +67,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-spec-"))
-    model_dir = build_tiny_model(args.family, work / "target")
+    model_dir = build_tiny_model(args.family, work / "target", preset=args.preset)
     export_target(model_dir, work / "target-onnx", max_len=512)
     target = TargetModel(work / "target-onnx", threads=args.threads)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), np.uint8))
@@ -71,13 +76,13 @@ def main() -> None:
     cache = target.new_cache()
     plain_tps, _, reference = decode_all(
         lambda p: generate_plain(target, p, args.max_new_tokens, cache=cache), prompts)
-    print(f"target: tiny {args.family}; drafters "
+    print(f"target: {args.preset} {args.family}; drafters "
           f"{'trained ' + str(args.train_steps) + ' steps' if args.train_steps > 0 else 'random'}"
           f"; plain decode {plain_tps:.1f} tok/s")
     print("| drafter | tree (total, depth, top_k) | plain tok/s | speculative tok/s | ratio | "
           "tokens/pass | identical |\n|---|---|---|---|---|---|---|")
     for kind in ("eagle", "vispec", "hivis"):
-        drafter_dir = make_drafter(kind, model_dir, work, args.train_steps)
+        drafter_dir = make_drafter(kind, model_dir, work, args.train_steps, args.train_sequences)
         export_drafter(drafter_dir, model_dir, work / f"{kind}-onnx", max_len=512, top_k=10,
                        overwrite=True)
         drafter = open_drafter(work / f"{kind}-onnx", target, threads=args.threads)

@@ -77,6 +77,33 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, over
         overwrite=overwrite, progress=_progress)
 
 
+@cli.command("train-drafter")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(["vispec", "hivis", "eagle"]), default=None,
+              help="Drafter type of a new drafter (detected from --init otherwise).")
+@click.option("--init", "init_dir", type=click.Path(path_type=Path), default=None,
+              help="Continue from this drafter checkpoint (official layout).")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--sequences", default=512, show_default=True,
+              help="Target continuations decoded as training data.")
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@_user_errors
+def train_drafter(model_dir, out_dir, kind, init_dir, steps, sequences, lr, seed, overwrite):
+    """Train a drafter for the target in MODEL_DIR by self-distillation (the target's own
+    continuations of synthetic prompts) and write it to OUT_DIR in the official layout."""
+    from .drafters.train import TrainConfig
+    from .drafters.train import train_drafter as run
+    try:
+        config = TrainConfig(steps=steps, sequences=sequences, lr=lr, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, overwrite=overwrite,
+        progress=_progress)
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("artifact_dir", type=click.Path(path_type=Path))

@@ -15,9 +15,10 @@ import transformers
 from PIL import Image
 
 from vispec.runtime.atomic import atomic_output_dir
-from vispec.runtime.families import FamilyGlue
+from vispec.runtime.errors import VispecError
+from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
-from vispec.runtime.model_dir import WEIGHT_PATTERNS
+from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
 from vispec.runtime.specs import embed_spec, lm_step_spec
 
@@ -84,6 +85,17 @@ def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dic
     }
 
 
+def check_max_len(glue: FamilyGlue, max_len: int) -> None:
+    """Refuse a cache longer than a sliding attention window (not implemented in the graph)."""
+    text = glue.text_config
+    window = text.get("sliding_window")
+    if window and text.get("use_sliding_window", True) and max_len > window:
+        raise VispecError(f"--max-len {max_len} exceeds the model's sliding attention window "
+                          f"({window}); the exported graph attends to the whole cache, which "
+                          f"is exact only within the window. Hint: export with --max-len "
+                          f"<= {window}")
+
+
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
                   overwrite: bool = False,
@@ -92,6 +104,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``lm.onnx``, host-side arrays, the processor files and ``manifest.json``."""
     model_dir = Path(model_dir)
     start = time.perf_counter()
+    glue = glue_for(read_config(model_dir))
+    check_max_len(glue, max_len)
     adapter, glue = load_target(model_dir)
     processor = load_processor(model_dir)
     facts = model_facts(adapter, glue, model_dir)

@@ -156,3 +156,14 @@ def test_export_drafter_for_a_mismatched_target(tiny_target, tiny_drafter, tmp_p
     result = run("export-drafter", qwen_drafter, tmp_path / "out", "--target", llava_dir)
     assert result.exit_code == 2 and "vocab" in result.output
     assert _leftovers(tmp_path) == []
+
+
+def test_export_beyond_a_sliding_window_is_refused(tiny_target, tmp_path):
+    model_dir, _ = tiny_target("llava_next")
+    windowed = shutil.copytree(model_dir, tmp_path / "windowed")
+    config = json.loads((windowed / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 128
+    (windowed / "config.json").write_text(json.dumps(config))
+    result = run("export", windowed, tmp_path / "out", "--max-len", "256")
+    assert result.exit_code == 2 and "sliding attention window (128)" in result.output
+    assert _leftovers(tmp_path) == ["windowed"]

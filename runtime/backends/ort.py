@@ -39,6 +39,9 @@ class OrtRunner(GraphRunner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Several sessions (target + drafter graphs) run back to back on the same cores:
+        # spinning pools of one session would steal the cores the next one needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.binding = self.session.io_binding()
 
