@@ -13,8 +13,8 @@ from rich.console import Console
 from vispec.runtime.errors import VispecError
 from vispec.runtime.pipeline import Pipeline
 
-from .drafters.checkpoint import build_tiny_drafter
 from .drafters.export import export_drafter, validate_drafter
+from .drafters.train import TrainConfig, train_drafter
 from .export import export_target
 from .report import print_parity, validate_all
 from .tiny_models import build_tiny_model
@@ -25,7 +25,7 @@ PROMPT = "What is in this picture?"
 def run_demo(out_dir: str | Path, *, family: str = "llava", drafter_kind: str = "vispec",
              max_new_tokens: int = 32, overwrite: bool = False,
              progress: Callable[[str], None] = print) -> bool:
-    """Build a tiny ``family`` model and a random ``drafter_kind`` drafter in ``out_dir``,
+    """Build a tiny ``family`` model in ``out_dir``, train a ``drafter_kind`` drafter for it,
     export and validate both, then generate; True when every check passed."""
     out = Path(out_dir)
     if out.exists():
@@ -40,8 +40,9 @@ def run_demo(out_dir: str | Path, *, family: str = "llava", drafter_kind: str = 
     rows, greedy = validate_all(model, out / "target-onnx", progress=progress)
     ok = print_parity(rows, greedy, console)
 
-    progress(f"building a random {drafter_kind} drafter (untrained: low acceptance)")
-    drafter = build_tiny_drafter(drafter_kind, model, out / "drafter")
+    progress(f"training a {drafter_kind} drafter by self-distillation (a short run)")
+    drafter = train_drafter(model, out / "drafter", kind=drafter_kind,
+                            config=TrainConfig(steps=300, sequences=128), progress=progress)
     export_drafter(drafter, model, out / "drafter-onnx", max_len=512, progress=progress)
     ok = print_parity(validate_drafter(drafter, model, out / "drafter-onnx"), None, console) and ok
 
