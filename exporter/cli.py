@@ -179,7 +179,8 @@ def build(artifact_dir, out_dir, precision, overwrite):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs).")
 @click.option("--total-tokens", type=int, default=None,
-              help="Draft tree size incl. root (default: the drafter's published setting).")
+              help="Draft tree size incl. root (default: 16 on CPU; on GPUs the drafter's "
+                   "published setting: ViSpec 30, EAGLE/HiViS 60).")
 @click.option("--depth", type=int, default=None, help="Draft tree depth.")
 @click.option("--top-k", type=int, default=None, help="Children per expanded node.")
 @click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
@@ -201,7 +202,7 @@ def generate(model, prompt, images, drafter, no_draft, max_new_tokens, temperatu
     pipe = Pipeline(model, drafter_dir=None if no_draft else drafter, backend=backend,
                     threads=threads, sampling=sampling)
     if pipe.drafter is not None:
-        pipe.tree = tree_config(pipe.drafter.kind, total_tokens, depth, top_k)
+        pipe.tree = tree_config(pipe.drafter.kind, backend, total_tokens, depth, top_k)
     result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens)
     click.echo(result.text)
     s = result.stats

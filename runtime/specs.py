@@ -172,8 +172,9 @@ class GraphSpec:
             d = self.dim(name)
             if not d.min <= size <= d.max:
                 problems.append(f"dim {name!r} = {size} is outside the graph's profile "
-                                f"[{d.min}, {d.max}]. Hint: re-export with a larger range "
-                                f"(e.g. --max-len) or shorten the input")
+                                f"[{d.min}, {d.max}]. Hint: shorten the input, or re-export "
+                                f"with a larger range (--max-len for tokens, --max-images "
+                                f"for images)")
         if problems:
             raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
         return sizes

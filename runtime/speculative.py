@@ -28,18 +28,23 @@ from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
 from .tree import DraftTree, TreeConfig, build_draft_tree
 
-# Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS).
+# Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS): for GPU backends.
 DEFAULT_TREES = {
     "vispec": TreeConfig(total_tokens=30, depth=3, top_k=8),
     "eagle": TreeConfig(total_tokens=60, depth=5, top_k=10),
     "hivis": TreeConfig(total_tokens=60, depth=5, top_k=10),
 }
+# On a CPU verifying T tokens costs ~1.6x one token at T=16 but ~3x at 60
+# (benchmarks/RESULTS.md): large trees cannot pay off there.
+CPU_TREE = TreeConfig(total_tokens=16, depth=3, top_k=4)
+CPU_BACKENDS = ("ort",)
 
 
-def tree_config(kind: str, total_tokens: int | None = None, depth: int | None = None,
-                top_k: int | None = None) -> TreeConfig:
-    """The published tree of drafter ``kind`` with any of its fields overridden."""
-    base = DEFAULT_TREES[kind]
+def tree_config(kind: str, backend: str = "ort", total_tokens: int | None = None,
+                depth: int | None = None, top_k: int | None = None) -> TreeConfig:
+    """The default tree for drafter ``kind`` on ``backend`` (CPU-sized for CPU backends,
+    the published one otherwise), with any of its fields overridden."""
+    base = CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
     try:
         return TreeConfig(total_tokens=total_tokens or base.total_tokens,
                           depth=depth or base.depth, top_k=top_k or base.top_k)
@@ -92,7 +97,7 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
                          sampling: Sampling = Sampling(),
                          cache: KVCache | None = None) -> GenerationResult:
     """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling."""
-    tree_config = tree or DEFAULT_TREES[drafter.kind]
+    tree_config = tree or DEFAULT_TREES[drafter.kind]  # Pipeline picks per backend
     if tree_config.top_k > drafter.top_k:
         raise VispecError(f"tree top_k {tree_config.top_k} > the drafter graph's top-k "
                          f"{drafter.top_k}. Hint: lower --top-k or re-export the drafter "

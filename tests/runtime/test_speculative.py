@@ -125,3 +125,11 @@ def test_speculative_sampling_keeps_the_target_distribution(runtime_pair):
     # the test has power: a distribution tilted towards the drafter's favourite fails
     assert _chi_square_rejects(counts2, 0.5 * expected2 + 0.5 * draws * np.eye(vocab)[
         int(np.argmax(expected2))])
+
+
+def test_default_trees_fit_the_backend():
+    from vispec.runtime.speculative import CPU_TREE, tree_config
+    assert tree_config("vispec", "ort") == CPU_TREE
+    assert tree_config("vispec", "ort-cuda") == TreeConfig(30, 3, 8)
+    assert tree_config("hivis", "tensorrt") == TreeConfig(60, 5, 10)
+    assert tree_config("eagle", "ort", total_tokens=10, depth=2) == TreeConfig(10, 2, 4)
