@@ -20,12 +20,12 @@ from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
-from vispec.runtime.specs import embed_spec, lm_step_spec
+from vispec.runtime.specs import NEW, PAST, embed_spec, lm_step_spec
 
 from .families import FamilyExport
 from .lm_step import EmbedStep, LMStep
 from .loading import load_target
-from .onnx_io import export_graph
+from .onnx_io import example_feeds, export_graph
 
 DEFAULT_OPSET = 17
 EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
@@ -51,18 +51,6 @@ def example_images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
             for h, w in ((56, 56), (56, 84))]
-
-
-def lm_example(spec, glue: FamilyGlue) -> dict[str, np.ndarray]:
-    """Random LM-step inputs at ``new=8, past=5`` with a causal mask."""
-    rng = np.random.default_rng(0)
-    sizes = {"new": EXAMPLE_NEW, "past": EXAMPLE_PAST}
-    feeds = {t.name: rng.standard_normal(spec.shape(t.name, sizes)).astype(t.dtype)
-             for t in spec.inputs if t.dtype.startswith("float")}
-    mask = np.tril(np.ones((EXAMPLE_NEW, EXAMPLE_NEW + EXAMPLE_PAST), bool), k=EXAMPLE_PAST)
-    feeds["attention_mask"] = mask[None, None]
-    feeds["position_ids"] = glue.step_position_ids(EXAMPLE_PAST, np.arange(EXAMPLE_NEW))
-    return feeds
 
 
 def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
@@ -115,8 +103,10 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len),
              "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec}
     example_prompt = glue.prepare(processor, "describe", example_images())
+    lm_sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST}
     examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
-                "vision": glue.vision_feeds(example_prompt), "lm": lm_example(lm_spec, glue)}
+                "vision": glue.vision_feeds(example_prompt),
+                "lm": example_feeds(lm_spec, lm_sizes, np.random.default_rng(0))}
     modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
                "vision": adapter.vision_module(),
                "lm": LMStep(adapter.language_model, adapter.lm_head)}

@@ -9,13 +9,30 @@ import onnx
 import torch
 
 from vispec.runtime.errors import VispecError
-from vispec.runtime.specs import GraphSpec
+from vispec.runtime.masks import causal_mask
+from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, POSITION_IDS, GraphSpec
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
 }
+
+
+def example_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
+                  **fixed: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of ``spec`` at ``sizes``: floats N(0,1), position ids counting on after the past
+    (the same on every M-RoPE row), a causal mask; ``fixed`` gives any other input."""
+    feeds = {t.name: rng.standard_normal(spec.shape(t.name, sizes)).astype(t.dtype)
+             for t in spec.inputs if t.dtype.startswith("float")}
+    past, new = sizes.get(PAST, 0), sizes.get(NEW, 0)
+    names = set(spec.input_names)
+    if POSITION_IDS in names:
+        positions = np.arange(past, past + new, dtype=np.int64)
+        feeds[POSITION_IDS] = np.broadcast_to(positions, spec.shape(POSITION_IDS, sizes)).copy()
+    if ATTENTION_MASK in names:
+        feeds[ATTENTION_MASK] = causal_mask(past, new)
+    return {**feeds, **fixed}
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, example: dict[str, np.ndarray],

@@ -33,3 +33,16 @@ def compare(graph: str, case: str, output: str, got: np.ndarray, want: np.ndarra
     err = float(np.max(np.abs(got - want))) if got.size else 0.0
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     return ParityRow(graph, case, output, err, err / max(scale, 1e-12), TOLERANCES[precision])
+
+
+def random_tree(rng: np.random.Generator, size: int,
+                forest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Random parents (``parents[i] < i``; -1 for a root) and the ancestor mask ``[T, T]``
+    (incl. self). One root (node 0) unless ``forest``, where any node may start a tree
+    (a drafter's first tree level hangs off its prefix, not off a tree node)."""
+    parents = np.array([-1] + [int(rng.integers(-1 if forest else 0, i)) for i in range(1, size)])
+    mask = np.eye(size, dtype=bool)
+    for i in range(1, size):
+        if parents[i] >= 0:
+            mask[i] |= mask[parents[i]]
+    return parents, mask

@@ -20,19 +20,10 @@ from vispec.runtime.target import TargetModel
 
 from .export import example_images
 from .loading import load_target
-from .parity import ParityRow, compare
+from .parity import ParityRow, compare, random_tree
 from .reference import cache_rows, hf_lm, hf_prompt_embeds
 
 PROMPT = "Describe the picture in detail."
-
-
-def random_tree(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random parents (``parents[i] < i``, root 0) and the ancestor mask ``[T, T]``."""
-    parents = np.array([-1] + [rng.integers(0, i) for i in range(1, size)])
-    mask = np.eye(size, dtype=bool)
-    for i in range(1, size):
-        mask[i] |= mask[parents[i]]
-    return parents, mask
 
 
 def _compare_step(rows: list, case: str, out, want_logits, want_hidden, kv, want_kv,

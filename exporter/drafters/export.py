@@ -16,20 +16,20 @@ from vispec.runtime.drafter_specs import (
     FUSED,
     IMAGE_EMBEDS,
     IMAGE_TOKENS,
+    RESIDUAL_INDEX,
     adaptor_spec,
     drafter_step_spec,
     fuse_spec,
 )
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
-from vispec.runtime.masks import causal_mask
 from vispec.runtime.model_dir import read_config
-from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, POSITION_IDS, GraphSpec, past_names
+from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, GraphSpec, past_names
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
 from ..loading import load_target
-from ..onnx_io import export_graph
-from ..parity import ParityRow, compare
+from ..onnx_io import example_feeds, export_graph
+from ..parity import ParityRow, compare, random_tree
 from .checkpoint import load_drafter
 from .modules import AdaptorGraph, Drafter, FuseGraph, StepGraph
 
@@ -60,21 +60,11 @@ def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int
     return graphs
 
 
-def example_feeds(spec: GraphSpec, sizes: dict[str, int], rng: np.random.Generator,
-                  residual_rows: int = 1) -> dict[str, np.ndarray]:
-    """Random inputs of ``spec`` at ``sizes``: floats N(0,1), positions after the past,
-    a causal mask, a valid residual index."""
-    feeds = {t.name: rng.standard_normal(spec.shape(t.name, sizes)).astype(t.dtype)
-             for t in spec.inputs if t.dtype.startswith("float")}
-    past, new = sizes.get(PAST, 0), sizes.get(NEW, 0)
-    for t in spec.inputs:
-        if t.name == POSITION_IDS:
-            feeds[t.name] = np.arange(past, past + new, dtype=np.int64)[None]
-        elif t.name == ATTENTION_MASK:
-            feeds[t.name] = causal_mask(past, new)
-        elif t.dtype == "int64":  # the residual index
-            feeds[t.name] = np.array([min(1, residual_rows - 1)], np.int64)
-    return feeds
+def residual_index(spec: GraphSpec, level: int, drafter: Drafter) -> dict[str, np.ndarray]:
+    """HiViS's residual-row input for tree ``level`` (clamped), when ``spec`` takes one."""
+    if RESIDUAL_INDEX not in spec.input_names:
+        return {}
+    return {RESIDUAL_INDEX: np.array([min(level, drafter.config.residual_rows - 1)], np.int64)}
 
 
 def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path) -> dict:
@@ -108,7 +98,7 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
         entries = {}
         for i, (name, (module, spec)) in enumerate(graphs.items(), 1):
             progress(f"[{i}/{len(graphs)}] exporting drafter {name} graph")
-            feeds = example_feeds(spec, sizes, rng, drafter.config.residual_rows)
+            feeds = example_feeds(spec, sizes, rng, **residual_index(spec, 1, drafter))
             export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
             entries[name] = GraphEntry(f"{name}.onnx", spec)
         manifest = Manifest(kind="drafter", family=drafter.kind,
@@ -122,16 +112,6 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
 
 
 # -- parity -----------------------------------------------------------------------------------
-def random_tree_mask(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n, n]`` ancestor mask of a random tree whose parents precede their children."""
-    mask = np.eye(n, dtype=bool)
-    for i in range(1, n):
-        parent = int(rng.integers(-1, i))
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
-
-
 @torch.no_grad()
 def _torch_outputs(module, spec: GraphSpec, feeds: dict) -> dict[str, np.ndarray]:
     out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names))
@@ -166,8 +146,9 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
         rows.extend(_compare_all(name, case, got, want))
         return want
 
-    r = drafter.config.residual_rows
-    prefill = run("fuse", "prefill", example_feeds(manifest.graph("fuse").spec, {NEW: 12}, rng, r))
+    fuse_io = manifest.graph("fuse").spec
+    prefill = run("fuse", "prefill",
+                  example_feeds(fuse_io, {NEW: 12}, rng, **residual_index(fuse_io, 1, drafter)))
     step_spec = manifest.graph("step").spec
     feeds = example_feeds(step_spec, {NEW: 12, PAST: 0}, rng)
     feeds[FUSED] = prefill[FUSED]
@@ -178,7 +159,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
     run("step", "single", {**single, **real_past})
     n = int(rng.integers(8, 33))
     tree = example_feeds(step_spec, {NEW: n, PAST: 12}, rng)
-    tree[ATTENTION_MASK] = np.concatenate([np.ones((n, 12), bool), random_tree_mask(n, rng)],
+    tree[ATTENTION_MASK] = np.concatenate([np.ones((n, 12), bool), random_tree(rng, n, forest=True)[1]],
                                           axis=1)[None, None]
     run("step", f"tree{n}", {**tree, **real_past})
     if "adaptor" in graphs:
