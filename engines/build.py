@@ -114,8 +114,8 @@ def precision_options(precision: str, quantized: bool, dtype: str,
         if precision != "int8" and precision != own:
             raise VispecError(
                 f"precision {precision} on a {dtype} graph. TensorRT 11 builds strongly "
-                f"typed networks: the ONNX graph sets the precision. Hint: export in "
-                f"{'float16' if precision == 'fp16' else 'float32'}, or build --precision {own}")
+                f"typed networks: the ONNX graph sets the precision. Hint: `vispec-export export "
+                f"--dtype {'float16' if precision == 'fp16' else 'float32'}`, or build --precision {own}")
         return own, True, {}
     if quantized:
         return "int8", False, {"int8": True, "fp16": True}

@@ -47,14 +47,16 @@ def cli():
               help="KV-cache length the graphs (and engine profiles) are sized for.")
 @click.option("--max-images", default=4, show_default=True, help="Images per prompt.")
 @click.option("--opset", default=17, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Precision of the embed/LM graphs and the KV cache.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @_user_errors
-def export(model_dir, out_dir, max_len, max_images, opset, overwrite):
+def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
     """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
     LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
     from .export import export_target
     export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
-                  overwrite=overwrite, progress=_progress)
+                  dtype=dtype, overwrite=overwrite, progress=_progress)
 
 
 @cli.command("export-drafter")

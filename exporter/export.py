@@ -84,23 +84,48 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"<= {window}")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def cast_language_model(adapter: FamilyExport, dtype: str) -> None:
+    """Cast the text model and LM head to ``dtype`` (the vision graph stays float32).
+
+    The rotary frequencies stay float32: in float16 they drift by ~1e-3, i.e. by radians
+    at positions in the hundreds.
+    """
+    rotary = adapter.language_model.rotary_emb
+    inv_freq = {name: b.clone() for name, b in rotary.named_buffers()}
+    adapter.language_model.to(DTYPES[dtype])
+    adapter.lm_head.to(DTYPES[dtype])
+    for name, buffer in inv_freq.items():
+        setattr(rotary, name, buffer)
+
+
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
-                  overwrite: bool = False,
+                  dtype: str = "float32", overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
-    ``lm.onnx``, host-side arrays, the processor files and ``manifest.json``."""
+    ``lm.onnx``, host-side arrays, the processor files and ``manifest.json``.
+
+    ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
+    for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
+    """
+    if dtype not in DTYPES:
+        raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
     model_dir = Path(model_dir)
     start = time.perf_counter()
     glue = glue_for(read_config(model_dir))
     check_max_len(glue, max_len)
     adapter, glue = load_target(model_dir)
     processor = load_processor(model_dir)
-    facts = model_facts(adapter, glue, model_dir)
+    facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype}
+    cast_language_model(adapter, dtype)
     lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                            vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
-                           head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope)
-    specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len),
+                           head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
+                           dtype=dtype)
+    specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
              "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec}
     example_prompt = glue.prepare(processor, "describe", example_images())
     lm_sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST}

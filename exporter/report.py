@@ -5,10 +5,12 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from vispec.runtime.generate import generate_plain
+from vispec.runtime.masks import causal_mask
 from vispec.runtime.target import TargetModel
 
 from .export import example_images
@@ -17,17 +19,53 @@ from .parity import ParityRow
 from .reference import hf_greedy
 from .validate import PROMPT, validate_target
 
+TOP_K_CONTAINMENT = 5  # reduced precision: the reference token must stay in the top 5
+
 
 @dataclass(frozen=True)
 class GreedyCheck:
-    """Runtime greedy tokens vs ``model.generate(do_sample=False)`` on one prompt."""
+    """Runtime greedy tokens vs ``model.generate(do_sample=False)`` on one prompt.
+
+    fp32 must be token-identical. Reduced precision legitimately flips near-ties, so it is
+    judged teacher-forced: ``flips`` counts positions where the runtime's argmax on the
+    reference prefix differs from the reference token, and it passes while every reference
+    token stays in the runtime's top ``TOP_K_CONTAINMENT``.
+    """
 
     runtime: list[int]
     reference: list[int]
+    precision: str = "float32"
+    flips: int = 0
+    contained: bool = True
 
     @property
     def identical(self) -> bool:
         return self.runtime == self.reference
+
+    @property
+    def passed(self) -> bool:
+        return self.identical if self.precision == "float32" else self.contained
+
+    def summary(self) -> str:
+        if self.precision == "float32":
+            return (f"greedy tokens vs model.generate: "
+                    f"{'identical' if self.identical else 'DIFFERENT'} ({len(self.runtime)} tokens)")
+        return (f"{self.precision} teacher-forced vs model.generate: {self.flips} argmax flips in "
+                f"{len(self.reference)} tokens, reference always in the top {TOP_K_CONTAINMENT}: "
+                f"{'yes' if self.contained else 'NO'}")
+
+
+def teacher_forced_logits(target: TargetModel, prompt, tokens: list[int]) -> np.ndarray:
+    """Runtime logits ``[n, V]`` predicting each of ``tokens`` given the prompt and the
+    tokens before it (one LM pass)."""
+    embeds = np.concatenate([target.prompt_embeds(prompt),
+                             target.embed(np.asarray(tokens[:-1], np.int64)).astype(np.float32)])
+    positions, next_pos = target.glue.position_ids(prompt)
+    steps = target.glue.step_position_ids(next_pos, np.arange(len(tokens) - 1))
+    positions = np.concatenate([positions, steps], axis=-1)
+    cache = target.new_cache()
+    out = target.step(cache, embeds, positions, causal_mask(0, len(embeds)))
+    return out.logits[len(prompt.input_ids) - 1:]
 
 
 def greedy_check(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike,
@@ -36,7 +74,12 @@ def greedy_check(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike,
     prompt = target.prepare(PROMPT, example_images()[:1])
     runtime = generate_plain(target, prompt, max_new_tokens).tokens
     adapter, _ = load_target(model_dir)
-    return GreedyCheck(runtime, hf_greedy(adapter, prompt, max_new_tokens))
+    reference = hf_greedy(adapter, prompt, max_new_tokens)
+    precision = target.facts.get("dtype", "float32")
+    logits = teacher_forced_logits(target, prompt, reference).astype(np.float32)
+    ranks = (logits > logits[np.arange(len(reference)), reference][:, None]).sum(-1)
+    return GreedyCheck(runtime, reference, precision, flips=int((ranks > 0).sum()),
+                       contained=bool((ranks < TOP_K_CONTAINMENT).all()))
 
 
 def validate_all(model_dir, artifact_dir, *, seed: int = 0, max_new_tokens: int = 16,
@@ -60,8 +103,6 @@ def print_parity(rows: list[ParityRow], greedy: GreedyCheck | None = None,
     console.print(table)
     ok = all(r.passed for r in rows)
     if greedy is not None:
-        console.print(f"greedy tokens vs model.generate: "
-                      f"{'identical' if greedy.identical else 'DIFFERENT'} "
-                      f"({len(greedy.runtime)} tokens)")
-        ok = ok and greedy.identical
+        console.print(greedy.summary())
+        ok = ok and greedy.passed
     return ok

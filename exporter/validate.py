@@ -34,10 +34,12 @@ def _compare_step(rows: list, case: str, out, want_logits, want_hidden, kv, want
 
 
 def validate_target(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike, *,
-                    seed: int = 0, backend: str = "ort", precision: str = "float32",
+                    seed: int = 0, backend: str = "ort",
                     progress: Callable[[str], None] = lambda msg: None) -> list[ParityRow]:
-    """Compare every graph of ``artifact_dir`` with the HF model at ``model_dir``."""
+    """Compare every graph of ``artifact_dir`` with the HF model at ``model_dir`` (float32),
+    under the tolerance of the export's precision."""
     target = TargetModel(artifact_dir, backend=backend)
+    precision = target.facts.get("dtype", "float32")
     if target.manifest.config_hash != config_hash(model_dir):
         raise ManifestError(f"{artifact_dir} was exported from a different model than "
                             f"{model_dir} (config hash differs). Hint: validate against the "
@@ -68,7 +70,7 @@ def validate_target(model_dir: str | os.PathLike, artifact_dir: str | os.PathLik
 
     progress("lm graph: decode")
     token = int(np.argmax(out.logits[-1]))
-    e = target.embed([token])
+    e = target.embed([token]).astype(np.float32)
     step_pos = glue.step_position_ids(next_pos, np.zeros(1, np.int64))
     out = target.step(cache, e, step_pos, causal_mask(n, 1))
     cache.commit(1)

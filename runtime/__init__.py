@@ -3,14 +3,20 @@
     from vispec.runtime import Pipeline, Sampling, TreeConfig
     pipe = Pipeline("artifacts/target", drafter_dir="artifacts/drafter")
     print(pipe.generate("What is in the picture?", images=["cat.jpg"]).text)
-"""
-from .drafters import open_drafter
-from .generate import GenerationResult, GenerationStats, generate_plain
-from .pipeline import Pipeline
-from .sampling import Sampling
-from .speculative import generate_speculative
-from .target import TargetModel
-from .tree import TreeConfig
 
-__all__ = ["GenerationResult", "GenerationStats", "Pipeline", "Sampling", "TargetModel",
-           "TreeConfig", "generate_plain", "generate_speculative", "open_drafter"]
+Names are imported on first use, so ``import vispec.runtime.<module>`` stays light.
+"""
+import importlib
+
+_EXPORTS = {
+    "GenerationResult": "generate", "GenerationStats": "generate", "generate_plain": "generate",
+    "Pipeline": "pipeline", "Sampling": "sampling", "generate_speculative": "speculative",
+    "TargetModel": "target", "TreeConfig": "tree", "open_drafter": "drafters",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vispec.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -47,6 +47,7 @@ class TargetModel:
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
+        self.dtype = self.manifest.graph("lm").spec.tensor(INPUTS_EMBEDS).np_dtype  # LM + KV
 
     @property
     def max_len(self) -> int:
@@ -59,7 +60,7 @@ class TargetModel:
     def new_cache(self) -> KVCache:
         """A KV cache sized for this model's ``max_len`` (allocate once per session)."""
         f = self.facts
-        return KVCache(f["num_layers"], f["kv_heads"], f["head_dim"], self.max_len)
+        return KVCache(f["num_layers"], f["kv_heads"], f["head_dim"], self.max_len, self.dtype)
 
     def prepare(self, text: str, images: list | None = None) -> Prompt:
         return self.glue.prepare(self.processor, text, images)
@@ -83,7 +84,8 @@ class TargetModel:
              mask: np.ndarray) -> StepOutput:
         """Run the LM over ``embeds [S, H]`` after the cache's valid rows; the new K/V land
         in the cache at ``[length, length + S)`` (not yet committed)."""
-        feeds = {INPUTS_EMBEDS: embeds[None], POSITION_IDS: position_ids,
+        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False)[None],
+                 POSITION_IDS: position_ids,
                  ATTENTION_MASK: mask, **cache.past()}
         out = self.runners["lm"].infer(feeds, cache.present(len(embeds)))
         return StepOutput(out[LOGITS][0], out[HIDDEN_STATES][0])

@@ -42,7 +42,7 @@ class VispecSession(DrafterSession):
                                   f"the ViSpec adaptor's {num_q - 1} rows")
             rows.append(self._text_rows(shifted[start:run_start], features[start:run_start]))
             positions.append(np.arange(start, run_start))
-            image = {IMAGE_EMBEDS: np.ascontiguousarray(shifted[run_start:run_end])}
+            image = {IMAGE_EMBEDS: np.ascontiguousarray(shifted[run_start:run_end], np.float32)}
             adapted = self.runners["adaptor"].infer(image)[ADAPTOR_ROWS]  # [num_q, H]
             rows.append(adapted[:-1])
             positions.append(np.arange(run_end - num_q + 1, run_end))

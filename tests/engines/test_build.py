@@ -77,7 +77,7 @@ def test_precision_on_tensorrt_10_and_11(precision, quantized, dtype, major, wan
 
 def test_tensorrt_11_refuses_fp16_of_a_float32_graph(artifacts):
     manifest = Manifest.load(artifacts)
-    with pytest.raises(VispecError, match="strongly typed.*export in float16"):
+    with pytest.raises(VispecError, match="strongly typed.*--dtype float16"):
         plan_build(manifest, artifacts, BuildConfig(precision="fp16"), "11.2.0")
     [plan] = plan_build(manifest, artifacts, BuildConfig(precision="fp32"), "11.2.0")
     assert plan.strongly_typed and plan.precision == "fp32"
