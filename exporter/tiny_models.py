@@ -40,7 +40,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from vispec.runtime.processors import ImageOnlyQwen2_5_VLProcessor
+from vispec.runtime.families.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 

@@ -21,9 +21,13 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model folder. "
                             f"Hint: pass the folder that `save_pretrained` wrote")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except ValueError as e:
         raise ModelDirError(f"{path} is not valid JSON ({e}). Hint: re-save the model") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelDirError(f"{path} has no 'model_type' string: not a Hugging Face model "
+                            f"config. Hint: pass the folder that `save_pretrained` wrote")
+    return config
 
 
 def check_weights(model_dir: str | os.PathLike) -> None:

@@ -52,6 +52,7 @@ class FamilyGlue:
     """Base glue; subclasses set ``model_type`` and implement the vision-specific parts."""
 
     model_type: ClassVar[str]
+    processor_class: ClassVar[type]  # the HF processor (tokenizer + image processor)
     mrope: ClassVar[bool] = False
 
     def __init__(self, config: dict):

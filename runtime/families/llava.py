@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from transformers import LlavaNextProcessor, LlavaProcessor
 from transformers.image_processing_utils import select_best_resolution
 
 from ..specs import IMAGE_FEATURES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec
@@ -35,6 +36,7 @@ class LlavaGlue(FamilyGlue):
     """LLaVA-1.5: one CLIP tile per image, features in placeholder order."""
 
     model_type = "llava"
+    processor_class = LlavaProcessor
 
     @classmethod
     def vision_spec(cls, config: dict, max_images: int) -> GraphSpec:
@@ -49,6 +51,7 @@ class LlavaNextGlue(FamilyGlue):
     """LLaVA-NeXT: anyres tiles per image; host unpads, adds ``image_newline``, packs."""
 
     model_type = "llava_next"
+    processor_class = LlavaNextProcessor
     NEWLINE = "image_newline"
 
     @classmethod

@@ -11,12 +11,8 @@ import pytest
 from PIL import Image
 
 from vispec.runtime.errors import ModelDirError
-from vispec.runtime.processors import (
-    SUPPORTED_MODEL_TYPES,
-    ProcessorError,
-    load_processor,
-    read_model_type,
-)
+from vispec.runtime.families import supported_model_types
+from vispec.runtime.processors import load_processor
 
 tiny_models = pytest.importorskip("vispec.exporter.tiny_models", reason="building the tiny models needs torch")
 
@@ -99,10 +95,8 @@ def test_loads_legacy_layout_of_real_checkpoints(model_dirs, family, tmp_path):
         np.testing.assert_array_equal(got[key], expected[key])
 
 
-@pytest.mark.parametrize("family", tiny_models.FAMILIES)
-def test_read_model_type(model_dirs, family):
-    assert read_model_type(model_dirs[family]) == family
-    assert family in SUPPORTED_MODEL_TYPES
+def test_every_family_has_a_processor():
+    assert supported_model_types() == sorted(tiny_models.FAMILIES)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -111,20 +105,19 @@ def test_read_model_type(model_dirs, family):
     ('{"architectures": []}', "no 'model_type'"),
     ('["llava"]', "no 'model_type'"),
 ])
-def test_read_model_type_errors(tmp_path, content, message):
+def test_load_processor_config_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "config.json").write_text(content)
-    with pytest.raises(ValueError, match=message) as raised:
-        read_model_type(tmp_path)
-    assert isinstance(raised.value, ModelDirError)
+    with pytest.raises(ModelDirError, match=message):
+        load_processor(tmp_path)
 
 
-def test_read_model_type_missing_directory(tmp_path):
-    with pytest.raises(ProcessorError, match="does not exist"):
-        read_model_type(tmp_path / "missing")
+def test_load_processor_missing_directory(tmp_path):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        load_processor(tmp_path / "missing")
 
 
 def test_load_processor_rejects_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ProcessorError, match="'gpt2'.*supported model types: llava, llava_next, qwen2_5_vl"):
+    with pytest.raises(ModelDirError, match="'gpt2'.*Supported: \\['llava', 'llava_next', 'qwen2_5_vl'\\]"):
         load_processor(tmp_path)
