@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import VispecError
 from ..families import FamilyGlue
+from ..families.base import runs
 
 # model_type -> (glue, input_ids [L]) -> (kept token indices [T], their positions [T])
 TextRows = Callable[[FamilyGlue, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -53,5 +54,4 @@ def _qwen_rows(glue: FamilyGlue, input_ids: np.ndarray):
 
 def image_runs(is_image: np.ndarray) -> list[tuple[int, int]]:
     """``[start, end)`` of every maximal run of True in ``is_image [L]``."""
-    edges = np.diff(np.concatenate([[0], is_image.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+    return [(start, end) for value, start, end in runs(is_image.astype(np.int8)) if value]

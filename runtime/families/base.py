@@ -36,6 +36,14 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(value, start, end)`` of every maximal run of equal values in ``values [L]``."""
+    values = np.asarray(values)
+    starts = np.flatnonzero(np.diff(values, prepend=values[:1] - 1) != 0) if len(values) else []
+    ends = np.append(starts[1:], len(values)) if len(values) else []
+    return [(int(values[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+
+
 @dataclass
 class Prompt:
     """A tokenised prompt with its preprocessed images."""

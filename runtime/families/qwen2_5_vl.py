@@ -18,7 +18,7 @@ from transformers import Qwen2_5_VLProcessor
 
 from ..errors import VispecError
 from ..specs import IMAGE_FEATURES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec
-from .base import FamilyGlue, Prompt, register
+from .base import FamilyGlue, Prompt, register, runs
 
 # Vision-graph inputs computed on the host.
 VISION_POSITION_IDS = "vision_position_ids"      # [patches, 2] (row, col) of each patch
@@ -175,7 +175,8 @@ class Qwen25VLGlue(FamilyGlue):
         grids = iter(_grids(prompt))
         merge = int(self.vision_config["spatial_merge_size"])
         parts, pos = [], 0
-        for kind, length in _runs(types):
+        for kind, start, end in runs(types):
+            length = end - start
             if kind == _TEXT:
                 parts.append(np.broadcast_to(np.arange(length) + pos, (3, length)))
                 pos += length
@@ -193,13 +194,6 @@ class Qwen25VLGlue(FamilyGlue):
             raise VispecError("the prompt has fewer images than image_grid_thw rows")
         positions = np.concatenate(parts, axis=1).astype(np.int64)       # [3, L]
         return positions[:, None, :], int(positions.max()) + 1
-
-
-def _runs(types: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive runs of equal values as (value, length)."""
-    starts = np.flatnonzero(np.diff(types, prepend=-1) != 0)
-    lengths = np.diff(np.append(starts, len(types)))
-    return [(int(types[s]), int(n)) for s, n in zip(starts, lengths)]
 
 
 def _next_grid(grids) -> tuple[int, int, int]:
