@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 
+from vispec.runtime.errors import ModelDirError
 from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.model_dir import check_weights, read_config
 
@@ -22,3 +25,29 @@ def load_target(model_dir: str | os.PathLike) -> tuple[FamilyExport, FamilyGlue]
     model = hf_class.from_pretrained(str(model_dir), local_files_only=True,
                                      dtype=torch.float32).eval()
     return adapter_cls(model), glue
+
+
+def read_text_weight(model_dir: str | os.PathLike, suffix: str) -> torch.Tensor:
+    """One language-model weight (``lm_head.weight``, ``embed_tokens.weight``) read alone
+    from the checkpoint files (float32), without loading the model: a drafter needs the
+    target's LM head and embeddings, not a 7B model in memory.
+
+    A missing ``lm_head.weight`` with ``tie_word_embeddings`` means the embeddings.
+    """
+    model_dir = Path(model_dir)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            key = next((k for k in f.keys() if k.endswith(suffix)), None)
+            if key is not None:
+                return f.get_tensor(key).float()
+    for path in sorted(model_dir.glob("pytorch_model*.bin")):
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        key = next((k for k in state if k.endswith(suffix)), None)
+        if key is not None:
+            return state[key].float()
+    config = read_config(model_dir)
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings"))
+    if suffix == "lm_head.weight" and tied:
+        return read_text_weight(model_dir, "embed_tokens.weight")
+    raise ModelDirError(f"{model_dir} has no weight named *{suffix}. Hint: use the model's "
+                        f"original checkpoint files")

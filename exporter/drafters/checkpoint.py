@@ -19,7 +19,7 @@ from vispec.runtime.errors import ModelDirError
 from vispec.runtime.families import glue_for
 from vispec.runtime.model_dir import read_config
 
-from ..loading import load_target
+from ..loading import read_text_weight
 from .config import DrafterConfig
 from .modules import Drafter, build_drafter
 
@@ -160,8 +160,7 @@ def new_drafter(kind: str, target_model_dir: str | os.PathLike, seed: int = 0) -
         kind, num_q=3 if kind == "vispec" else 0, residual_rows=4 if kind == "hivis" else 0)
     torch.manual_seed(seed)
     drafter = build_drafter(config)
-    adapter, _ = load_target(target_model_dir)
-    drafter.embed_tokens.weight.copy_(adapter.language_model.embed_tokens.weight)
+    drafter.embed_tokens.weight.copy_(read_text_weight(target_model_dir, "embed_tokens.weight"))
     return drafter
 
 

@@ -27,7 +27,7 @@ from vispec.runtime.model_dir import read_config
 from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, GraphSpec, past_names
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
-from ..loading import load_target
+from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree
 from .checkpoint import load_drafter
@@ -39,8 +39,7 @@ EXAMPLE_IMAGE_TOKENS = 8
 
 def target_lm_head(target_model_dir: str | os.PathLike) -> torch.Tensor:
     """The target's LM head weight ``[V, H]`` (float32), used for the drafter's logits."""
-    adapter, _ = load_target(target_model_dir)
-    return adapter.lm_head.weight.detach().float().clone()
+    return read_text_weight(target_model_dir, "lm_head.weight")
 
 
 def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int,
