@@ -24,7 +24,7 @@ from vispec.runtime.specs import NEW, PAST, embed_spec, lm_step_spec
 
 from .families import FamilyExport
 from .lm_step import EmbedStep, LMStep
-from .loading import load_target
+from .loading import DTYPES, load_target
 from .onnx_io import example_feeds, export_graph
 
 DEFAULT_OPSET = 17
@@ -84,23 +84,6 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"<= {window}")
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def cast_language_model(adapter: FamilyExport, dtype: str) -> None:
-    """Cast the text model and LM head to ``dtype`` (the vision graph stays float32).
-
-    The rotary frequencies stay float32: in float16 they drift by ~1e-3, i.e. by radians
-    at positions in the hundreds.
-    """
-    rotary = adapter.language_model.rotary_emb
-    inv_freq = {name: b.clone() for name, b in rotary.named_buffers()}
-    adapter.language_model.to(DTYPES[dtype])
-    adapter.lm_head.to(DTYPES[dtype])
-    for name, buffer in inv_freq.items():
-        setattr(rotary, name, buffer)
-
-
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
                   dtype: str = "float32", overwrite: bool = False,
@@ -117,10 +100,9 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     start = time.perf_counter()
     glue = glue_for(read_config(model_dir))
     check_max_len(glue, max_len)
-    adapter, glue = load_target(model_dir)
+    adapter, glue = load_target(model_dir, dtype)
     processor = load_processor(model_dir)
     facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype}
-    cast_language_model(adapter, dtype)
     lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                            vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
                            head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,

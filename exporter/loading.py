@@ -14,16 +14,29 @@ from vispec.runtime.model_dir import check_weights, read_config
 
 from .families import FamilyExport, export_adapter
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
-def load_target(model_dir: str | os.PathLike) -> tuple[FamilyExport, FamilyGlue]:
-    """The family's export adapter (holding the loaded HF model) and its host glue."""
+
+def load_target(model_dir: str | os.PathLike,
+                dtype: str = "float32") -> tuple[FamilyExport, FamilyGlue]:
+    """The family's export adapter (holding the loaded HF model) and its host glue.
+
+    The language model and LM head load in ``dtype`` (float16 halves the memory a 7B
+    export needs); everything else (vision tower, projector) is float32, and so are the
+    rotary frequency tables, which transformers keeps in float32.
+    """
     config = read_config(model_dir)
     glue = glue_for(config)
     adapter_cls = export_adapter(glue.model_type)
     check_weights(model_dir)
     hf_class = getattr(transformers, adapter_cls.hf_class)
     model = hf_class.from_pretrained(str(model_dir), local_files_only=True,
-                                     dtype=torch.float32).eval()
+                                     dtype=DTYPES[dtype]).eval()
+    for name, child in model.model.named_children():
+        if name != "language_model":
+            child.float()
+    for param in model.model.parameters(recurse=False):  # e.g. LLaVA-NeXT's image_newline
+        param.data = param.data.float()
     return adapter_cls(model), glue
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from vispec.exporter.export import cast_language_model, export_target
+from vispec.exporter.export import export_target
 from vispec.exporter.loading import load_target
 from vispec.exporter.report import greedy_check
 from vispec.exporter.validate import validate_target
@@ -47,8 +47,11 @@ def test_fp16_runtime_buffers_and_speculative_identity(fp16_target, tiny_drafter
         plain.tokens
 
 
-def test_rotary_frequencies_stay_float32(tiny_target):
-    adapter, _ = load_target(tiny_target("llava")[0])
-    cast_language_model(adapter, "float16")
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_fp16_load_keeps_vision_and_rotary_tables_float32(tiny_target, family):
+    adapter, _ = load_target(tiny_target(family)[0], "float16")
     assert adapter.lm_head.weight.dtype == torch.float16
+    assert adapter.language_model.layers[0].mlp.up_proj.weight.dtype == torch.float16
     assert adapter.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    vision = [p.dtype for n, p in adapter.model.model.named_parameters() if "language_model" not in n]
+    assert vision and set(vision) == {torch.float32}
