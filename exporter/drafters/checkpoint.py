@@ -107,6 +107,11 @@ def load_drafter(drafter_dir: str | os.PathLike,
             state = {k: f.get_tensor(k) for k in f.keys()}
     else:
         state = _load_bin(path)
+    # Older transformers saved the rotary tables; they are recomputed, never learned.
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if "embed_tokens.weight" not in state and target_model_dir is not None:
+        # the drafter's embeddings are the target's (the official code copies them too)
+        state["embed_tokens.weight"] = read_text_weight(target_model_dir, "embed_tokens.weight")
     drafter = build_drafter(config)
     _check_state(drafter, state, path, config.kind)
     drafter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

@@ -105,3 +105,23 @@ def test_missing_weights_and_config(llava_dir, tmp_path):
     folder.mkdir()
     with pytest.raises(ModelDirError, match="config.json"):
         load_drafter(folder, llava_dir)
+
+
+def test_old_rotary_buffers_are_ignored_and_missing_embeddings_come_from_the_target(tiny_target, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from vispec.exporter.drafters.checkpoint import build_tiny_drafter, load_drafter
+    from vispec.exporter.loading import read_text_weight
+
+    model_dir, _ = tiny_target("llava")
+    drafter_dir = build_tiny_drafter("eagle", model_dir, tmp_path / "d")
+    state = load_file(str(drafter_dir / "model.safetensors"))
+    reference = load_drafter(drafter_dir, model_dir).state_dict()
+    state.pop("embed_tokens.weight")
+    state["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    (drafter_dir / "model.safetensors").unlink()
+    torch.save(state, drafter_dir / "pytorch_model.bin")
+    loaded = load_drafter(drafter_dir, model_dir)
+    torch.testing.assert_close(loaded.embed_tokens.weight, read_text_weight(model_dir, "embed_tokens.weight"))
+    torch.testing.assert_close(loaded.state_dict()["fc.weight"], reference["fc.weight"])
