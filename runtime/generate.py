@@ -89,23 +89,40 @@ def finish(target: TargetModel, tokens: list[int], stats: GenerationStats) -> Ge
     return GenerationResult(tokens, text, stats)
 
 
+@dataclass
+class Started:
+    """A generation after its prefill pass and first token."""
+
+    state: Prefilled
+    tokens: list[int]
+    done: bool
+    stats: GenerationStats
+
+
+def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: int,
+          chooser: TokenChooser, reserve: int = 0) -> Started:
+    """Check the budget (``reserve``: draft-tree slots), prefill, choose the first token."""
+    check_fits(prompt, max_new_tokens, target.max_len, reserve)
+    stats = GenerationStats(prompt_tokens=len(prompt.input_ids), target_passes=1)
+    t0 = time.perf_counter()
+    state = prefill(target, cache, prompt)
+    stats.prefill_seconds = time.perf_counter() - t0
+    tokens: list[int] = []
+    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
+                target.eos_token_ids)
+    return Started(state, tokens, done, stats)
+
+
 def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
                    cache: KVCache | None = None,
                    sampling: Sampling = Sampling()) -> GenerationResult:
     """One token per target pass (greedy unless ``sampling`` says otherwise); stops at EOS
     (which is kept) or after ``max_new_tokens``."""
-    check_fits(prompt, max_new_tokens, target.max_len)
     cache = cache or target.new_cache()
-    stats = GenerationStats(prompt_tokens=len(prompt.input_ids))
-    t0 = time.perf_counter()
-    state = prefill(target, cache, prompt)
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.target_passes = 1
     chooser = TokenChooser(sampling)
-    tokens: list[int] = []
-    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
-                target.eos_token_ids)
-    position = state.next_position
+    run = start(target, cache, prompt, max_new_tokens, chooser)
+    tokens, done, stats = run.tokens, run.done, run.stats
+    position = run.state.next_position
     t0 = time.perf_counter()
     while not done:
         out = target.step(cache, target.embed(tokens[-1:]),

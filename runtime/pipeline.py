@@ -10,7 +10,7 @@ from .errors import ManifestError, VispecError
 from .generate import GenerationResult, generate_plain
 from .manifest import MANIFEST_NAME
 from .sampling import Sampling
-from .speculative import generate_speculative, tree_config
+from .speculative import generate_speculative
 from .target import TargetModel
 from .tree import TreeConfig
 
@@ -49,7 +49,7 @@ class Pipeline:
             from .drafters import open_drafter
             self.drafter = open_drafter(_check_artifacts(Path(drafter_dir), "drafter"),
                                         self.target, backend=backend, threads=threads)
-        self.tree = tree or (tree_config(self.drafter.kind, backend) if self.drafter else None)
+        self.tree = tree  # None: the backend's default tree for the drafter
         self.sampling = sampling
         self.cache = self.target.new_cache()
 

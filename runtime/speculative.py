@@ -21,7 +21,7 @@ import numpy as np
 from .acceptance import Verification, accepted_tokens
 from .errors import VispecError
 from .families import Prompt
-from .generate import GenerationResult, GenerationStats, check_fits, emit, finish, prefill
+from .generate import GenerationResult, emit, finish, start
 from .kv_cache import KVCache
 from .masks import tree_mask
 from .sampling import Sampling, TokenChooser
@@ -97,27 +97,20 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
                          sampling: Sampling = Sampling(),
                          cache: KVCache | None = None) -> GenerationResult:
     """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling."""
-    tree_config = tree or DEFAULT_TREES[drafter.kind]  # Pipeline picks per backend
-    if tree_config.top_k > drafter.top_k:
-        raise VispecError(f"tree top_k {tree_config.top_k} > the drafter graph's top-k "
+    config = tree or tree_config(drafter.kind, target.backend)
+    if config.top_k > drafter.top_k:
+        raise VispecError(f"tree top_k {config.top_k} > the drafter graph's top-k "
                          f"{drafter.top_k}. Hint: lower --top-k or re-export the drafter "
                          f"with a larger --top-k")
-    check_fits(prompt, max_new_tokens, target.max_len, reserve=tree_config.total_tokens)
     cache = cache or target.new_cache()
     chooser = TokenChooser(sampling)
-    stats = GenerationStats(prompt_tokens=len(prompt.input_ids))
-    t0 = time.perf_counter()
-    state = prefill(target, cache, prompt)
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.target_passes = 1
-    tokens: list[int] = []
-    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
-                target.eos_token_ids)
+    run = start(target, cache, prompt, max_new_tokens, chooser, config.total_tokens)
+    tokens, done, stats, state = run.tokens, run.done, run.stats, run.state
     t0 = time.perf_counter()
     topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
     position = state.next_position
     while not done:
-        draft_tree = draft(drafter, tokens[-1], topk, tree_config)
+        draft_tree = draft(drafter, tokens[-1], topk, config)
         verification, out = verify(target, cache, draft_tree, position, chooser)
         new = accepted_tokens(draft_tree, verification)
         before = len(tokens)
