@@ -14,10 +14,9 @@ from vispec.runtime.masks import causal_mask
 from vispec.runtime.target import TargetModel
 
 from .export import example_images
-from .loading import load_target
 from .parity import ParityRow
 from .reference import hf_greedy
-from .validate import PROMPT, validate_target
+from .validate import PROMPT, Pair, open_pair, parity_rows
 
 TOP_K_CONTAINMENT = 5  # reduced precision: the reference token must stay in the top 5
 
@@ -70,11 +69,16 @@ def teacher_forced_logits(target: TargetModel, prompt, tokens: list[int]) -> np.
 
 def greedy_check(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike,
                  max_new_tokens: int = 16, backend: str = "ort") -> GreedyCheck:
-    target = TargetModel(artifact_dir, backend=backend)
+    """Runtime greedy decoding of ``artifact_dir`` vs ``model.generate`` of ``model_dir``."""
+    return greedy_of(open_pair(model_dir, artifact_dir, backend), max_new_tokens)
+
+
+def greedy_of(pair: Pair, max_new_tokens: int = 16) -> GreedyCheck:
+    """:func:`greedy_check` on an opened pair."""
+    target = pair.target
     prompt = target.prepare(PROMPT, example_images()[:1])
     runtime = generate_plain(target, prompt, max_new_tokens).tokens
-    adapter, _ = load_target(model_dir)
-    reference = hf_greedy(adapter, prompt, max_new_tokens)
+    reference = hf_greedy(pair.adapter, prompt, max_new_tokens)
     precision = target.facts.get("dtype", "float32")
     logits = teacher_forced_logits(target, prompt, reference).astype(np.float32)
     ranks = (logits > logits[np.arange(len(reference)), reference][:, None]).sum(-1)
@@ -85,9 +89,10 @@ def greedy_check(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike,
 def validate_all(model_dir, artifact_dir, *, seed: int = 0, max_new_tokens: int = 16,
                  progress: Callable[[str], None] = lambda m: None):
     """Parity rows of every graph and the greedy identity check."""
-    rows = validate_target(model_dir, artifact_dir, seed=seed, progress=progress)
+    pair = open_pair(model_dir, artifact_dir)
+    rows = parity_rows(pair, seed, progress)
     progress("greedy identity vs model.generate")
-    return rows, greedy_check(model_dir, artifact_dir, max_new_tokens)
+    return rows, greedy_of(pair, max_new_tokens)
 
 
 def print_parity(rows: list[ParityRow], greedy: GreedyCheck | None = None,

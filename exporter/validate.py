@@ -8,17 +8,20 @@ node j's outputs must equal a plain causal forward over ``prefix + path(root..j)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from vispec.runtime.errors import ManifestError
+from vispec.runtime.families import FamilyGlue
 from vispec.runtime.manifest import config_hash
 from vispec.runtime.masks import causal_mask, tree_mask
 from vispec.runtime.target import TargetModel
 
 from .export import example_images
+from .families import FamilyExport
 from .loading import load_target
 from .parity import ParityRow, compare, random_tree
 from .reference import cache_rows, hf_lm, hf_prompt_embeds
@@ -33,18 +36,39 @@ def _compare_step(rows: list, case: str, out, want_logits, want_hidden, kv, want
     rows.append(compare("lm", case, "present_kv", kv, want_kv, precision))
 
 
+@dataclass(frozen=True)
+class Pair:
+    """An exported target and the HF model it came from, both loaded once."""
+
+    target: TargetModel
+    adapter: FamilyExport
+    glue: FamilyGlue
+
+
+def open_pair(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike,
+              backend: str = "ort") -> Pair:
+    """Load both sides, after checking that the artifacts come from this model."""
+    target = TargetModel(artifact_dir, backend=backend)
+    if target.manifest.config_hash != config_hash(model_dir):
+        raise ManifestError(f"{artifact_dir} was exported from a different model than "
+                            f"{model_dir} (config hash differs). Hint: validate against the "
+                            f"model it was exported from, or re-export")
+    return Pair(target, *load_target(model_dir))
+
+
 def validate_target(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike, *,
                     seed: int = 0, backend: str = "ort",
                     progress: Callable[[str], None] = lambda msg: None) -> list[ParityRow]:
     """Compare every graph of ``artifact_dir`` with the HF model at ``model_dir`` (float32),
     under the tolerance of the export's precision."""
-    target = TargetModel(artifact_dir, backend=backend)
+    return parity_rows(open_pair(model_dir, artifact_dir, backend), seed, progress)
+
+
+def parity_rows(pair: Pair, seed: int = 0,
+                progress: Callable[[str], None] = lambda msg: None) -> list[ParityRow]:
+    """The parity cases of :func:`validate_target` on an opened pair."""
+    target, adapter, glue = pair.target, pair.adapter, pair.glue
     precision = target.facts.get("dtype", "float32")
-    if target.manifest.config_hash != config_hash(model_dir):
-        raise ManifestError(f"{artifact_dir} was exported from a different model than "
-                            f"{model_dir} (config hash differs). Hint: validate against the "
-                            f"model it was exported from, or re-export")
-    adapter, glue = load_target(model_dir)
     rng = np.random.default_rng(seed)
     prompt = target.prepare(PROMPT, example_images()[:1])
     rows: list[ParityRow] = []
