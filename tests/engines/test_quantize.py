@@ -9,6 +9,7 @@ from tiny_block import SPEC, export_block, feeds
 from vispec.engines.quantize import (
     lm_calibration_feeds,
     prefill_feeds,
+    qdq_session,
     quantize_qdq,
     weight_nodes,
 )
@@ -21,13 +22,20 @@ from vispec.runtime.specs import lm_step_spec
 def block(tmp_path_factory):
     folder = tmp_path_factory.mktemp("block")
     fp32 = export_block(folder / "block.onnx")
-    int8 = quantize_qdq(fp32, folder / "block.int8.onnx",
-                        (feeds(new, seed) for seed, new in enumerate((4, 8, 16, 32, 8, 64))), SPEC)
-    return fp32, int8
+    return fp32, quantize_block(fp32, folder / "block.int8.onnx")
 
 
 def run(path, feed):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def run_qdq(path, feed):
+    return qdq_session(path).run(None, feed)[0]
+
+
+def quantize_block(fp32, out):
+    calibration = (feeds(new, seed) for seed, new in enumerate((4, 8, 16, 32, 8, 64)))
+    return quantize_qdq(fp32, out, calibration, SPEC)
 
 
 def test_only_linear_layer_inputs_get_qdq(block):
@@ -59,9 +67,28 @@ def test_symmetric_per_channel_int8_weights(block):
 def test_int8_close_to_fp32_at_unseen_lengths(block, new):
     fp32, int8 = block
     feed = feeds(new, seed=99)
-    want, got = run(fp32, feed), run(int8, feed)
+    want, got = run(fp32, feed), run_qdq(int8, feed)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert not np.array_equal(got, want)
+
+
+def test_int8_graph_is_deterministic(block, tmp_path):
+    fp32, int8 = block
+    again = quantize_block(fp32, tmp_path / "again.onnx")
+    assert onnx.load(str(again)).graph == onnx.load(str(int8)).graph
+
+
+def test_qdq_session_follows_the_onnx_qdq_semantics(block):
+    """The fused int8 kernels of ONNX Runtime's CPU provider saturate on x86 CPUs without
+    VNNI; qdq_session must match the op-by-op Q/DQ evaluation (no fusion) on any CPU."""
+    _, int8 = block
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    op_by_op = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    for new in (1, 12, 100):
+        feed = feeds(new, seed=7)
+        np.testing.assert_allclose(run_qdq(int8, feed), op_by_op.run(None, feed)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_empty_or_wrong_calibration_is_refused(block, tmp_path):
@@ -85,7 +112,7 @@ def test_lm_quantized_on_real_prefill_feeds(tiny_target, noise_image, tmp_path):
     assert max(f["inputs_embeds"].shape[1] for f in calibration) > 16  # image tokens placed
     int8 = quantize_qdq(artifacts / entry.file, tmp_path / "lm.int8.onnx", calibration, entry.spec)
     feed = calibration[1]
-    want, got = run(artifacts / entry.file, feed), run(int8, feed)  # logits [1, S, V]
+    want, got = run(artifacts / entry.file, feed), run_qdq(int8, feed)  # logits [1, S, V]
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 
