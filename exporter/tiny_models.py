@@ -40,7 +40,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from vispec.runtime.families.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor
+from vispec.runtime.families.qwen2_5_vl import image_only_processor_class
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 
@@ -226,8 +226,8 @@ def _qwen2_5_vl(tokenizer, spec, preset):
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=_PATCH,
                                                merge_size=2, temporal_patch_size=2)
-    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                             chat_template=spec.chat_template)
+    processor = image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                               chat_template=spec.chat_template)
     return Qwen2_5_VLForConditionalGeneration, config, processor
 
 

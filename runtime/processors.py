@@ -14,4 +14,4 @@ from .model_dir import read_config
 def load_processor(model_dir: str | os.PathLike):
     """The family's processor, loaded from ``model_dir`` only (never the network)."""
     glue = glue_for(read_config(model_dir))
-    return glue.processor_class.from_pretrained(os.fspath(model_dir), local_files_only=True)
+    return glue.processor_class().from_pretrained(os.fspath(model_dir), local_files_only=True)

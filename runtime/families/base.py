@@ -60,7 +60,7 @@ class FamilyGlue:
     """Base glue; subclasses set ``model_type`` and implement the vision-specific parts."""
 
     model_type: ClassVar[str]
-    processor_class: ClassVar[type]  # the HF processor (tokenizer + image processor)
+    processor_name: ClassVar[str]  # the HF processor class (tokenizer + image processor)
     mrope: ClassVar[bool] = False
 
     def __init__(self, config: dict):
@@ -82,6 +82,13 @@ class FamilyGlue:
         return int(self.text_config["hidden_size"])
 
     # -- prompt ---------------------------------------------------------------------------
+    @classmethod
+    def processor_class(cls) -> type:
+        """The HF processor class, imported only when a processor is loaded (transformers'
+        processing modules are slow to import)."""
+        import transformers
+        return getattr(transformers, cls.processor_name)
+
     def prepare(self, processor, text: str, images: list | None = None) -> Prompt:
         """Apply the chat template and the processor to one user turn with images."""
         images = list(images or [])

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-from transformers import LlavaNextProcessor, LlavaProcessor
-from transformers.image_processing_utils import select_best_resolution
 
 from ..specs import IMAGE_FEATURES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec
 from .base import FamilyGlue, Prompt, register
@@ -36,7 +34,7 @@ class LlavaGlue(FamilyGlue):
     """LLaVA-1.5: one CLIP tile per image, features in placeholder order."""
 
     model_type = "llava"
-    processor_class = LlavaProcessor
+    processor_name = "LlavaProcessor"
 
     @classmethod
     def vision_spec(cls, config: dict, max_images: int) -> GraphSpec:
@@ -51,7 +49,7 @@ class LlavaNextGlue(FamilyGlue):
     """LLaVA-NeXT: anyres tiles per image; host unpads, adds ``image_newline``, packs."""
 
     model_type = "llava_next"
-    processor_class = LlavaNextProcessor
+    processor_name = "LlavaNextProcessor"
     NEWLINE = "image_newline"
 
     @classmethod
@@ -64,6 +62,8 @@ class LlavaNextGlue(FamilyGlue):
 
     def _grid(self, image_size) -> tuple[int, int]:
         """Tiles (rows, cols) of the anyres grid chosen for an image of ``(h, w)``."""
+        from transformers.image_processing_utils import select_best_resolution
+
         tile = self.config["vision_config"]["image_size"]
         h, w = select_best_resolution(tuple(int(x) for x in image_size),
                                       self.config["image_grid_pinpoints"])

@@ -13,8 +13,9 @@ takes them as inputs:
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from transformers import Qwen2_5_VLProcessor
 
 from ..errors import VispecError
 from ..specs import IMAGE_FEATURES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec
@@ -91,21 +92,27 @@ def _block_mask(segments: np.ndarray) -> np.ndarray:
     return segments[:, None] == segments[None, :]
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor with the video part left out.
+@functools.cache
+def image_only_processor_class() -> type:
+    """Qwen2.5-VL processor with the video part left out (transformers imported on first use).
 
     The stock class needs ``Qwen2VLVideoProcessor``, which requires torchvision (absent on
     CPU-torch machines and Jetson images). A processor's parts are read from its
     ``__init__`` signature, so leaving ``video_processor`` out of it drops the video part
     from checks, loading and saving.
     """
+    from transformers import Qwen2_5_VLProcessor
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template,
+                             **kwargs)
 
-    def to_dict(self) -> dict:
-        """Serialise under the official class name, as real checkpoints are."""
-        return {**super().to_dict(), "processor_class": Qwen2_5_VLProcessor.__name__}
+        def to_dict(self) -> dict:
+            """Serialise under the official class name, as real checkpoints are."""
+            return {**super().to_dict(), "processor_class": Qwen2_5_VLProcessor.__name__}
+
+    return ImageOnlyQwen2_5_VLProcessor
 
 
 @register
@@ -113,7 +120,11 @@ class Qwen25VLGlue(FamilyGlue):
     """Qwen2.5-VL: windowed ViT with host-side window plan; 3-row M-RoPE positions."""
 
     model_type = "qwen2_5_vl"
-    processor_class = ImageOnlyQwen2_5_VLProcessor
+    processor_name = "Qwen2_5_VLProcessor"
+
+    @classmethod
+    def processor_class(cls) -> type:
+        return image_only_processor_class()
     mrope = True
 
     @property
