@@ -3,39 +3,79 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from .errors import PromptTooLongError
+from .errors import PromptTooLongError, VispecError
 from .families import Prompt
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
+from .tree import TreeConfig
+
+OnTokens = Callable[[list[int]], None]  # streaming: called with each pass's new tokens
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One decode pass after the prefill: the tree verified (``None``: a plain step), the
+    milliseconds spent in drafter calls, in the target pass (verification included) and
+    on the host otherwise (tree building, bookkeeping), and the tokens it emitted."""
+
+    tree: TreeConfig | None
+    draft_ms: float
+    verify_ms: float
+    host_ms: float
+    emitted: int
+
+    def to_dict(self) -> dict:
+        tree = self.tree
+        return {"tree": None if tree is None else [tree.total_tokens, tree.depth, tree.top_k],
+                "draft_ms": round(self.draft_ms, 3), "verify_ms": round(self.verify_ms, 3),
+                "host_ms": round(self.host_ms, 3), "emitted": self.emitted}
 
 
 @dataclass
 class GenerationStats:
-    """Counts of one generation. ``target_passes`` includes the prefill; ``accepted`` holds,
-    per target pass after the prefill, the tokens it emitted: accepted drafts plus the
-    bonus token (always 1 for plain decoding)."""
+    """Counts of one generation. ``target_passes`` includes the prefill; ``rounds`` holds
+    one entry per target pass after it (``accepted``: the tokens each emitted, accepted
+    drafts plus the bonus token; always 1 for plain decoding)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     target_passes: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    accepted: list[int] = field(default_factory=list)
+    rounds: list[RoundStats] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[int]:
+        return [r.emitted for r in self.rounds]
 
     @property
     def tokens_per_second(self) -> float:
-        """Decode throughput (the prefill is reported apart)."""
-        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        """Decode throughput: tokens after the first (which the prefill emits) per second."""
+        decoded = sum(self.accepted)
+        return decoded / self.decode_seconds if decoded and self.decode_seconds else 0.0
 
     @property
     def mean_accepted(self) -> float:
         """Mean tokens emitted per target pass after the prefill, bonus token included."""
         return float(np.mean(self.accepted)) if self.accepted else 0.0
+
+    def to_dict(self, rounds: bool = True) -> dict:
+        """JSON-ready summary (and, with ``rounds``, the per-round profile)."""
+        out = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+               "target_passes": self.target_passes,
+               "time_to_first_token_s": round(self.prefill_seconds, 6),
+               "decode_seconds": round(self.decode_seconds, 6),
+               "decode_tokens_per_second": round(self.tokens_per_second, 3),
+               "tokens_per_pass": round(self.mean_accepted, 4)}
+        if rounds:
+            out["rounds"] = [r.to_dict() for r in self.rounds]
+        return out
 
 
 @dataclass
@@ -74,13 +114,19 @@ def prefill(target: TargetModel, cache: KVCache, prompt: Prompt) -> Prefilled:
     return Prefilled(out, embeds, next_position)
 
 
-def emit(tokens: list[int], new: list[int], max_new_tokens: int, eos: set[int]) -> bool:
-    """Append ``new`` to ``tokens`` up to the budget or an EOS (kept); True when done."""
+def emit(tokens: list[int], new: list[int], max_new_tokens: int, eos: set[int],
+         on_tokens: OnTokens | None = None) -> bool:
+    """Append ``new`` to ``tokens`` up to the budget or an EOS (kept), hand what was
+    appended to ``on_tokens``; True when done."""
+    before, done = len(tokens), False
     for token in new:
         tokens.append(int(token))
         if token in eos or len(tokens) >= max_new_tokens:
-            return True
-    return False
+            done = True
+            break
+    if on_tokens is not None:
+        on_tokens(tokens[before:])
+    return done
 
 
 def finish(target: TargetModel, tokens: list[int], stats: GenerationStats) -> GenerationResult:
@@ -100,8 +146,11 @@ class Started:
 
 
 def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: int,
-          chooser: TokenChooser, reserve: int = 0) -> Started:
+          chooser: TokenChooser, reserve: int = 0, on_tokens: OnTokens | None = None) -> Started:
     """Check the budget (``reserve``: draft-tree slots), prefill, choose the first token."""
+    if max_new_tokens < 1:
+        raise VispecError(f"max_new_tokens={max_new_tokens}. Expected: >= 1. Hint: ask for "
+                          f"at least one new token")
     check_fits(prompt, max_new_tokens, target.max_len, reserve)
     stats = GenerationStats(prompt_tokens=len(prompt.input_ids), target_passes=1)
     t0 = time.perf_counter()
@@ -109,30 +158,42 @@ def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: i
     stats.prefill_seconds = time.perf_counter() - t0
     tokens: list[int] = []
     done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
-                target.eos_token_ids)
+                target.eos_token_ids, on_tokens)
     return Started(state, tokens, done, stats)
 
 
-def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
-                   cache: KVCache | None = None,
-                   sampling: Sampling = Sampling()) -> GenerationResult:
-    """One token per target pass (greedy unless ``sampling`` says otherwise); stops at EOS
-    (which is kept) or after ``max_new_tokens``."""
-    cache = cache or target.new_cache()
-    chooser = TokenChooser(sampling)
-    run = start(target, cache, prompt, max_new_tokens, chooser)
-    tokens, done, stats = run.tokens, run.done, run.stats
-    position = run.state.next_position
-    t0 = time.perf_counter()
+def decode_plain(target: TargetModel, cache: KVCache, tokens: list[int], position: int,
+                 chooser: TokenChooser, max_new_tokens: int, stats: GenerationStats,
+                 on_tokens: OnTokens | None = None) -> None:
+    """One token per target pass from ``position`` (the text position of ``tokens[-1]``)
+    until EOS or the budget; appends to ``tokens`` and ``stats.rounds``."""
+    done = False
     while not done:
+        t0 = time.perf_counter()
         out = target.step(cache, target.embed(tokens[-1:]),
                           target.glue.step_position_ids(position, np.zeros(1, np.int64)),
                           causal_mask(cache.length, 1))
+        t1 = time.perf_counter()
         cache.commit(1)
         position += 1
         done = emit(tokens, [chooser.choose(out.logits[-1])], max_new_tokens,
-                    target.eos_token_ids)
+                    target.eos_token_ids, on_tokens)
         stats.target_passes += 1
-        stats.accepted.append(1)
-    stats.decode_seconds = time.perf_counter() - t0
-    return finish(target, tokens, stats)
+        stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,
+                                       (time.perf_counter() - t1) * 1e3, 1))
+
+
+def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
+                   cache: KVCache | None = None, sampling: Sampling = Sampling(),
+                   on_tokens: OnTokens | None = None) -> GenerationResult:
+    """One token per target pass (greedy unless ``sampling`` says otherwise); stops at EOS
+    (which is kept) or after ``max_new_tokens``. ``on_tokens`` streams each new token."""
+    cache = cache or target.new_cache()
+    chooser = TokenChooser(sampling)
+    run = start(target, cache, prompt, max_new_tokens, chooser, on_tokens=on_tokens)
+    t0 = time.perf_counter()
+    if not run.done:
+        decode_plain(target, cache, run.tokens, run.state.next_position, chooser,
+                     max_new_tokens, run.stats, on_tokens)
+    run.stats.decode_seconds = time.perf_counter() - t0
+    return finish(target, run.tokens, run.stats)

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from .errors import ManifestError, VispecError
-from .generate import GenerationResult, generate_plain
+from .generate import GenerationResult, OnTokens, generate_plain
 from .manifest import MANIFEST_NAME
 from .sampling import Sampling
 from .speculative import generate_speculative
 from .target import TargetModel
 from .tree import TreeConfig
+from .tree_policy import AutoTree
 
 
 def load_image(image) -> Image.Image:
@@ -40,8 +42,12 @@ class Pipeline:
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
                  drafter_dir: str | os.PathLike | None = None, backend: str = "ort",
-                 threads: int | None = None, tree: TreeConfig | None = None,
-                 sampling: Sampling = Sampling()):
+                 threads: int | None = None, tree: TreeConfig | str | None = "auto",
+                 sampling: Sampling = Sampling(),
+                 progress: Callable[[str], None] | None = None):
+        if isinstance(tree, str) and tree != "auto":
+            raise VispecError(f"tree={tree!r}. Expected: 'auto', a TreeConfig or None. Hint: "
+                              f"use 'auto' to fit the tree to this machine")
         self.target = TargetModel(_check_artifacts(Path(artifact_dir), "target"),
                                   backend=backend, threads=threads)
         self.drafter = None
@@ -49,20 +55,33 @@ class Pipeline:
             from .drafters import open_drafter
             self.drafter = open_drafter(_check_artifacts(Path(drafter_dir), "drafter"),
                                         self.target, backend=backend, threads=threads)
-        self.tree = tree  # None: the backend's default tree for the drafter
+        self.drafter_dir = drafter_dir
+        self.tree = tree  # "auto": fitted to this machine; None: the backend's default tree
+        self.progress = progress
+        self._auto: AutoTree | None = None  # measured once, learns acceptance across calls
         self.sampling = sampling
         self.cache = self.target.new_cache()
 
     def generate(self, prompt: str, images: list | None = None, max_new_tokens: int = 64,
-                 draft: bool = True) -> GenerationResult:
+                 draft: bool = True, on_tokens: OnTokens | None = None) -> GenerationResult:
         """Reply to one user turn (text + optional images: paths or PIL images).
 
         Speculative when a drafter is loaded and ``draft`` is True; plain otherwise.
+        ``on_tokens`` is called with each pass's new token ids (streaming).
         """
         prepared = self.target.prepare(prompt, [load_image(i) for i in images or []])
         if self.drafter is not None and draft:
             return generate_speculative(self.target, self.drafter, prepared, max_new_tokens,
-                                        tree=self.tree, sampling=self.sampling,
-                                        cache=self.cache)
+                                        tree=self.tree_policy(), sampling=self.sampling,
+                                        cache=self.cache, on_tokens=on_tokens)
         return generate_plain(self.target, prepared, max_new_tokens, cache=self.cache,
-                              sampling=self.sampling)
+                              sampling=self.sampling, on_tokens=on_tokens)
+
+    def tree_policy(self) -> TreeConfig | AutoTree | None:
+        """The tree setting of speculative calls; ``"auto"`` is measured on first use."""
+        if self.tree != "auto":
+            return self.tree
+        if self._auto is None:
+            from .tree_calibration import auto_tree
+            self._auto = auto_tree(self.target, self.drafter, self.drafter_dir, self.progress)
+        return self._auto

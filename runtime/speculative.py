@@ -21,12 +21,13 @@ import numpy as np
 from .acceptance import Verification, accepted_tokens
 from .errors import VispecError
 from .families import Prompt
-from .generate import GenerationResult, emit, finish, start
+from .generate import GenerationResult, OnTokens, RoundStats, decode_plain, emit, finish, start
 from .kv_cache import KVCache
 from .masks import tree_mask
 from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
 from .tree import DraftTree, TreeConfig, build_draft_tree
+from .tree_policy import FixedTree, TreePolicy
 
 # Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS): for GPU backends.
 DEFAULT_TREES = {
@@ -93,32 +94,60 @@ def verify(target: TargetModel, cache: KVCache, tree: DraftTree, position: int,
 
 
 def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
-                         max_new_tokens: int, *, tree: TreeConfig | None = None,
-                         sampling: Sampling = Sampling(),
-                         cache: KVCache | None = None) -> GenerationResult:
-    """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling."""
-    config = tree or tree_config(drafter.kind, target.backend)
-    if config.top_k > drafter.top_k:
-        raise VispecError(f"tree top_k {config.top_k} > the drafter graph's top-k "
-                         f"{drafter.top_k}. Hint: lower --top-k or re-export the drafter "
-                         f"with a larger --top-k")
+                         max_new_tokens: int, *, tree: TreeConfig | TreePolicy | None = None,
+                         sampling: Sampling = Sampling(), cache: KVCache | None = None,
+                         on_tokens: OnTokens | None = None) -> GenerationResult:
+    """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling.
+
+    ``tree``: one tree for every round, or a policy choosing each round's tree (``AutoTree``),
+    which may switch to plain decoding for the rest of the generation.
+    """
+    policy = _policy(tree, drafter, target.backend)
+    policy.start()
     cache = cache or target.new_cache()
     chooser = TokenChooser(sampling)
-    run = start(target, cache, prompt, max_new_tokens, chooser, config.total_tokens)
+    reserve = max(t.total_tokens for t in policy.trees)
+    run = start(target, cache, prompt, max_new_tokens, chooser, reserve, on_tokens)
     tokens, done, stats, state = run.tokens, run.done, run.stats, run.state
     t0 = time.perf_counter()
-    topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
     position = state.next_position
-    while not done:
+    config = None if done else policy.choose()
+    if config is not None:
+        topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
+    while not done and config is not None:
+        r0 = time.perf_counter()
         draft_tree = draft(drafter, tokens[-1], topk, config)
+        r1 = time.perf_counter()
         verification, out = verify(target, cache, draft_tree, position, chooser)
+        r2 = time.perf_counter()
         new = accepted_tokens(draft_tree, verification)
         before = len(tokens)
-        done = emit(tokens, new.tolist(), max_new_tokens, target.eos_token_ids)
+        done = emit(tokens, new.tolist(), max_new_tokens, target.eos_token_ids, on_tokens)
         stats.target_passes += 1
-        stats.accepted.append(len(tokens) - before)
         position += len(verification.accepted)
+        policy.observe(config, len(verification.accepted) - 1)
+        used, r3 = config, time.perf_counter()
         if not done:
-            topk = drafter.advance(out.hidden[verification.accepted], new)
+            config = policy.choose()
+            if config is not None:
+                topk = drafter.advance(out.hidden[verification.accepted], new)
+        r4 = time.perf_counter()
+        stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
+                                       (r3 - r2) * 1e3, len(tokens) - before))
+    if not done:  # the policy found plain decoding faster: go on plainly
+        decode_plain(target, cache, tokens, position, chooser, max_new_tokens, stats,
+                     on_tokens)
     stats.decode_seconds = time.perf_counter() - t0
     return finish(target, tokens, stats)
+
+
+def _policy(tree: TreeConfig | TreePolicy | None, drafter: Drafter, backend: str) -> TreePolicy:
+    """``tree`` as a policy (the backend's default tree when None), checked against the
+    drafter graph's top-k width."""
+    if tree is None or isinstance(tree, TreeConfig):
+        tree = FixedTree(tree or tree_config(drafter.kind, backend))
+    widest = max(t.top_k for t in tree.trees)
+    if widest > drafter.top_k:
+        raise VispecError(f"tree top_k {widest} > the drafter graph's top-k {drafter.top_k}. "
+                          f"Hint: lower --top-k or re-export the drafter with a larger --top-k")
+    return tree

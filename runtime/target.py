@@ -33,7 +33,7 @@ class TargetModel:
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort",
                  threads: int | None = None):
         self.dir = Path(artifact_dir)
-        self.backend = backend
+        self.backend, self.threads = backend, threads
         self.manifest = Manifest.load(self.dir)
         if self.manifest.kind != "target":
             raise ManifestError(f"{self.dir} holds a {self.manifest.kind!r} export, not a "

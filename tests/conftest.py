@@ -22,6 +22,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """Measured tree costs go to a folder of this test session, not the user's cache."""
+    os.environ["VISPEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_target(tmp_path_factory):
     """``tiny_target(family) -> (model_dir, artifact_dir)``, built and exported once."""

@@ -8,31 +8,13 @@ from hypothesis import strategies as st
 from vispec.exporter.tiny_models import FAMILIES
 from vispec.runtime.acceptance import target_probs
 from vispec.runtime.drafter_specs import DRAFTER_TYPES
-from vispec.runtime.drafters import open_drafter
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.sampling import Sampling
 from vispec.runtime.speculative import generate_speculative
-from vispec.runtime.target import TargetModel
 from vispec.runtime.tree import TreeConfig
 
 WORDS = "the red boat sails over a calm sea while birds fly and a child waves".split()
-
-
-@pytest.fixture(scope="session")
-def runtime_pair(tiny_target, tiny_drafter):
-    """``runtime_pair(family, kind, seed) -> (TargetModel, DrafterSession)``, opened once."""
-    opened, targets = {}, {}
-
-    def get(family, kind, seed=0):
-        if family not in targets:
-            targets[family] = TargetModel(tiny_target(family)[1])
-        if (family, kind, seed) not in opened:
-            _, artifacts = tiny_drafter(kind, family, seed)
-            opened[family, kind, seed] = open_drafter(artifacts, targets[family])
-        return targets[family], opened[family, kind, seed]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,133 @@
+"""Measure what a round of each candidate tree costs on this machine, once, and cache it.
+
+The costs are real rounds of the speculative loop (draft + verify + host) and real plain
+steps on a short canned prompt, medians after a warm-up run. They are cached as JSON under
+``$VISPEC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vispec-export`` or ``~/.cache/vispec-export``)
+keyed by the artifacts (manifests, graph files) and the machine (CPU, cores, ONNX Runtime
+version, backend, threads): another artifact or another machine measures anew.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .generate import generate_plain
+from .speculative import Drafter, generate_speculative
+from .target import TargetModel
+from .tree import TreeConfig
+from .tree_policy import CANDIDATES, AutoTree
+
+CALIBRATION_PROMPT = "Write a few sentences about the sea."
+CALIBRATION_TOKENS = 24
+
+
+def cache_dir() -> Path:
+    """Where measured costs are kept (``VISPEC_CACHE_DIR`` overrides)."""
+    if os.environ.get("VISPEC_CACHE_DIR"):
+        return Path(os.environ["VISPEC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vispec-export"
+
+
+def machine_facts(backend: str, threads: int | None) -> dict:
+    """What makes costs differ between machines and settings."""
+    import onnxruntime
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "backend": backend, "threads": threads}
+
+
+def artifact_facts(*folders: Path) -> list:
+    """Manifests and graph files (size, modification time) of the artifact folders."""
+    facts = []
+    for folder in folders:
+        manifest = (folder / "manifest.json").read_text()
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in folder.iterdir() if p.is_file())
+        facts.append([manifest, files])
+    return facts
+
+
+def calibration_key(target: TargetModel, drafter_dir: Path) -> str:
+    facts = {"machine": machine_facts(target.backend, target.threads),
+             "artifacts": artifact_facts(target.dir, drafter_dir)}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def usable_trees(target: TargetModel, drafter: Drafter,
+                 candidates: tuple[TreeConfig, ...] = CANDIDATES) -> tuple[TreeConfig, ...]:
+    """Candidates the drafter graph is wide enough for and the cache has room for."""
+    room = target.max_len // 8
+    return tuple(t for t in candidates if t.top_k <= drafter.top_k and t.total_tokens <= room)
+
+
+def measure(target: TargetModel, drafter: Drafter, trees: tuple[TreeConfig, ...],
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Median milliseconds of one plain step and of one round of each tree (warm-up first)."""
+    prompt = target.prepare(CALIBRATION_PROMPT, [])
+    generate_plain(target, prompt, 4)  # warm-up: first runs allocate
+    plain = generate_plain(target, prompt, CALIBRATION_TOKENS)
+    rounds = {}
+    for i, tree in enumerate(trees):
+        if progress:
+            progress(f"measuring draft tree {i + 1}/{len(trees)} "
+                     f"({tree.total_tokens}, {tree.depth}, {tree.top_k})")
+        generate_speculative(target, drafter, prompt, 4, tree=tree)
+        run = generate_speculative(target, drafter, prompt, CALIBRATION_TOKENS, tree=tree)
+        rounds[tree] = _median_ms(run.stats.rounds)
+    return {"plain_ms": _median_ms(plain.stats.rounds), "round_ms": rounds}
+
+
+def auto_tree(target: TargetModel, drafter: Drafter, drafter_dir: str | os.PathLike,
+              progress: Callable[[str], None] | None = None) -> AutoTree:
+    """An ``AutoTree`` from this machine's cached costs for these artifacts, measured now
+    (a few seconds, progress shown) when none are cached."""
+    trees = usable_trees(target, drafter)
+    path = cache_dir() / "trees" / f"{calibration_key(target, Path(drafter_dir))}.json"
+    costs = _load(path, trees)
+    if costs is None:
+        if progress:
+            progress(f"measuring draft-tree costs on this machine (once; cached in {path})")
+        costs = measure(target, drafter, trees, progress)
+        _save(path, costs)
+    return AutoTree(round_ms=costs["round_ms"], plain_ms=costs["plain_ms"])
+
+
+def _median_ms(rounds) -> float:
+    return float(np.median([r.draft_ms + r.verify_ms + r.host_ms for r in rounds]))
+
+
+def _load(path: Path, trees: tuple[TreeConfig, ...]) -> dict | None:
+    """Cached costs, or None when absent, unreadable or for other candidate trees."""
+    try:
+        raw = json.loads(path.read_text())
+        rounds = {TreeConfig(*t): float(ms) for t, ms in raw["round_ms"]}
+        plain = float(raw["plain_ms"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"plain_ms": plain, "round_ms": rounds} if set(rounds) == set(trees) else None
+
+
+def _save(path: Path, costs: dict) -> None:
+    """Write atomically: a concurrent reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = {"plain_ms": costs["plain_ms"],
+           "round_ms": [[[t.total_tokens, t.depth, t.top_k], ms]
+                        for t, ms in costs["round_ms"].items()]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(raw, f, indent=1)
+    os.replace(tmp, path)
