@@ -1,15 +1,18 @@
 """Plain vs speculative decoding on the same backend, per drafter type, measured in one run.
 
 Builds a tiny target and one drafter per type (trained by self-distillation with
-``--train-steps > 0``, random otherwise), exports them, and decodes the same prompts
-plainly and speculatively through the runtime. Prints decode tokens/s of both, their
-ratio, and mean tokens per target decode pass (accepted drafts + the bonus token).
+``--train-steps > 0``, random otherwise), exports them, and runs ``vispec.runtime.bench``
+for each: plain decoding, each fixed tree and ``auto``, interleaved with warm-up and
+repeats. Prints decode tokens/s, the ratio to plain, and tokens per target decode pass
+(accepted drafts + the bonus token).
 
     python benchmarks/speculative.py [--family llava] [--train-steps 300] [--workdir DIR]
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -20,10 +23,8 @@ from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.tiny_models import build_tiny_model
-from vispec.runtime.drafters import open_drafter
-from vispec.runtime.generate import generate_plain
-from vispec.runtime.speculative import generate_speculative
-from vispec.runtime.target import TargetModel
+from vispec.runtime.bench import format_table, plot, run_bench
+from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.tree import TreeConfig
 
 PROMPTS = ("What is in the picture?", "Describe the boat on the sea in detail.",
@@ -39,19 +40,6 @@ def make_drafter(kind: str, model_dir: Path, work: Path, steps: int, sequences: 
                          progress=lambda m: None)
 
 
-def decode_all(run, prompts) -> tuple[float, float, list[list[int]]]:
-    """(decode tokens/s, mean tokens per decode pass, outputs) over all prompts."""
-    tokens = seconds = 0.0
-    accepted, outputs = [], []
-    for prompt in prompts:
-        result = run(prompt)
-        tokens += result.stats.new_tokens
-        seconds += result.stats.decode_seconds
-        accepted += result.stats.accepted
-        outputs.append(result.tokens)
-    return tokens / seconds, float(np.mean(accepted)), outputs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llava")
@@ -64,36 +52,30 @@ def main() -> None:
     parser.add_argument("--trees", default="8:2:3,16:3:4,30:3:8",
                         help="total:depth:top_k tree settings to try")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--png", action="store_true", help="write bench-KIND.png charts")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-spec-"))
     model_dir = build_tiny_model(args.family, work / "target", preset=args.preset)
-    export_target(model_dir, work / "target-onnx", max_len=512)
-    target = TargetModel(work / "target-onnx", threads=args.threads)
+    export_target(model_dir, work / "target-onnx", max_len=512, overwrite=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), np.uint8))
-    prompts = [target.prepare(text, [image] if i % 2 == 0 else [])
-               for i, text in enumerate(PROMPTS)]
-    cache = target.new_cache()
-    plain_tps, _, reference = decode_all(
-        lambda p: generate_plain(target, p, args.max_new_tokens, cache=cache), prompts)
-    print(f"target: {args.preset} {args.family}; drafters "
+    prompts = [(text, [image] if i % 2 == 0 else []) for i, text in enumerate(PROMPTS)]
+    trees = [TreeConfig(*(int(x) for x in spec.split(":"))) for spec in args.trees.split(",")]
+    print(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
+          f"target: {args.preset} {args.family}; drafters "
           f"{'trained ' + str(args.train_steps) + ' steps' if args.train_steps > 0 else 'random'}"
-          f"; plain decode {plain_tps:.1f} tok/s")
-    print("| drafter | tree (total, depth, top_k) | plain tok/s | speculative tok/s | ratio | "
-          "tokens/pass | identical |\n|---|---|---|---|---|---|---|")
+          f"; {len(prompts)} prompts x {args.repeats} repeats, {args.max_new_tokens} tokens")
     for kind in ("eagle", "vispec", "hivis"):
         drafter_dir = make_drafter(kind, model_dir, work, args.train_steps, args.train_sequences)
         export_drafter(drafter_dir, model_dir, work / f"{kind}-onnx", max_len=512, top_k=10,
                        overwrite=True)
-        drafter = open_drafter(work / f"{kind}-onnx", target, threads=args.threads)
-        for spec in args.trees.split(","):
-            tree = TreeConfig(*(int(x) for x in spec.split(":")))
-            tps, per_pass, outputs = decode_all(
-                lambda p: generate_speculative(target, drafter, p, args.max_new_tokens,
-                                               tree=tree, cache=cache), prompts)
-            print(f"| {kind} | {tree.total_tokens}, {tree.depth}, {tree.top_k} | "
-                  f"{plain_tps:.1f} | {tps:.1f} | {tps / plain_tps:.2f} | {per_pass:.2f} | "
-                  f"{outputs == reference} |")
+        pipe = Pipeline(work / "target-onnx", drafter_dir=work / f"{kind}-onnx",
+                        threads=args.threads)
+        rows = run_bench(pipe, prompts, trees, args.max_new_tokens, args.repeats)
+        print(f"\n{kind}\n{format_table(rows)}", flush=True)
+        if args.png:
+            plot(rows, work / f"bench-{kind}.png", f"{args.preset} {args.family}, {kind}")
 
 
 if __name__ == "__main__":
