@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from vispec.runtime.drafter_specs import ADAPTOR, IMAGE_INPUTS
 from vispec.runtime.errors import VispecError
 
 EXIT_BAD_INPUT = 2
@@ -175,6 +176,9 @@ def build(artifact_dir, out_dir, precision, overwrite):
               help="Image file; repeat for several.")
 @click.option("--drafter", type=click.Path(path_type=Path), default=None,
               help="Drafter artifact folder (from `export-drafter`): speculative decoding.")
+@click.option("--drafter-image-input", type=click.Choice(IMAGE_INPUTS), default=ADAPTOR,
+              show_default=True, help="What a ViSpec drafter sees of an image: adaptor rows, "
+                                      "or the official LLaVA-1.5 inference's <image> tokens.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through the same runtime.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
@@ -189,8 +193,8 @@ def build(artifact_dir, out_dir, precision, overwrite):
               show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads per graph.")
 @_user_errors
-def generate(model, prompt, images, drafter, no_draft, max_new_tokens, temperature, top_p,
-             seed, total_tokens, depth, top_k, backend, threads):
+def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_new_tokens,
+             temperature, top_p, seed, total_tokens, depth, top_k, backend, threads):
     """Generate a reply with the runtime (no torch needed) and print speed statistics:
     decode tokens/s, target passes (prefill included) and mean tokens per decode pass
     (accepted drafts + the bonus token; 1.00 for plain decoding)."""
@@ -202,7 +206,7 @@ def generate(model, prompt, images, drafter, no_draft, max_new_tokens, temperatu
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     pipe = Pipeline(model, drafter_dir=None if no_draft else drafter, backend=backend,
-                    threads=threads, sampling=sampling)
+                    threads=threads, sampling=sampling, drafter_image_input=drafter_image_input)
     if pipe.drafter is not None:
         pipe.tree = tree_config(pipe.drafter.kind, backend, total_tokens, depth, top_k)
     result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens)

@@ -7,6 +7,8 @@ Graph split (every drafter):
             -> drafter hidden ``[1, new, H]``, fused top-k of log_softmax(lm_head(hidden))
             (full-vocabulary logits never leave the graph), the new rows' K/V
   adaptor : (ViSpec only) raw image embeddings ``[tokens, H]`` -> ``[num_q, H]``
+  embed   : (only when the checkpoint's ``embed_tokens`` differs from the target's) token
+            ids -> the drafter's own embeddings; absent, the target's embed graph serves
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .specs import (
     Dim,
     GraphSpec,
     TensorSpec,
+    embed_spec,
     kv_tensors,
     step_dims,
 )
@@ -34,6 +37,13 @@ FUSED = "fused"                      # drafter decoder-layer input rows
 IMAGE_EMBEDS = "image_embeds"        # ViSpec adaptor input: one image's projector output
 ADAPTOR_ROWS = "adaptor_rows"        # ViSpec adaptor output
 IMAGE_TOKENS = "image_tokens"        # dim: tokens of one image run
+DRAFTER_EMBED = "embed"              # graph: the drafter's own token table (optional)
+
+# What a drafter's prompt rows see of an image (a run-time choice, ViSpec only):
+ADAPTOR = "adaptor"                  # projector outputs compressed by the adaptor; g = last row
+OFFICIAL_LLAVA15 = "official-llava15"  # official ViSpec on LLaVA-1.5: <image> token
+                                       # embeddings as text rows, no adaptor, g = 0
+IMAGE_INPUTS = (ADAPTOR, OFFICIAL_LLAVA15)
 
 
 def fuse_spec(kind: str, hidden_size: int, max_len: int, dtype: str = "float32") -> GraphSpec:
@@ -80,3 +90,8 @@ def adaptor_spec(*, hidden_size: int, num_q: int, max_image_tokens: int,
         dims=(Dim(IMAGE_TOKENS, 1, 64, max_image_tokens),),
         meta={"num_q": num_q},
     )
+
+
+def drafter_embed_spec(*, hidden_size: int, max_len: int, dtype: str = "float32") -> GraphSpec:
+    """The drafter's own token embeddings (IO as the target's embed graph)."""
+    return embed_spec(hidden_size=hidden_size, max_len=max_len, dtype=dtype, name=DRAFTER_EMBED)

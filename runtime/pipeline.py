@@ -7,6 +7,7 @@ from typing import Callable
 
 from PIL import Image
 
+from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
 from .generate import GenerationResult, OnTokens, generate_plain
 from .manifest import MANIFEST_NAME
@@ -38,12 +39,13 @@ def _check_artifacts(path: Path, what: str) -> Path:
 
 class Pipeline:
     """Target (and optional drafter) artifacts plus one preallocated KV cache, loaded once;
-    ``generate`` reuses them for every request."""
+    ``generate`` reuses them for every request. ``drafter_image_input``: see
+    ``drafters.open_drafter`` ("adaptor" or "official-llava15")."""
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
                  drafter_dir: str | os.PathLike | None = None, backend: str = "ort",
                  threads: int | None = None, tree: TreeConfig | str | None = "auto",
-                 sampling: Sampling = Sampling(),
+                 sampling: Sampling = Sampling(), drafter_image_input: str = ADAPTOR,
                  progress: Callable[[str], None] | None = None):
         if isinstance(tree, str) and tree != "auto":
             raise VispecError(f"tree={tree!r}. Expected: 'auto', a TreeConfig or None. Hint: "
@@ -54,7 +56,8 @@ class Pipeline:
         if drafter_dir is not None:
             from .drafters import open_drafter
             self.drafter = open_drafter(_check_artifacts(Path(drafter_dir), "drafter"),
-                                        self.target, backend=backend, threads=threads)
+                                        self.target, backend=backend, threads=threads,
+                                        image_input=drafter_image_input)
         self.drafter_dir = drafter_dir
         self.tree = tree  # "auto": fitted to this machine; None: the backend's default tree
         self.progress = progress

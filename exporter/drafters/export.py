@@ -1,5 +1,6 @@
-"""Export a drafter to ONNX (fuse, step, and ViSpec's adaptor) with a manifest, and check the
-graphs under ONNX Runtime against the PyTorch modules."""
+"""Export a drafter to ONNX (fuse, step, ViSpec's adaptor, and its own token embeddings when
+they differ from the target's) with a manifest, and check the graphs under ONNX Runtime
+against the PyTorch modules."""
 from __future__ import annotations
 
 import os
@@ -13,20 +14,23 @@ import torch
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import (
+    DRAFTER_EMBED,
     FUSED,
     IMAGE_EMBEDS,
     IMAGE_TOKENS,
     RESIDUAL_INDEX,
     adaptor_spec,
+    drafter_embed_spec,
     drafter_step_spec,
     fuse_spec,
 )
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import read_config
-from vispec.runtime.specs import ATTENTION_MASK, NEW, PAST, GraphSpec, past_names
+from vispec.runtime.specs import ATTENTION_MASK, INPUT_IDS, NEW, PAST, GraphSpec, past_names
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
+from ..lm_step import EmbedStep
 from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree
@@ -42,8 +46,22 @@ def target_lm_head(target_model_dir: str | os.PathLike) -> torch.Tensor:
     return read_text_weight(target_model_dir, "lm_head.weight")
 
 
+def target_embeddings(target_model_dir: str | os.PathLike) -> torch.Tensor:
+    """The target's token table ``[V, H]`` (float32)."""
+    return read_text_weight(target_model_dir, "embed_tokens.weight")
+
+
+def has_own_embeddings(drafter: Drafter, target_embed: torch.Tensor) -> bool:
+    """Whether the drafter's ``embed_tokens`` differs from the target's (a trained or altered
+    table). A frozen copy, or a table the checkpoint lacked (filled from the target on
+    loading), needs no graph of its own: the runtime then embeds with the target's."""
+    own = drafter.embed_tokens.weight
+    return own.shape != target_embed.shape or not torch.equal(own, target_embed.to(own.dtype))
+
+
 def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int,
-                   max_len: int, max_image_tokens: int) -> dict[str, tuple]:
+                   max_len: int, max_image_tokens: int,
+                   target_embed: torch.Tensor) -> dict[str, tuple]:
     """Graph name -> (module, spec) for ``drafter``."""
     c = drafter.config
     graphs = {
@@ -56,14 +74,22 @@ def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int
         graphs["adaptor"] = (AdaptorGraph(drafter),
                              adaptor_spec(hidden_size=c.hidden_size, num_q=c.num_q,
                                           max_image_tokens=max_image_tokens))
+    if has_own_embeddings(drafter, target_embed):
+        graphs[DRAFTER_EMBED] = (EmbedStep(drafter.embed_tokens),
+                                 drafter_embed_spec(hidden_size=c.hidden_size, max_len=max_len))
     return graphs
 
 
-def residual_index(spec: GraphSpec, level: int, drafter: Drafter) -> dict[str, np.ndarray]:
-    """HiViS's residual-row input for tree ``level`` (clamped), when ``spec`` takes one."""
-    if RESIDUAL_INDEX not in spec.input_names:
-        return {}
-    return {RESIDUAL_INDEX: np.array([min(level, drafter.config.residual_rows - 1)], np.int64)}
+def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
+                 new: int) -> dict[str, np.ndarray]:
+    """The inputs ``example_feeds`` does not make up, where ``spec`` takes them: HiViS's
+    residual row of tree level 1, ``new`` token ids."""
+    feeds = {}
+    if RESIDUAL_INDEX in spec.input_names:
+        feeds[RESIDUAL_INDEX] = np.array([min(1, drafter.config.residual_rows - 1)], np.int64)
+    if INPUT_IDS in spec.input_names:
+        feeds[INPUT_IDS] = rng.integers(0, drafter.config.vocab_size, (1, new), dtype=np.int64)
+    return feeds
 
 
 def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path) -> dict:
@@ -83,21 +109,24 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                    progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the drafter at ``drafter_dir`` (official layout) for the target at
     ``target_model_dir`` into ``out_dir``: ``fuse.onnx``, ``step.onnx`` (+ ``adaptor.onnx``
-    for ViSpec) and ``manifest.json``, atomically."""
+    for ViSpec, + ``embed.onnx`` when the drafter's token table is its own) and
+    ``manifest.json``, atomically."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
     drafter = load_drafter(drafter_dir, target_model_dir)
     if not 1 <= top_k <= drafter.config.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, vocab_size={drafter.config.vocab_size}]")
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir), top_k=top_k,
-                            max_len=max_len, max_image_tokens=max_image_tokens)
+                            max_len=max_len, max_image_tokens=max_image_tokens,
+                            target_embed=target_embeddings(target_model_dir))
     sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
     rng = np.random.default_rng(0)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         entries = {}
         for i, (name, (module, spec)) in enumerate(graphs.items(), 1):
             progress(f"[{i}/{len(graphs)}] exporting drafter {name} graph")
-            feeds = example_feeds(spec, sizes, rng, **residual_index(spec, 1, drafter))
+            feeds = example_feeds(spec, sizes, rng,
+                                  **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW))
             export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
             entries[name] = GraphEntry(f"{name}.onnx", spec)
         manifest = Manifest(kind="drafter", family=drafter.kind,
@@ -126,13 +155,15 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
                      artifact_dir: str | os.PathLike, *, seed: int = 0) -> list[ParityRow]:
     """Every exported graph under ONNX Runtime vs the PyTorch modules (fp32): fuse over
     prefill rows; step over prefill rows, one row and a random 8-32 row tree mask, both
-    over the real past the prefill rows produced; the adaptor over one image."""
+    over the real past the prefill rows produced; the adaptor over one image; the drafter's
+    own embeddings (when exported) over random ids."""
     artifact_dir = Path(artifact_dir)
     manifest = Manifest.load(artifact_dir)
     drafter = load_drafter(drafter_dir, target_model_dir)
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir),
                             top_k=manifest.model["top_k"], max_len=manifest.max_len,
-                            max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS)
+                            max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
+                            target_embed=target_embeddings(target_model_dir))
     rng = np.random.default_rng(seed)
     rows = []
 
@@ -147,7 +178,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
 
     fuse_io = manifest.graph("fuse").spec
     prefill = run("fuse", "prefill",
-                  example_feeds(fuse_io, {NEW: 12}, rng, **residual_index(fuse_io, 1, drafter)))
+                  example_feeds(fuse_io, {NEW: 12}, rng, **fixed_inputs(fuse_io, drafter, rng, 12)))
     step_spec = manifest.graph("step").spec
     feeds = example_feeds(step_spec, {NEW: 12, PAST: 0}, rng)
     feeds[FUSED] = prefill[FUSED]
@@ -165,4 +196,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
         image = {IMAGE_EMBEDS: rng.standard_normal((20, drafter.config.hidden_size),
                                                    dtype=np.float32)}
         run("adaptor", "image20", image)
+    if DRAFTER_EMBED in graphs:
+        run(DRAFTER_EMBED, "ids12", fixed_inputs(manifest.graph(DRAFTER_EMBED).spec, drafter,
+                                                 rng, 12))
     return rows

@@ -2,7 +2,8 @@
 
 Written the way the official code computes it (whole prompt at once, masks over the
 sequence, the drafter's own ``embed_tokens`` for x_L); the runtime's incremental
-numpy path must match it.
+numpy path must match it. ``image_input="official-llava15"`` builds ViSpec's rows as the
+official inference does on LLaVA-1.5 (no image mask).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from vispec.runtime.drafter_specs import ADAPTOR, OFFICIAL_LLAVA15
 from vispec.runtime.drafters.layouts import hivis_text_rows, image_runs
 from vispec.runtime.families import FamilyGlue
 
@@ -48,21 +50,23 @@ def run_rows(drafter: Drafter, lm_head_weight: torch.Tensor, fused: torch.Tensor
 @torch.no_grad()
 def reference_prefill(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
                       input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,
-                      next_token: int) -> DrafterRows:
+                      next_token: int, image_input: str = ADAPTOR) -> DrafterRows:
     """Drafter outputs over a prompt (``input_ids [L]``, target LM-input ``embeds [L,H]``,
     target features ``[L,H]``) followed by the target's ``next_token``."""
     x_next = drafter.embed_tokens(torch.tensor([next_token]))  # [1, H]
-    fused, positions, g = drafter_rows(drafter, glue, input_ids, embeds, features, x_next)
+    fused, positions, g = drafter_rows(drafter, glue, input_ids, embeds, features, x_next,
+                                       image_input)
     return replace(run_rows(drafter, lm_head_weight, fused, positions), global_feature=g)
 
 
 def drafter_rows(drafter: Drafter, glue: FamilyGlue, input_ids, embeds, features,
-                 next_embed: torch.Tensor):
+                 next_embed: torch.Tensor, image_input: str = ADAPTOR):
     """The drafter's fused rows ``[N, H]``, their positions ``[N]`` and ViSpec's g (or
     None) for a prompt followed by a token embedded as ``next_embed [1, H]``."""
     ids = torch.as_tensor(np.asarray(input_ids))
-    return _ROWS[drafter.kind](drafter, glue, ids, torch.as_tensor(embeds),
-                               torch.as_tensor(features), next_embed)
+    rows = _official_llava15_rows if image_input == OFFICIAL_LLAVA15 else _ROWS[drafter.kind]
+    return rows(drafter, glue, ids, torch.as_tensor(embeds), torch.as_tensor(features),
+                next_embed)
 
 
 def _eagle_rows(drafter, glue, ids, e, f, x_next):
@@ -99,6 +103,15 @@ def _hivis_rows(drafter, glue, ids, e, f, x_next):
     shifted = torch.cat([e[kept][1:], x_next])
     fused = drafter.fuse(shifted[None], f[kept][None], torch.tensor([0]))[0]
     return fused, torch.as_tensor(positions), None
+
+
+def _official_llava15_rows(drafter, glue, ids, e, f, x_next):
+    """ViSpec as the official inference runs it on LLaVA-1.5: no image mask, so the target's
+    embeddings are not passed (``e`` unused) and the drafter embeds every id itself (image
+    slots: the ``<image>`` token's row); no adaptor; every row fused with g = 0."""
+    shifted = torch.cat([drafter.embed_tokens(ids[1:]), x_next])
+    g = torch.zeros(1, shifted.shape[1])
+    return drafter.fuse(shifted[None], f[None], g)[0], torch.arange(len(ids)), g
 
 
 _ROWS = {"eagle": _eagle_rows, "vispec": _vispec_rows, "hivis": _hivis_rows}

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..drafter_specs import ADAPTOR_ROWS, GLOBAL_FEATURE, IMAGE_EMBEDS, RESIDUAL_INDEX
+from ..drafter_specs import (
+    ADAPTOR,
+    ADAPTOR_ROWS,
+    GLOBAL_FEATURE,
+    IMAGE_EMBEDS,
+    OFFICIAL_LLAVA15,
+    RESIDUAL_INDEX,
+)
 from ..errors import VispecError
 from .layouts import hivis_text_rows, image_runs
 from .session import DrafterSession, register
@@ -19,9 +26,25 @@ class EagleSession(DrafterSession):
 @register
 class VispecSession(DrafterSession):
     """ViSpec: each image run compressed by the adaptor; its last row is the global feature
-    g fed to every later row (0 before the first image)."""
+    g fed to every later row (0 before the first image).
+
+    With ``image_input="official-llava15"`` (the official inference on LLaVA-1.5, which
+    builds no image mask) every prompt row is a text row embedded from the token ids, so
+    image slots carry the ``<image>`` token's embedding; no adaptor runs and g stays 0.
+    """
 
     kind = "vispec"
+    image_inputs = (ADAPTOR, OFFICIAL_LLAVA15)
+    official_llava15_family = "llava"  # LLaVA-1.5's model_type
+
+    @classmethod
+    def check_image_input(cls, image_input, target) -> None:
+        super().check_image_input(image_input, target)
+        family = target.glue.model_type
+        if image_input == OFFICIAL_LLAVA15 and family != cls.official_llava15_family:
+            raise VispecError(f"drafter image input {image_input!r} reproduces the official "
+                              f"ViSpec inference on LLaVA-1.5 targets, not on {family!r}. "
+                              f"Hint: use {ADAPTOR!r} (the official behaviour on {family!r})")
 
     def _reset_state(self) -> None:
         self.global_feature = np.zeros((1, self.facts["hidden_size"]), np.float32)  # [1, H]
@@ -32,6 +55,8 @@ class VispecSession(DrafterSession):
     def _prefill_rows(self, input_ids, embeds, features, next_embed):
         """Text rows keep their positions; an image run (rows whose next token is an image
         token) becomes ``num_q - 1`` adaptor rows at the run's last positions."""
+        if self.image_input == OFFICIAL_LLAVA15:  # EAGLE rows of token embeddings, g = 0
+            return super()._prefill_rows(input_ids, self.embed(input_ids), features, next_embed)
         shifted = np.concatenate([embeds[1:], next_embed])  # [L, H] row i <- e_{i+1}
         is_image = np.append(input_ids[1:] == self.target.glue.image_token_id, False)
         num_q = int(self.facts["num_q"])

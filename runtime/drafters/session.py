@@ -10,6 +10,10 @@ Rows and positions (EAGLE-2 conventions, ``cnets.py``/``cnets_ours.py`` ``topK_g
   hidden (the last committed row for level 1); their rows go after the committed cache and
   are dropped when the next round or ``advance`` starts.
 - advance: row j = (f of accepted node j, embed(token after it)) at ``next_position + j``.
+
+``embed`` is the drafter's own token table (its ``embed`` graph) when the export found it
+differs from the target's, else the target's: the prompt rows keep the target's LM-input
+embeddings (projector outputs at image slots), as the official code passes them.
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ from typing import ClassVar
 import numpy as np
 
 from ..backends import make_runner
-from ..drafter_specs import FEATURES, FUSED
-from ..errors import ManifestError
+from ..drafter_specs import ADAPTOR, DRAFTER_EMBED, FEATURES, FUSED, IMAGE_INPUTS
+from ..errors import ManifestError, VispecError
 from ..kv_cache import KVCache
 from ..manifest import Manifest
 from ..masks import causal_mask, tree_mask
 from ..specs import (
     ATTENTION_MASK,
     HIDDEN_STATES,
+    INPUT_IDS,
     INPUTS_EMBEDS,
     POSITION_IDS,
     TOPK_IDS,
@@ -45,8 +50,12 @@ def register(cls: type["DrafterSession"]) -> type["DrafterSession"]:
 
 
 def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: str = "ort",
-                 threads: int | None = None) -> "DrafterSession":
-    """The session of the drafter exported into ``artifact_dir``, bound to ``target``."""
+                 threads: int | None = None, image_input: str = ADAPTOR) -> "DrafterSession":
+    """The session of the drafter exported into ``artifact_dir``, bound to ``target``.
+
+    ``image_input``: what the drafter's prompt rows see of an image (``drafter_specs``):
+    ``"adaptor"`` (default) or ``"official-llava15"`` (ViSpec on a LLaVA-1.5 target only).
+    """
     artifact_dir = Path(artifact_dir)
     manifest = Manifest.load(artifact_dir)
     if manifest.kind != "drafter":
@@ -60,21 +69,26 @@ def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: 
         raise ManifestError(f"the drafter in {artifact_dir} was exported for a target with "
                             f"config hash {want}, but the target in {target.dir} has {got}. "
                             f"Hint: export the drafter against this target model")
-    return _SESSIONS[manifest.family](artifact_dir, manifest, target, backend, threads)
+    session_class = _SESSIONS[manifest.family]
+    session_class.check_image_input(image_input, target)
+    return session_class(artifact_dir, manifest, target, backend, threads, image_input)
 
 
 class DrafterSession:
     """Drafter state of one generation: committed cache rows, next position, last hidden.
 
     Subclasses set ``kind`` and implement the kind-specific parts: ``_fuse_inputs`` (the
-    fuse graph's extra input) and, where rows are dropped or compressed, ``_prefill_rows``.
+    fuse graph's extra input) and, where rows are dropped or compressed, ``_prefill_rows``;
+    ``image_inputs`` lists the image inputs the kind supports.
     """
 
     kind: ClassVar[str]
+    image_inputs: ClassVar[tuple[str, ...]] = (ADAPTOR,)
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, target: TargetModel,
-                 backend: str, threads: int | None):
+                 backend: str, threads: int | None, image_input: str = ADAPTOR):
         self.manifest, self.target, self.facts = manifest, target, manifest.model
+        self.image_input = image_input
         self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads)
                         for name, g in manifest.graphs.items()}
         self.top_k: int = int(self.facts["top_k"])
@@ -92,7 +106,7 @@ class DrafterSession:
         self.cache.reset()
         self._reset_state()
         fused, positions = self._prefill_rows(np.asarray(input_ids), embeds, features,
-                                              self.target.embed([next_token]))
+                                              self.embed([next_token]))
         return self._commit(fused, positions)
 
     def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
@@ -106,7 +120,7 @@ class DrafterSession:
                              f"{k} nodes after {r} tree rows of this round (level {level})")
         rows = np.concatenate([self.last_hidden[None], *self.tree_hidden])  # [1 + R, H]
         features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
-        fused = self._fuse(self.target.embed(tokens), features, level)
+        fused = self._fuse(self.embed(tokens), features, level)
         positions = np.full(k, self.next_position + level - 1, np.int64)
         out = self._step(fused, positions, tree_mask(self.committed, mask))  # [1,1,K,C+R+K]
         self.cache.commit(k)
@@ -116,9 +130,27 @@ class DrafterSession:
     def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append the accepted rows (f_j, embed(tokens_j)); returns the last row's top-k."""
         self._drop_tree()
-        fused = self._fuse(self.target.embed(tokens), features, level=0)
+        fused = self._fuse(self.embed(tokens), features, level=0)
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
         return self._commit(fused, positions)
+
+    def embed(self, tokens) -> np.ndarray:
+        """Token embeddings ``[S, H]``: the drafter's own table if exported, else the target's."""
+        runner = self.runners.get(DRAFTER_EMBED)
+        if runner is None:
+            return self.target.embed(tokens)
+        return runner.infer({INPUT_IDS: np.asarray(tokens, np.int64)[None]})[INPUTS_EMBEDS][0]
+
+    @classmethod
+    def check_image_input(cls, image_input: str, target: TargetModel) -> None:
+        """Refuse an image input this kind does not support (before any graph is loaded)."""
+        if image_input not in IMAGE_INPUTS:
+            raise VispecError(f"drafter image input {image_input!r}. Expected one of "
+                              f"{IMAGE_INPUTS}")
+        if image_input not in cls.image_inputs:
+            raise VispecError(f"drafter image input {image_input!r} does not apply to a "
+                              f"{cls.kind} drafter (supported: {cls.image_inputs}). Hint: "
+                              f"leave the default {ADAPTOR!r}")
 
     # -- kind hooks ----------------------------------------------------------------------------
     def _reset_state(self) -> None:

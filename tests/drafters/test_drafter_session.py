@@ -11,8 +11,10 @@ from vispec.runtime.errors import ManifestError
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.tree import TreeConfig, build_draft_tree
 
-CASES = [(kind, family) for kind in ("eagle", "vispec", "hivis")
+# (kind, target family, drafter's embed_tokens: copy of the target's | own | none)
+CASES = [(kind, family, "copy") for kind in ("eagle", "vispec", "hivis")
          for family in ("llava", "qwen2_5_vl")]
+CASES += [("vispec", "llava", "own"), ("hivis", "qwen2_5_vl", "own"), ("eagle", "llava", "none")]
 
 
 class Generation:
@@ -27,7 +29,7 @@ class Generation:
         out = target.step(self.cache, self.embeds, positions, causal_mask(0, len(self.ids)))
         self.cache.commit(len(self.ids))
         self.features, self.next_token = out.hidden, int(out.logits[-1].argmax())
-        self.drafter = load_drafter(drafter_dir)
+        self.drafter = load_drafter(drafter_dir, model_dir)
         self.lm_head = target_lm_head(model_dir)
 
     def reference(self):
@@ -43,7 +45,9 @@ class Generation:
                                causal_mask(self.cache.length, len(tokens)))
         self.cache.commit(len(tokens))
         self.ids = np.concatenate([self.ids, tokens])
-        self.embeds = np.concatenate([self.embeds, embeds])
+        # the drafter embeds generated tokens with its own table (the prompt keeps the target's)
+        own = self.drafter.embed_tokens(torch.as_tensor(tokens)).detach().numpy()
+        self.embeds = np.concatenate([self.embeds, own])
         self.features = np.concatenate([self.features, out.hidden])
         self.target_next += len(tokens)
         self.next_token = int(out.logits[-1].argmax())
@@ -51,9 +55,9 @@ class Generation:
 
 
 @pytest.fixture(params=CASES, ids=["-".join(c) for c in CASES])
-def generation(request, tiny_drafter, tiny_target, target_model, two_images):
-    kind, family = request.param
-    drafter_dir, artifacts = tiny_drafter(kind, family)
+def generation(request, table_drafter, tiny_target, target_model, two_images):
+    kind, family, table = request.param
+    drafter_dir, artifacts = table_drafter(kind, family, table)
     target = target_model(family)
     gen = Generation(target, drafter_dir, tiny_target(family)[0], two_images)
     return gen, open_drafter(artifacts, target)
