@@ -210,7 +210,7 @@ def build_engines(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
         calibration = {"lm": lm_calibration_feeds(artifact_dir, config.calibration_prompts)}
     calibration = dict(calibration or {})
     plans = plan_build(manifest, artifact_dir, config, trt.__version__, calibration)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[artifact_dir]) as tmp:
         work = tmp / ".qdq"
         for i, plan in enumerate(plans, 1):
             source = plan.onnx

@@ -2,7 +2,6 @@
 speculative), with every step's outcome printed."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +9,7 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from vispec.runtime.errors import VispecError
+from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.pipeline import Pipeline
 
 from .drafters.export import export_drafter, validate_drafter
@@ -26,15 +25,19 @@ def run_demo(out_dir: str | Path, *, family: str = "llava", drafter_kind: str = 
              max_new_tokens: int = 32, overwrite: bool = False,
              progress: Callable[[str], None] = print) -> bool:
     """Build a tiny ``family`` model in ``out_dir``, train a ``drafter_kind`` drafter for it,
-    export and validate both, then generate; True when every check passed."""
-    out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise VispecError(f"{out} already exists. Hint: pick a new folder or --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    export and validate both, then generate; True when every check passed.
+
+    Everything is written to a temporary folder that replaces ``out_dir`` at the end."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        ok = _run(tmp, family, drafter_kind, max_new_tokens, progress)
+    progress(f"demo output in {out_dir}")
+    return ok
+
+
+def _run(out: Path, family: str, drafter_kind: str, max_new_tokens: int,
+         progress: Callable[[str], None]) -> bool:
     console = Console(width=110)
-    progress(f"building a tiny {family} model in {out / 'model'}")
+    progress(f"building a tiny {family} model")
     model = build_tiny_model(family, out / "model")
     export_target(model, out / "target-onnx", max_len=512, progress=progress)
     rows, greedy = validate_all(model, out / "target-onnx", progress=progress)

@@ -117,7 +117,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
                "vision": adapter.vision_module(),
                "lm": LMStep(adapter.language_model, adapter.lm_head)}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[model_dir]) as tmp:
         graphs = {}
         for i, name in enumerate(specs, 1):
             progress(f"[{i}/{len(specs)}] exporting {name} graph")

@@ -121,7 +121,7 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                             target_embed=target_embeddings(target_model_dir))
     sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
     rng = np.random.default_rng(0)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[drafter_dir, target_model_dir]) as tmp:
         entries = {}
         for i, (name, (module, spec)) in enumerate(graphs.items(), 1):
             progress(f"[{i}/{len(graphs)}] exporting drafter {name} graph")

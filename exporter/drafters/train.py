@@ -264,7 +264,8 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
     ``target_model_dir``; writes the official checkpoint layout into ``out_dir``
     atomically and returns it."""
     start = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite) as tmp:  # refuses an existing out_dir first
+    inputs = [target_model_dir] + ([init_dir] if init_dir is not None else [])
+    with atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp:  # checks out_dir first
         drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
         adapter, glue = load_target(target_model_dir)
         lm_head = adapter.lm_head.weight.detach().float()  # [V, H], frozen

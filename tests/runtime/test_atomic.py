@@ -1,0 +1,131 @@
+"""Atomic output folders: refused targets stay untouched, a failed swap keeps the old
+output, and debris of killed runs is swept (SIGTERM cleans up at once)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vispec.runtime import atomic
+from vispec.runtime.atomic import MARKER, atomic_output_dir
+from vispec.runtime.errors import VispecError
+
+
+def write(folder, name="a.txt", text="old"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return folder
+
+
+def ours(folder, text="old"):
+    write(folder, text=text)
+    (folder / MARKER).write_text("")
+    return folder
+
+
+def produce(out, overwrite=False, inputs=()):
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
+        (tmp / "a.txt").write_text("new")
+
+
+def test_new_output_is_marked_and_leaves_no_temporaries(tmp_path):
+    produce(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_replaces_an_earlier_output(tmp_path):
+    ours(tmp_path / "out")
+    produce(tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("target", [".", "..", "sub/.."])
+def test_current_folder_and_its_parents_are_refused(tmp_path, monkeypatch, target):
+    cwd = ours(tmp_path / "work")
+    write(cwd / "sub")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(VispecError, match="current folder or one above it"):
+        produce(target, overwrite=True)
+    assert (cwd / "a.txt").read_text() == "old" and (cwd / "sub" / "a.txt").exists()
+
+
+@pytest.mark.parametrize("target", ["model", "model/onnx", "."])
+def test_outputs_overlapping_an_input_are_refused(tmp_path, monkeypatch, target):
+    model = ours(tmp_path / "root" / "model")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VispecError, match="overlaps the input"):
+        produce(tmp_path / "root" / target, overwrite=True, inputs=[model])
+    assert (model / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in model.iterdir()) == [MARKER, "a.txt"]
+
+
+def test_a_folder_not_written_by_us_is_never_replaced(tmp_path):
+    user = write(tmp_path / "photos")
+    with pytest.raises(VispecError, match="not written by vispec-export"):
+        produce(user, overwrite=True)
+    assert (user / "a.txt").read_text() == "old"
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    ours(tmp_path / "out")
+    with pytest.raises(VispecError, match="already exists.*--overwrite"):
+        produce(tmp_path / "out")
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(VispecError, match="is a file"):
+        produce(tmp_path / "f" / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_failed_swap_keeps_the_old_output(tmp_path, monkeypatch):
+    out = ours(tmp_path / "out")
+    real = os.replace
+
+    def replace(src, dst):
+        if ".partial-" in os.fspath(src):  # moving the new output into place fails
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        produce(out, overwrite=True)
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_error_inside_leaves_the_old_output(tmp_path):
+    out = ours(tmp_path / "out")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("export failed")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_debris_of_dead_runs_is_swept(tmp_path):
+    pid = dead_pid()
+    write(tmp_path / f".out.partial-{pid}-abc123")
+    write(tmp_path / f".out.old-{pid}-deadbeef")
+    live = write(tmp_path / f".out.partial-{os.getpid()}-xyz")  # a run in progress
+    other = write(tmp_path / f".other.partial-{pid}-abc")  # another output's
+    ours(tmp_path / "out")
+    produce(tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
+
+
+def test_an_interrupted_swap_puts_the_old_output_back(tmp_path):
+    old = ours(tmp_path / f".out.old-{dead_pid()}-0a1b2c3d")
+    with pytest.raises(VispecError, match="already exists"):
+        produce(tmp_path / "out")
+    assert (tmp_path / "out" / "a.txt").read_text() == "old" and not old.exists()
