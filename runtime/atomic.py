@@ -18,7 +18,7 @@ from typing import Iterable
 from .errors import VispecError
 from .manifest import MANIFEST_NAME
 
-MARKER = ".vispec-artifact"  # written into every output folder: marks it as ours
+MARKER = ".vispec-artifact"  # marks an output folder without a manifest as ours
 
 
 def is_ours(path: Path) -> bool:
@@ -111,7 +111,8 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text("written by vispec-export\n")
+        if not (tmp / MANIFEST_NAME).exists():
+            (tmp / MARKER).write_text("written by vispec-export\n")
         _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

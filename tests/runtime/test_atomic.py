@@ -9,6 +9,7 @@ import pytest
 from vispec.runtime import atomic
 from vispec.runtime.atomic import MARKER, atomic_output_dir
 from vispec.runtime.errors import VispecError
+from vispec.runtime.manifest import MANIFEST_NAME
 
 
 def write(folder, name="a.txt", text="old"):
@@ -32,6 +33,13 @@ def test_new_output_is_marked_and_leaves_no_temporaries(tmp_path):
     produce(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_output_with_a_manifest_needs_no_marker(tmp_path):
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / MANIFEST_NAME).write_text("{}")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [MANIFEST_NAME]
+    produce(tmp_path / "out", overwrite=True)  # recognised as ours
 
 
 def test_overwrite_replaces_an_earlier_output(tmp_path):
