@@ -5,35 +5,77 @@ runs on a machine without torch.
 """
 from __future__ import annotations
 
-import functools
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+from vispec.runtime.atomic import check_output_dir
 from vispec.runtime.drafter_specs import ADAPTOR, IMAGE_INPUTS
 from vispec.runtime.errors import VispecError
 
 EXIT_BAD_INPUT = 2
+POSITIVE = click.IntRange(min=1)
 
 
 def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _user_errors(fn):
-    """Turn :class:`VispecError` into one clear line on stderr and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+class BadInput(click.ClickException):
+    """A :class:`VispecError` raised inside a command, shown like click's usage errors."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, command_path: str):
+        super().__init__(message)
+        self.command_path = command_path
+
+
+def _error_line(e: click.ClickException, default_path: str) -> str:
+    """``error: <message> Hint: ...`` (a pointer to the command's help if it has no hint)."""
+    ctx = getattr(e, "ctx", None)
+    path = getattr(e, "command_path", None) or (ctx.command_path if ctx else default_path)
+    message = e.format_message()
+    return f"error: {message}" if "Hint:" in message else \
+        f"error: {message} Hint: see `{path} --help`"
+
+
+class VispecGroup(click.Group):
+    """The command group: every bad input, click's usage errors included, ends as one
+    ``error: ... Hint: ...`` line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except VispecError as e:
-            click.echo(f"error: {e}", err=True)
-            raise SystemExit(EXIT_BAD_INPUT) from None
-    return wrapper
+            raise BadInput(str(e), f"{ctx.command_path} {ctx.invoked_subcommand}") from e
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # the help text, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(_error_line(e, prog_name or self.name), err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _check_output(out_dir: Path, overwrite: bool, *inputs: Path | None) -> None:
+    """Refuse a bad output folder before anything heavy is loaded."""
+    check_output_dir(out_dir, overwrite, [i for i in inputs if i is not None])
+
+
+@click.group(cls=VispecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Export VLM targets and speculative drafters to ONNX/TensorRT, and run them.
 
@@ -41,20 +83,25 @@ def cli():
     """
 
 
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace OUT_DIR if it is an earlier output of vispec-export.")
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--max-len", default=1024, show_default=True,
+@click.option("--max-len", type=POSITIVE, default=1024, show_default=True,
               help="KV-cache length the graphs (and engine profiles) are sized for.")
-@click.option("--max-images", default=4, show_default=True, help="Images per prompt.")
+@click.option("--max-images", type=POSITIVE, default=4, show_default=True,
+              help="Images per prompt.")
 @click.option("--opset", default=17, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision of the embed/LM graphs and the KV cache.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@_user_errors
+@OVERWRITE
 def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
     """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
     LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
+    _check_output(out_dir, overwrite, model_dir)
     from .export import export_target
     export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
                   dtype=dtype, overwrite=overwrite, progress=_progress)
@@ -65,16 +112,16 @@ def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--target", "target_dir", required=True, type=click.Path(path_type=Path),
               help="The target's local Hugging Face folder (LM head, sizes, config hash).")
-@click.option("--top-k", default=10, show_default=True,
+@click.option("--top-k", type=POSITIVE, default=10, show_default=True,
               help="Width of the fused top-k output (>= the tree's top_k at run time).")
-@click.option("--max-len", default=1024, show_default=True)
+@click.option("--max-len", type=POSITIVE, default=1024, show_default=True)
 @click.option("--opset", default=17, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@_user_errors
+@OVERWRITE
 def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, overwrite):
     """Export a ViSpec, HiViS or EAGLE drafter checkpoint (official layout: config.json +
     pytorch_model.bin or model.safetensors; the type is detected from its keys) to ONNX
     graphs (fuse, step, adaptor) + manifest.json in OUT_DIR."""
+    _check_output(out_dir, overwrite, drafter_dir, target_dir)
     from .drafters.export import export_drafter as run
     run(drafter_dir, target_dir, out_dir, top_k=top_k, max_len=max_len, opset=opset,
         overwrite=overwrite, progress=_progress)
@@ -92,11 +139,13 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, over
               help="Target continuations decoded as training data.")
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@_user_errors
+@OVERWRITE
 def train_drafter(model_dir, out_dir, kind, init_dir, steps, sequences, lr, seed, overwrite):
     """Train a drafter for the target in MODEL_DIR by self-distillation (the target's own
     continuations of synthetic prompts) and write it to OUT_DIR in the official layout."""
+    if kind is None and init_dir is None:
+        raise click.UsageError("give --kind for a new drafter or --init to continue one.")
+    _check_output(out_dir, overwrite, model_dir, init_dir)
     from .drafters.train import TrainConfig
     from .drafters.train import train_drafter as run
     try:
@@ -115,20 +164,19 @@ def train_drafter(model_dir, out_dir, kind, init_dir, steps, sequences, lr, seed
 @click.option("--drafter-artifacts", type=click.Path(path_type=Path), default=None,
               help="The drafter's exported folder (with --drafter).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random tree case.")
-@click.option("--max-new-tokens", default=16, show_default=True,
+@click.option("--max-new-tokens", type=POSITIVE, default=16, show_default=True,
               help="Length of the greedy identity check against model.generate.")
-@_user_errors
 def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_new_tokens):
     """Compare ARTIFACT_DIR's graphs with the PyTorch model in MODEL_DIR.
 
     Prints one row per graph output and case (prefill, decode, random tree), and checks
     that greedy generation is token-identical to model.generate. Exit 1 on a failure.
     """
+    if (drafter_dir is None) != (drafter_artifacts is None):
+        raise click.UsageError("--drafter and --drafter-artifacts go together.")
     from .report import print_parity, validate_all
     rows, greedy = validate_all(model_dir, artifact_dir, seed=seed,
                                 max_new_tokens=max_new_tokens, progress=_progress)
-    if (drafter_dir is None) != (drafter_artifacts is None):
-        raise click.UsageError("--drafter and --drafter-artifacts go together")
     if drafter_dir is not None:
         from .drafters.export import validate_drafter
         rows += validate_drafter(drafter_dir, model_dir, drafter_artifacts, seed=seed)
@@ -142,11 +190,11 @@ def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_
               default="llava", show_default=True)
 @click.option("--drafter", "drafter_kind", type=click.Choice(["vispec", "hivis", "eagle"]),
               default="vispec", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@_user_errors
+@OVERWRITE
 def demo(out_dir, family, drafter_kind, overwrite):
     """End-to-end demo on a tiny model built here: export, validate against PyTorch,
     generate plainly and speculatively. Exit 1 if a check fails."""
+    _check_output(out_dir, overwrite)
     from .demo import run_demo
     ok = run_demo(out_dir, family=family, drafter_kind=drafter_kind, overwrite=overwrite,
                   progress=_progress)
@@ -158,11 +206,11 @@ def demo(out_dir, family, drafter_kind, overwrite):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16",
               show_default=True, help="int8 inserts explicit Q/DQ first (TensorRT 10.3+).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-@_user_errors
+@OVERWRITE
 def build(artifact_dir, out_dir, precision, overwrite):
     """Build TensorRT engines for every graph in ARTIFACT_DIR into OUT_DIR (needs
     TensorRT on this machine: run it on the target GPU, e.g. the Jetson itself)."""
+    _check_output(out_dir, overwrite, artifact_dir)
     from vispec.engines.build import BuildConfig, build_engines
     config = BuildConfig.from_cli(precision=precision)
     build_engines(artifact_dir, out_dir, config, overwrite=overwrite, progress=_progress)
@@ -180,24 +228,25 @@ def build(artifact_dir, out_dir, precision, overwrite):
               show_default=True, help="What a ViSpec drafter sees of an image: adaptor rows, "
                                       "or the official LLaVA-1.5 inference's <image> tokens.")
 @click.option("--no-draft", is_flag=True, help="Plain decoding through the same runtime.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs).")
-@click.option("--total-tokens", type=int, default=None,
+@click.option("--total-tokens", type=POSITIVE, default=None,
               help="Draft tree size incl. root (default: 16 on CPU; on GPUs the drafter's "
                    "published setting: ViSpec 30, EAGLE/HiViS 60).")
-@click.option("--depth", type=int, default=None, help="Draft tree depth.")
-@click.option("--top-k", type=int, default=None, help="Children per expanded node.")
+@click.option("--depth", type=POSITIVE, default=None, help="Draft tree depth.")
+@click.option("--top-k", type=POSITIVE, default=None, help="Children per expanded node.")
 @click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
               show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads per graph.")
-@_user_errors
+@click.option("--threads", type=POSITIVE, default=None, help="CPU threads per graph.")
 def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_new_tokens,
              temperature, top_p, seed, total_tokens, depth, top_k, backend, threads):
     """Generate a reply with the runtime (no torch needed) and print speed statistics:
     decode tokens/s, target passes (prefill included) and mean tokens per decode pass
     (accepted drafts + the bonus token; 1.00 for plain decoding)."""
+    if drafter is not None and no_draft:
+        raise click.UsageError("--drafter and --no-draft exclude each other.")
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.sampling import Sampling
     from vispec.runtime.speculative import tree_config
@@ -205,7 +254,7 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    pipe = Pipeline(model, drafter_dir=None if no_draft else drafter, backend=backend,
+    pipe = Pipeline(model, drafter_dir=drafter, backend=backend,
                     threads=threads, sampling=sampling, drafter_image_input=drafter_image_input)
     if pipe.drafter is not None:
         pipe.tree = tree_config(pipe.drafter.kind, backend, total_tokens, depth, top_k)
@@ -218,7 +267,14 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
                f"{s.mean_accepted:.2f} tokens per decode pass (bonus included)", err=True)
 
 
+def exit_on_sigterm() -> None:
+    """Let SIGTERM unwind the stack (exit code 143), so temporary output folders are
+    removed on the way out, as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main() -> None:
+    exit_on_sigterm()
     cli(prog_name="vispec-export")
 
 

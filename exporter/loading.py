@@ -30,8 +30,13 @@ def load_target(model_dir: str | os.PathLike,
     adapter_cls = export_adapter(glue.model_type)
     check_weights(model_dir)
     hf_class = getattr(transformers, adapter_cls.hf_class)
-    model = hf_class.from_pretrained(str(model_dir), local_files_only=True,
-                                     dtype=DTYPES[dtype]).eval()
+    try:
+        model = hf_class.from_pretrained(str(model_dir), local_files_only=True,
+                                         dtype=DTYPES[dtype]).eval()
+    except (OSError, RuntimeError) as e:  # unreadable checkpoint, weights not matching config
+        raise ModelDirError(f"cannot load the model in {model_dir} ({type(e).__name__}: "
+                            f"{str(e)[:300]}). Hint: check that the checkpoint files are "
+                            f"complete and belong to its config.json") from e
     for name, child in model.model.named_children():
         if name != "language_model":
             child.float()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
-from .specs import GraphSpec
+from .specs import LOGITS, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vispec-manifest/1"
@@ -63,6 +63,9 @@ class Manifest:
         """Read and check ``directory/manifest.json`` and that every file it names exists."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
+        if not directory.is_dir():
+            raise ManifestError(f"artifact folder {directory} does not exist. Hint: pass the "
+                                f"output folder of `vispec-export export` (or export-drafter)")
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_NAME} in {directory}. Hint: point at a folder "
                                 f"written by `vispec-export export`")
@@ -84,7 +87,18 @@ class Manifest:
         if missing:
             raise ManifestError(f"{path} names files that are missing: {missing}. Hint: copy "
                                 f"the whole artifact folder, or re-export")
+        m._check_vocab(path)
         return m
+
+    def _check_vocab(self, path: Path) -> None:
+        """The model's ``vocab_size`` must be the width of every graph's logits."""
+        vocab = self.model.get("vocab_size")
+        for name, g in self.graphs.items():
+            logits = next((t for t in g.spec.outputs if t.name == LOGITS), None)
+            if vocab is not None and logits is not None and logits.shape[-1] != vocab:
+                raise ManifestError(f"{path}: model vocab_size {vocab} but graph {name!r} "
+                                    f"outputs {logits.shape[-1]} logits. Hint: the manifest "
+                                    f"was edited or mixed up; re-export into a fresh folder")
 
     def graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:

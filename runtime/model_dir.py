@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from .errors import ModelDirError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -31,8 +33,16 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 
 def check_weights(model_dir: str | os.PathLike) -> None:
-    """Fail early when a model directory has no weight files."""
+    """Fail early when a model directory has no weight files, or a truncated or corrupt
+    safetensors file (its header names more bytes than the file holds)."""
     model_dir = Path(model_dir)
     if not any(any(model_dir.glob(p)) for p in WEIGHT_PATTERNS):
         raise ModelDirError(f"{model_dir} has no weights ({' or '.join(WEIGHT_PATTERNS)}). "
                             f"Hint: copy the checkpoint files into the folder")
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "numpy"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ModelDirError(f"{path} is truncated or corrupt ({e}). Hint: copy or "
+                                f"download the checkpoint file again") from e

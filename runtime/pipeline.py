@@ -50,6 +50,9 @@ class Pipeline:
         if isinstance(tree, str) and tree != "auto":
             raise VispecError(f"tree={tree!r}. Expected: 'auto', a TreeConfig or None. Hint: "
                               f"use 'auto' to fit the tree to this machine")
+        if threads is not None and threads < 1:
+            raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
+                              f"ONNX Runtime's default")
         self.target = TargetModel(_check_artifacts(Path(artifact_dir), "target"),
                                   backend=backend, threads=threads)
         self.drafter = None
@@ -72,6 +75,8 @@ class Pipeline:
         Speculative when a drafter is loaded and ``draft`` is True; plain otherwise.
         ``on_tokens`` is called with each pass's new token ids (streaming).
         """
+        if not prompt.strip():
+            raise VispecError("the prompt is empty. Hint: pass the user message as --prompt")
         prepared = self.target.prepare(prompt, [load_image(i) for i in images or []])
         if self.drafter is not None and draft:
             return generate_speculative(self.target, self.drafter, prepared, max_new_tokens,

@@ -47,10 +47,11 @@ def tree_config(kind: str, backend: str = "ort", total_tokens: int | None = None
     the published one otherwise), with any of its fields overridden."""
     base = CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
     try:
-        return TreeConfig(total_tokens=total_tokens or base.total_tokens,
-                          depth=depth or base.depth, top_k=top_k or base.top_k)
+        return TreeConfig(total_tokens=base.total_tokens if total_tokens is None else total_tokens,
+                          depth=base.depth if depth is None else depth,
+                          top_k=base.top_k if top_k is None else top_k)
     except ValueError as e:
-        raise VispecError(str(e)) from None
+        raise VispecError(f"{e} Hint: adjust --total-tokens, --depth or --top-k") from None
 
 
 class Drafter(Protocol):

@@ -135,7 +135,7 @@ def test_export_drafter_and_generate_speculatively(tiny_target, tmp_path):
     assert result.exit_code == 0, result.output
     args = ("generate", "--model", artifacts, "--prompt", "Tell me a story", "--max-new-tokens", "12")
     spec = run(*args, "--drafter", tmp_path / "onnx", "--total-tokens", "12", "--depth", "2")
-    plain = run(*args, "--drafter", tmp_path / "onnx", "--no-draft")
+    plain = run(*args, "--no-draft")
     assert spec.exit_code == 0 and plain.exit_code == 0, spec.output + plain.output
     assert "speculative (hivis" in spec.output and "[plain]" in plain.output
     assert spec.output.splitlines()[0] == plain.output.splitlines()[0]  # same text
@@ -167,3 +167,16 @@ def test_export_beyond_a_sliding_window_is_refused(tiny_target, tmp_path):
     result = run("export", windowed, tmp_path / "out", "--max-len", "256")
     assert result.exit_code == 2 and "sliding attention window (128)" in result.output
     assert _leftovers(tmp_path) == ["windowed"]
+
+
+def test_interrupted_demo_leaves_nothing(tmp_path, monkeypatch):
+    from vispec.exporter import demo
+
+    def interrupt(model, out, **kwargs):
+        assert (model / "config.json").exists()  # the tiny model was written (temporarily)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "export_target", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "demo")
+    assert _leftovers(tmp_path) == []

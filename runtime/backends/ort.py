@@ -5,13 +5,18 @@ import os
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..errors import VispecError
+from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
+               ort_errors.NoSuchFile, ort_errors.InvalidArgument)
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 def available_providers() -> list[str]:
@@ -42,7 +47,12 @@ class OrtRunner(GraphRunner):
         # Several sessions (target + drafter graphs) run back to back on the same cores:
         # spinning pools of one session would steal the cores the next one needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except LOAD_ERRORS as e:
+            raise ManifestError(f"cannot load graph {path}: {str(e).strip()[:300]}. Hint: the "
+                                f"file is truncated or corrupt; copy it again or re-export") from e
+        check_graph(self.session, spec, path)
         self.binding = self.session.io_binding()
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
@@ -61,3 +71,31 @@ class OrtRunner(GraphRunner):
     def close(self) -> None:
         self.session = None
         self.binding = None
+
+
+def _mismatches(kind: str, args: list, specs: tuple) -> list[str]:
+    """Differences between a session's inputs or outputs and the spec's tensors."""
+    found = {a.name: a for a in args}
+    if found.keys() != {t.name for t in specs}:
+        return [f"{kind}s {sorted(found)}, manifest {sorted(t.name for t in specs)}"]
+    problems = []
+    for t in specs:
+        arg = found[t.name]
+        dtype = ORT_DTYPES.get(arg.type, arg.type)
+        static = [(d, e) for d, e in zip(arg.shape, t.shape)
+                  if isinstance(d, int) and isinstance(e, int) and d != e]
+        if dtype != t.dtype or len(arg.shape) != len(t.shape) or static:
+            problems.append(f"{kind} {t.name!r} is {dtype} {list(arg.shape)}, manifest "
+                            f"{t.dtype} {list(t.shape)}")
+    return problems
+
+
+def check_graph(session: ort.InferenceSession, spec: GraphSpec, path: str | os.PathLike) -> None:
+    """Refuse a graph file whose IO names, dtypes, ranks or static dims differ from the
+    manifest's spec (a replaced graph, or an edited manifest)."""
+    problems = (_mismatches("input", session.get_inputs(), spec.inputs)
+                + _mismatches("output", session.get_outputs(), spec.outputs))
+    if problems:
+        raise ManifestError(f"graph {path} does not match its manifest: {'; '.join(problems)}. "
+                            f"Hint: keep the graphs and manifest.json of one export together, "
+                            f"or re-export")

@@ -1,0 +1,208 @@
+"""Bad input through the CLI: one ``error: ... Hint: ...`` line, exit 2, nothing partial;
+--overwrite never touches the current folder, an input or a folder that is not ours;
+SIGTERM cleans up at once and SIGKILL's debris is swept by the next run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from vispec.exporter.cli import cli
+from vispec.runtime.atomic import MARKER, atomic_output_dir
+from vispec.runtime.errors import VispecError
+from vispec.runtime.speculative import tree_config
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_bad_input(result, expected):
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and "Hint:" in lines[0], result.output
+    assert expected in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def env(tiny_target, tiny_drafter, tmp_path):
+    """Copies of a tiny llava model and its artifacts (to break), and its drafter's."""
+    model_dir, artifacts = tiny_target("llava")
+    _, drafter = tiny_drafter("eagle", "llava")
+    return {"tmp": tmp_path, "model": shutil.copytree(model_dir, tmp_path / "model"),
+            "art": shutil.copytree(artifacts, tmp_path / "art"), "drafter": drafter}
+
+
+def edit_manifest(art, change):
+    d = json.loads((art / "manifest.json").read_text())
+    change(d)
+    (art / "manifest.json").write_text(json.dumps(d))
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def embed_output(d):
+    return d["graphs"]["embed"]["spec"]["outputs"][0]
+
+
+def generate(e, *args, prompt="hi"):
+    return ["generate", "--model", e["art"], "--prompt", prompt, *args]
+
+
+def truncated_weights(e):
+    truncate(e["model"] / "model.safetensors")
+    return ["export", e["model"], e["tmp"] / "out"]
+
+
+def output_under_a_file(e):
+    (e["tmp"] / "file").write_text("x")
+    return ["export", e["model"], e["tmp"] / "file" / "out"]
+
+
+def edited_dtype(e):
+    edit_manifest(e["art"], lambda d: embed_output(d).update(dtype="float16"))
+    return generate(e)
+
+
+def edited_shape(e):
+    edit_manifest(e["art"], lambda d: embed_output(d).update(shape=[1, "new", 65]))
+    return generate(e)
+
+
+def edited_vocab(e):
+    edit_manifest(e["art"], lambda d: d["model"].update(vocab_size=512))
+    return generate(e)
+
+
+def truncated_graph(e):
+    truncate(e["art"] / "lm.onnx")
+    return generate(e)
+
+
+def replaced_graph(e):
+    shutil.copy(e["art"] / "embed.onnx", e["art"] / "lm.onnx")
+    return generate(e)
+
+
+BAD = {  # case -> (invocation, text the error line holds)
+    "truncated safetensors": (truncated_weights, "truncated or corrupt"),
+    "output under a file": (output_under_a_file, "is a file"),
+    "manifest dtype edited": (edited_dtype, "does not match its manifest"),
+    "manifest shape edited": (edited_shape, "does not match its manifest"),
+    "manifest vocab_size edited": (edited_vocab, "vocab_size 512"),
+    "truncated onnx": (truncated_graph, "cannot load graph"),
+    "lm.onnx replaced": (replaced_graph, "does not match its manifest"),
+    "max-new-tokens 0": (lambda e: generate(e, "--max-new-tokens", 0), "--max-new-tokens"),
+    "max-new-tokens -3": (lambda e: generate(e, "--max-new-tokens", -3), "--max-new-tokens"),
+    "total-tokens 0": (lambda e: generate(e, "--drafter", e["drafter"], "--total-tokens", 0),
+                       "--total-tokens"),
+    "depth 0": (lambda e: generate(e, "--drafter", e["drafter"], "--depth", 0), "--depth"),
+    "top-k 0": (lambda e: generate(e, "--drafter", e["drafter"], "--top-k", 0), "--top-k"),
+    "empty prompt": (lambda e: generate(e, prompt=" "), "prompt is empty"),
+    "max-len 0": (lambda e: ["export", e["model"], e["tmp"] / "out", "--max-len", 0],
+                  "--max-len"),
+    "max-len -8": (lambda e: ["export", e["model"], e["tmp"] / "out", "--max-len", -8],
+                   "--max-len"),
+    "max-images 0": (lambda e: ["export", e["model"], e["tmp"] / "out", "--max-images", 0],
+                     "--max-images"),
+    "train without kind or init": (lambda e: ["train-drafter", e["model"], e["tmp"] / "out"],
+                                   "--kind"),
+    "threads 0": (lambda e: generate(e, "--threads", 0), "--threads"),
+    "drafter with no-draft": (lambda e: generate(e, "--drafter", e["drafter"], "--no-draft"),
+                              "exclude each other"),
+    "missing model folder": (lambda e: ["generate", "--model", e["tmp"] / "nope", "--prompt",
+                                        "hi"], "does not exist"),
+    "unknown option": (lambda e: generate(e, "--bogus"), "--bogus"),
+    "missing argument": (lambda e: ["export", e["model"]], "OUT_DIR"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_error_line_and_leaves_nothing(env, case):
+    make, expected = BAD[case]
+    args = make(env)
+    before = sorted(p.name for p in env["tmp"].iterdir())
+    assert_bad_input(run(*args), expected)
+    assert sorted(p.name for p in env["tmp"].iterdir()) == before
+
+
+@pytest.mark.parametrize("field", ["total_tokens", "depth", "top_k"])
+def test_a_zero_tree_field_is_refused_not_defaulted(field):
+    with pytest.raises(VispecError, match=f"{field}=0.*Hint:"):
+        tree_config("eagle", "ort", **{field: 0})
+
+
+@pytest.mark.parametrize("command", ["export", "demo"])
+def test_overwrite_refuses_the_current_folder(env, monkeypatch, command):
+    work = env["tmp"] / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    args = ["export", env["model"]] if command == "export" else ["demo"]
+    for target in (".", ".."):
+        assert_bad_input(run(*args, target, "--overwrite"), "current folder")
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_the_input_model(env):
+    before = snapshot(env["model"])
+    assert_bad_input(run("export", env["model"], env["model"], "--overwrite"), "overlaps")
+    assert snapshot(env["model"]) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_ours(env):
+    mine = env["tmp"] / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert_bad_input(run("export", env["model"], mine, "--overwrite"), "not written by")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_replaces_an_earlier_export(env):
+    (env["art"] / "stale.txt").write_text("from before")
+    result = run("export", env["model"], env["art"], "--overwrite", "--max-len", 64)
+    assert result.exit_code == 0, result.output
+    assert not (env["art"] / "stale.txt").exists() and not (env["art"] / MARKER).exists()
+    assert json.loads((env["art"] / "manifest.json").read_text())["max_len"] == 64
+    assert sorted(p.name for p in env["tmp"].iterdir()) == ["art", "model"]
+
+
+KILLED_RUN = """
+import sys, time
+from vispec.exporter.cli import exit_on_sigterm
+from vispec.runtime.atomic import atomic_output_dir
+exit_on_sigterm()
+with atomic_output_dir(sys.argv[1]) as tmp:
+    (tmp / "half.txt").write_text("x")
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_run_leaves_nothing_behind(tmp_path, sig):
+    """SIGTERM: the CLI's handler removes the temporary folder at once; SIGKILL: the next
+    run sweeps it."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "out")],
+                             stdout=subprocess.PIPE, text=True)
+    partial = child.stdout.readline().strip()
+    assert os.path.isdir(partial)
+    child.send_signal(sig)
+    child.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert child.returncode == 128 + signal.SIGTERM
+        assert list(tmp_path.iterdir()) == []
+    with atomic_output_dir(tmp_path / "out"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
