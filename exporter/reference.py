@@ -1,6 +1,10 @@
 """PyTorch references: the HF model's own image features, LM forward and greedy decoding."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from itertools import chain
+from typing import Iterator
+
 import numpy as np
 import torch
 from transformers import DynamicCache
@@ -64,3 +68,21 @@ def hf_greedy(adapter: FamilyExport, prompt: Prompt, max_new_tokens: int) -> lis
     inputs = torch_inputs(prompt)
     out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@contextmanager
+def float32_math(adapter: FamilyExport) -> Iterator[FamilyExport]:
+    """The adapter's model computing in float32 on its own (e.g. float16-rounded) weights,
+    for the duration; every parameter and buffer gets its dtype back afterwards (a lossless
+    round trip). What exact arithmetic on reduced-precision weights gives: the error no
+    graph at that precision can go below."""
+    tensors = list(chain(adapter.model.parameters(), adapter.model.buffers()))
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        if t.is_floating_point():
+            t.data = t.data.float()
+    try:
+        yield adapter
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)

@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -53,6 +54,7 @@ _PRESETS = {
 }
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 _PATCH = 14
+_HEAD_DIM_FACTOR = {"llava_next": 2}  # Mistral-style: head_dim != hidden_size / num_attention_heads
 _INIT_GAIN = 1.5  # random logits far from ties (HF's std 0.02 gives ~1e-3 top-1/top-2 gaps)
 _TOKENIZER_VOCAB = 480
 
@@ -164,19 +166,25 @@ def _token_ids(tokenizer, spec: _TokenSpec) -> dict:
                 pad_token_id=tokenizer.pad_token_id)
 
 
-def _text_dims(preset: dict, vocab_size: int) -> dict:
+def _text_dims(family: str, tokenizer, spec: _TokenSpec, preset: dict, text: dict) -> dict:
+    """Text-config fields: the preset's sizes (head_dim scaled per family), then ``text``."""
     dims = {k: v for k, v in preset.items() if k != "min_vocab"}
-    return dict(dims, vocab_size=vocab_size, max_position_embeddings=4096)
+    dims["head_dim"] *= _HEAD_DIM_FACTOR.get(family, 1)
+    dims = dict(dims, vocab_size=_config_vocab(tokenizer, spec, preset), max_position_embeddings=4096)
+    dims.update(text)
+    if dims["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size {dims['vocab_size']} < the tokenizer's {len(tokenizer)} tokens")
+    return dims
 
 
 def _clip_vision(image_size: int) -> CLIPVisionConfig:
     return CLIPVisionConfig(**_VISION, image_size=image_size, patch_size=_PATCH, projection_dim=32)
 
 
-def _llava(tokenizer, spec, preset):
+def _llava(tokenizer, spec, dims):
     """LLaVA-1.5 layout: 56x56 CLIP input (4x4 patches + CLS), llama text model, 16 image tokens."""
     image_size = 56
-    text = LlamaConfig(**_text_dims(preset, _config_vocab(tokenizer, spec, preset)), **_token_ids(tokenizer, spec))
+    text = LlamaConfig(**dims, **_token_ids(tokenizer, spec))
     config = LlavaConfig(vision_config=_clip_vision(image_size), text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids(spec.image),
                          image_seq_length=(image_size // _PATCH) ** 2, vision_feature_select_strategy="default",
@@ -189,12 +197,10 @@ def _llava(tokenizer, spec, preset):
     return LlavaForConditionalGeneration, config, processor
 
 
-def _llava_next(tokenizer, spec, preset):
+def _llava_next(tokenizer, spec, dims):
     """LLaVA-1.6 layout: anyres tiles of 28x28 (2x2 patches), Mistral text model with head_dim 2x usual."""
     image_size = 28
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    dims = _text_dims(preset, _config_vocab(tokenizer, spec, preset))
-    dims["head_dim"] *= 2  # Mistral-style: head_dim != hidden_size / num_attention_heads
     text = MistralConfig(**dims, sliding_window=None, **_token_ids(tokenizer, spec))
     config = LlavaNextConfig(vision_config=_clip_vision(image_size), text_config=text,
                              image_token_id=tokenizer.convert_tokens_to_ids(spec.image),
@@ -209,12 +215,11 @@ def _llava_next(tokenizer, spec, preset):
     return LlavaNextForConditionalGeneration, config, processor
 
 
-def _qwen2_5_vl(tokenizer, spec, preset):
+def _qwen2_5_vl(tokenizer, spec, dims):
     """Qwen2.5-VL layout: 14px patches merged 2x2, 28px attention windows, M-RoPE split 16:24:24 as in 7B."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    dims = _text_dims(preset, _config_vocab(tokenizer, spec, preset))
     half = dims["head_dim"] // 2
     mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]  # real ratio 16:24:24
     text = dict(dims, **_token_ids(tokenizer, spec),
@@ -250,10 +255,14 @@ def _init_weights(model: torch.nn.Module, gain: float) -> None:
                 param.normal_(0.0, std)
 
 
-def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") -> pathlib.Path:
+def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, preset: str = "tiny",
+                     text: Mapping[str, Any] | None = None) -> pathlib.Path:
     """Build a random-initialised model of ``family`` and save it as a local HF directory.
 
-    Returns the directory. Deterministic for a given ``seed``; "tiny" weights are < 1 MB.
+    ``text`` overrides text-config fields of the preset (``hidden_size``, ``head_dim``,
+    ``num_key_value_heads``, ``vocab_size`` >= the tokenizer's, ``tie_word_embeddings``, ...):
+    models of any shape for property tests. Returns the directory. Deterministic for a given
+    ``seed``; "tiny" weights are < 1 MB.
     """
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
@@ -261,7 +270,8 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, 
         raise ValueError(f"unknown preset {preset!r}; choose one of {tuple(_PRESETS)}")
     spec = _TOKEN_SPECS[family]
     tokenizer = _train_tokenizer(spec)
-    model_cls, config, processor = _BUILDERS[family](tokenizer, spec, _PRESETS[preset])
+    dims = _text_dims(family, tokenizer, spec, _PRESETS[preset], dict(text or {}))
+    model_cls, config, processor = _BUILDERS[family](tokenizer, spec, dims)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _init_weights(model, _INIT_GAIN)
