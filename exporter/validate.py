@@ -22,7 +22,7 @@ from vispec.runtime.target import TargetModel
 
 from .export import example_images
 from .families import FamilyExport
-from .loading import load_target
+from .loading import DTYPES, load_target
 from .parity import ParityRow, compare, random_tree, relative_error
 from .reference import cache_rows, float32_math, hf_lm, hf_prompt_embeds
 
@@ -91,7 +91,7 @@ def parity_rows(pair: Pair, seed: int = 0,
         progress(f"PyTorch {precision} forward, and float32 math on its weights")
         baselines.append(reference_outputs(pair.baseline, pair.glue, cases))
         with float32_math(pair.baseline) as exact:
-            baselines.append(reference_outputs(exact, pair.glue, cases))
+            baselines.append(reference_outputs(exact, pair.glue, cases, DTYPES[precision]))
     return [compare(*key, got[key], want[key], precision,
                     *(relative_error(b[key], want[key])[1] for b in baselines))
             for key in want]
@@ -144,10 +144,16 @@ def runtime_outputs(target: TargetModel, rng: np.random.Generator,
 
 
 @torch.no_grad()
-def reference_outputs(adapter: FamilyExport, glue: FamilyGlue, cases: Cases) -> Outputs:
-    """The same cases through the HF model in PyTorch (at the adapter's precision)."""
+def reference_outputs(adapter: FamilyExport, glue: FamilyGlue, cases: Cases,
+                      io_dtype: torch.dtype | None = None) -> Outputs:
+    """The same cases through the HF model in PyTorch (at the adapter's precision).
+
+    ``io_dtype``: the prompt embeddings going in and every output coming out are rounded
+    through it, as a graph with that IO precision must round them."""
     prefill, decode, tree = cases.names()
     embeds = hf_prompt_embeds(adapter, glue, cases.prompt)
+    if io_dtype is not None:
+        embeds = embeds.to(io_dtype).to(embeds.dtype)
     want = _prompt_outputs(embeds.float().numpy(), cases.prompt.input_ids != glue.image_token_id)
     positions, next_pos = glue.position_ids(cases.prompt)
     n = len(embeds)
@@ -160,6 +166,9 @@ def reference_outputs(adapter: FamilyExport, glue: FamilyGlue, cases: Cases) -> 
     want.update(_lm_outputs(tree, *_tree_reference(
         adapter, torch.cat([embeds, e]), np.concatenate([positions, step_pos], axis=-1), glue,
         next_pos + 1, cases.tree_tokens, cases.ancestors)))
+    if io_dtype is not None:
+        np_dtype = torch.empty(0, dtype=io_dtype).numpy().dtype
+        want = {key: np.asarray(v).astype(np_dtype).astype(np.float32) for key, v in want.items()}
     return want
 
 
