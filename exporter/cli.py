@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from vispec.runtime.atomic import check_output_dir
-from vispec.runtime.drafter_specs import ADAPTOR, IMAGE_INPUTS
 from vispec.runtime.errors import VispecError
+
+from .cli_runtime import bench, generate
 
 EXIT_BAD_INPUT = 2
 POSITIVE = click.IntRange(min=1)
@@ -76,11 +77,16 @@ def _check_output(out_dir: Path, overwrite: bool, *inputs: Path | None) -> None:
 
 
 @click.group(cls=VispecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vispec-export", prog_name="vispec-export")
 def cli():
     """Export VLM targets and speculative drafters to ONNX/TensorRT, and run them.
 
-    Typical flow: export -> validate -> build (TensorRT) -> generate.
+    Typical flow: export -> validate -> build (TensorRT) -> generate / bench.
     """
+
+
+cli.add_command(generate)
+cli.add_command(bench)
 
 
 OVERWRITE = click.option("--overwrite", is_flag=True,
@@ -214,57 +220,6 @@ def build(artifact_dir, out_dir, precision, overwrite):
     from vispec.engines.build import BuildConfig, build_engines
     config = BuildConfig.from_cli(precision=precision)
     build_engines(artifact_dir, out_dir, config, overwrite=overwrite, progress=_progress)
-
-
-@cli.command()
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
-              help="Target artifact folder (from `export`, or engines from `build`).")
-@click.option("--prompt", required=True, help="User message.")
-@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
-              help="Image file; repeat for several.")
-@click.option("--drafter", type=click.Path(path_type=Path), default=None,
-              help="Drafter artifact folder (from `export-drafter`): speculative decoding.")
-@click.option("--drafter-image-input", type=click.Choice(IMAGE_INPUTS), default=ADAPTOR,
-              show_default=True, help="What a ViSpec drafter sees of an image: adaptor rows, "
-                                      "or the official LLaVA-1.5 inference's <image> tokens.")
-@click.option("--no-draft", is_flag=True, help="Plain decoding through the same runtime.")
-@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs).")
-@click.option("--total-tokens", type=POSITIVE, default=None,
-              help="Draft tree size incl. root (default: 16 on CPU; on GPUs the drafter's "
-                   "published setting: ViSpec 30, EAGLE/HiViS 60).")
-@click.option("--depth", type=POSITIVE, default=None, help="Draft tree depth.")
-@click.option("--top-k", type=POSITIVE, default=None, help="Children per expanded node.")
-@click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
-              show_default=True)
-@click.option("--threads", type=POSITIVE, default=None, help="CPU threads per graph.")
-def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_new_tokens,
-             temperature, top_p, seed, total_tokens, depth, top_k, backend, threads):
-    """Generate a reply with the runtime (no torch needed) and print speed statistics:
-    decode tokens/s, target passes (prefill included) and mean tokens per decode pass
-    (accepted drafts + the bonus token; 1.00 for plain decoding)."""
-    if drafter is not None and no_draft:
-        raise click.UsageError("--drafter and --no-draft exclude each other.")
-    from vispec.runtime.pipeline import Pipeline
-    from vispec.runtime.sampling import Sampling
-    from vispec.runtime.speculative import tree_config
-    try:
-        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    pipe = Pipeline(model, drafter_dir=drafter, backend=backend,
-                    threads=threads, sampling=sampling, drafter_image_input=drafter_image_input)
-    if pipe.drafter is not None:
-        pipe.tree = tree_config(pipe.drafter.kind, backend, total_tokens, depth, top_k)
-    result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens)
-    click.echo(result.text)
-    s = result.stats
-    mode = f"speculative ({pipe.drafter.kind}, {pipe.tree})" if pipe.drafter else "plain"
-    click.echo(f"[{mode}] {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s decode, "
-               f"{s.target_passes} target passes (prefill included), "
-               f"{s.mean_accepted:.2f} tokens per decode pass (bonus included)", err=True)
 
 
 def exit_on_sigterm() -> None:
