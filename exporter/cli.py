@@ -122,15 +122,25 @@ def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
               help="Width of the fused top-k output (>= the tree's top_k at run time).")
 @click.option("--max-len", type=POSITIVE, default=1024, show_default=True)
 @click.option("--opset", default=17, show_default=True)
+@click.option("--draft-vocab", type=POSITIVE, default=None,
+              help="Keep only this many target tokens in the drafter's head (the most frequent "
+                   "of --vocab-corpus, else of the drafter's token_counts.json from "
+                   "train-drafter); drafting gets cheaper, output stays exact. Default: all.")
+@click.option("--vocab-corpus", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="UTF-8 text whose token frequencies choose --draft-vocab.")
 @OVERWRITE
-def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, overwrite):
+def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draft_vocab,
+                   vocab_corpus, overwrite):
     """Export a ViSpec, HiViS or EAGLE drafter checkpoint (official layout: config.json +
     pytorch_model.bin or model.safetensors; the type is detected from its keys) to ONNX
     graphs (fuse, step, adaptor) + manifest.json in OUT_DIR."""
     _check_output(out_dir, overwrite, drafter_dir, target_dir)
     from .drafters.export import export_drafter as run
+    if vocab_corpus is not None and draft_vocab is None:
+        raise click.UsageError("--vocab-corpus chooses the tokens of --draft-vocab N; give both.")
     run(drafter_dir, target_dir, out_dir, top_k=top_k, max_len=max_len, opset=opset,
-        overwrite=overwrite, progress=_progress)
+        draft_vocab=draft_vocab, vocab_corpus=vocab_corpus, overwrite=overwrite,
+        progress=_progress)
 
 
 @cli.command("train-drafter")

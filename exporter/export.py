@@ -53,13 +53,18 @@ def example_images() -> list[Image.Image]:
             for h, w in ((56, 56), (56, 84))]
 
 
-def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
-    """Architecture facts the runtime needs, read off the loaded modules and configs."""
-    attn = adapter.language_model.layers[0].self_attn
+def eos_token_ids(model_dir: Path, glue: FamilyGlue) -> list[int]:
+    """The target's end-of-sequence ids (generation config first, else the text config)."""
     gen = transformers.GenerationConfig.from_pretrained(str(model_dir)) \
         if (model_dir / "generation_config.json").exists() else None
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else \
         glue.text_config.get("eos_token_id")
+    return sorted({eos} if isinstance(eos, int) else set(eos or []))
+
+
+def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
+    """Architecture facts the runtime needs, read off the loaded modules and configs."""
+    attn = adapter.language_model.layers[0].self_attn
     return {
         "model_type": glue.model_type,
         "num_layers": len(adapter.language_model.layers),
@@ -68,7 +73,7 @@ def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dic
         "head_dim": attn.head_dim,
         "kv_heads": attn.k_proj.out_features // attn.head_dim,
         "image_token_id": glue.image_token_id,
-        "eos_token_ids": sorted({eos} if isinstance(eos, int) else set(eos or [])),
+        "eos_token_ids": eos_token_ids(model_dir, glue),
         "mrope": glue.mrope,
     }
 

@@ -24,6 +24,7 @@ from vispec.runtime.drafter_specs import (
     drafter_step_spec,
     fuse_spec,
 )
+from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import read_config
@@ -35,6 +36,7 @@ from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree
 from .checkpoint import load_drafter
+from .draft_vocab import DRAFT_VOCAB_FILE, select_draft_vocab
 from .modules import AdaptorGraph, Drafter, FuseGraph, StepGraph
 
 DEFAULT_MAX_IMAGE_TOKENS = 4096
@@ -60,13 +62,14 @@ def has_own_embeddings(drafter: Drafter, target_embed: torch.Tensor) -> bool:
 
 
 def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int,
-                   max_len: int, max_image_tokens: int,
-                   target_embed: torch.Tensor) -> dict[str, tuple]:
-    """Graph name -> (module, spec) for ``drafter``."""
+                   max_len: int, max_image_tokens: int, target_embed: torch.Tensor,
+                   draft_ids: np.ndarray | None = None) -> dict[str, tuple]:
+    """Graph name -> (module, spec) for ``drafter`` (its head cut to ``draft_ids`` if given)."""
     c = drafter.config
     graphs = {
         "fuse": (FuseGraph(drafter), fuse_spec(c.kind, c.hidden_size, max_len)),
-        "step": (StepGraph(drafter, lm_head_weight, top_k),
+        "step": (StepGraph(drafter, lm_head_weight, top_k,
+                           None if draft_ids is None else torch.from_numpy(draft_ids)),
                  drafter_step_spec(hidden_size=c.hidden_size, kv_heads=c.kv_heads,
                                    head_dim=c.head_dim, top_k=top_k, max_len=max_len)),
     }
@@ -92,10 +95,12 @@ def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
     return feeds
 
 
-def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path) -> dict:
+def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path,
+                draft_vocab: int | None = None) -> dict:
     """What the runtime needs, plus the target it belongs to."""
     c = drafter.config
     return {"drafter_type": c.kind, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "draft_vocab": draft_vocab,
             "num_heads": c.num_heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "top_k": top_k, "num_q": c.num_q, "residual_rows": c.residual_rows,
             "target_model_type": glue_for(read_config(target_model_dir)).model_type,
@@ -105,20 +110,31 @@ def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path) -> dict:
 def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, *, top_k: int = 10, max_len: int = 1024,
                    max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, opset: int = DEFAULT_OPSET,
-                   overwrite: bool = False,
+                   draft_vocab: int | None = None,
+                   vocab_corpus: str | os.PathLike | None = None, overwrite: bool = False,
                    progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the drafter at ``drafter_dir`` (official layout) for the target at
     ``target_model_dir`` into ``out_dir``: ``fuse.onnx``, ``step.onnx`` (+ ``adaptor.onnx``
     for ViSpec, + ``embed.onnx`` when the drafter's token table is its own) and
-    ``manifest.json``, atomically."""
+    ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
+    head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies)."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
     drafter = load_drafter(drafter_dir, target_model_dir)
-    if not 1 <= top_k <= drafter.config.vocab_size:
-        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={drafter.config.vocab_size}]")
+    head_size = draft_vocab or drafter.config.vocab_size
+    if not 1 <= top_k <= head_size:
+        raise VispecError(f"top_k={top_k}. Expected: 1..{head_size} (the drafter head's "
+                          f"tokens). Hint: lower --top-k or enlarge --draft-vocab")
+    draft_ids = None
+    if draft_vocab is not None:
+        draft_ids, covered = select_draft_vocab(draft_vocab, target_model_dir, drafter_dir,
+                                                drafter.config.vocab_size, vocab_corpus)
+        progress(f"draft vocabulary: {draft_vocab} of {drafter.config.vocab_size} tokens, "
+                 f"covering {covered:.1%} of the counted tokens")
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir), top_k=top_k,
                             max_len=max_len, max_image_tokens=max_image_tokens,
-                            target_embed=target_embeddings(target_model_dir))
+                            target_embed=target_embeddings(target_model_dir),
+                            draft_ids=draft_ids)
     sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
     rng = np.random.default_rng(0)
     with atomic_output_dir(out_dir, overwrite, inputs=[drafter_dir, target_model_dir]) as tmp:
@@ -129,9 +145,12 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                                   **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW))
             export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
             entries[name] = GraphEntry(f"{name}.onnx", spec)
+        if draft_ids is not None:
+            np.save(tmp / DRAFT_VOCAB_FILE, draft_ids)
         manifest = Manifest(kind="drafter", family=drafter.kind,
                             config_hash=config_hash(drafter_dir), max_len=max_len, opset=opset,
-                            model=model_facts(drafter, top_k, target_model_dir), graphs=entries,
+                            model=model_facts(drafter, top_k, target_model_dir, draft_vocab),
+                            graphs=entries,
                             versions=versions(), source=str(drafter_dir.resolve()))
         manifest.save(tmp)
     progress(f"exported {len(entries)} drafter graphs to {out_dir} in "
@@ -160,10 +179,13 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
     artifact_dir = Path(artifact_dir)
     manifest = Manifest.load(artifact_dir)
     drafter = load_drafter(drafter_dir, target_model_dir)
+    draft_ids = np.load(artifact_dir / DRAFT_VOCAB_FILE) \
+        if manifest.model.get("draft_vocab") else None
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir),
                             top_k=manifest.model["top_k"], max_len=manifest.max_len,
                             max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
-                            target_embed=target_embeddings(target_model_dir))
+                            target_embed=target_embeddings(target_model_dir),
+                            draft_ids=draft_ids)
     rng = np.random.default_rng(seed)
     rows = []
 

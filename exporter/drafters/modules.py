@@ -176,11 +176,21 @@ class FuseGraph(torch.nn.Module):
 
 class StepGraph(torch.nn.Module):
     """``(fused, position_ids, attention_mask, past_key.0, past_value.0)
-    -> (hidden_states, topk_logprobs, topk_ids, present_key.0, present_value.0)``."""
+    -> (hidden_states, topk_logprobs, topk_ids, present_key.0, present_value.0)``.
 
-    def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, top_k: int):
+    With ``draft_ids`` (a draft vocabulary, ``draft_vocab``) only those LM-head rows are
+    scored and the top-k indices are mapped back to target ids inside the graph.
+    """
+
+    def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, top_k: int,
+                 draft_ids: torch.Tensor | None = None):
         super().__init__()
         self.drafter = drafter
+        if draft_ids is not None:
+            lm_head_weight = lm_head_weight[draft_ids]
+            self.register_buffer("d2t", draft_ids.long())
+        else:
+            self.d2t = None
         self.lm_head = torch.nn.Linear(lm_head_weight.shape[1], lm_head_weight.shape[0],
                                        bias=False)
         with torch.no_grad():
@@ -189,9 +199,10 @@ class StepGraph(torch.nn.Module):
 
     def forward(self, fused, position_ids, attention_mask, past_k, past_v):
         hidden, k, v = self.drafter.layer(fused, position_ids, attention_mask, past_k, past_v)
-        logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1,S,V]
+        logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1,S,V or N]
         top = torch.topk(logp, self.top_k, dim=-1)
-        return hidden, top.values, top.indices, k, v
+        ids = top.indices if self.d2t is None else self.d2t[top.indices]
+        return hidden, top.values, ids, k, v
 
 
 class AdaptorGraph(torch.nn.Module):

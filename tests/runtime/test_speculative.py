@@ -77,10 +77,14 @@ def _chi_square_rejects(counts: np.ndarray, expected: np.ndarray) -> bool:
     return stat > critical
 
 
-def test_speculative_sampling_keeps_the_target_distribution(runtime_pair):
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_speculative_sampling_keeps_the_target_distribution(runtime_pair, draft_vocab_pair,
+                                                            draft_vocab):
     """Tokens 1 and 2 of many seeded speculative runs vs the target's own distributions:
-    token 1 ~ p(. | prompt); token 2 (drafted tree, accepted or bonus) ~ p(. | prompt, x1)."""
-    target, drafter = runtime_pair("llava", "eagle")
+    token 1 ~ p(. | prompt); token 2 (drafted tree, accepted or bonus) ~ p(. | prompt, x1);
+    also with a draft vocabulary (drafts limited to part of the target's tokens)."""
+    target, drafter = draft_vocab_pair("llava", "eagle")[:2] if draft_vocab else \
+        runtime_pair("llava", "eagle")
     prompt = target.prepare("Tell me about the sea.")
     draws = 1500
     runs = [generate_speculative(target, drafter, prompt, 2, tree=TreeConfig(12, 2, 4),

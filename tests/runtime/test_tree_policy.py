@@ -44,9 +44,12 @@ def test_expected_tokens_counts_levels():
     assert expected_tokens(TreeConfig(3, 5, 1), 1.0) == 3  # two drafted tokens at most
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_auto_is_exact_including_the_fall_back_to_plain(runtime_pair, noise_image, family):
-    target, drafter = runtime_pair(family, "vispec")
+@pytest.mark.parametrize("family,draft_vocab", [("llava", False), ("qwen2_5_vl", False),
+                                                ("llava", True)])
+def test_auto_is_exact_including_the_fall_back_to_plain(runtime_pair, draft_vocab_pair,
+                                                         noise_image, family, draft_vocab):
+    target, drafter = draft_vocab_pair(family, "vispec")[:2] if draft_vocab else \
+        runtime_pair(family, "vispec")
     prompt = target.prepare(PROMPT, [noise_image(56, 56, 3)])
     plain = generate_plain(target, prompt, 40)
     # Cheap rounds first make trees attractive; a random drafter is then rejected until

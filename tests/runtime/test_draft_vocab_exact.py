@@ -1,0 +1,42 @@
+"""A drafter with a draft vocabulary drafts only its ids, and output stays exact."""
+import numpy as np
+import pytest
+
+from vispec.runtime.generate import generate_plain
+from vispec.runtime.speculative import generate_speculative
+from vispec.runtime.tree import TreeConfig
+
+
+class Recording:
+    """A drafter session that records every token id it proposes."""
+
+    def __init__(self, drafter):
+        self.drafter, self.kind, self.top_k, self.proposed = drafter, drafter.kind, drafter.top_k, []
+
+    def _keep(self, out):
+        self.proposed.extend(np.asarray(out[1]).ravel().tolist())
+        return out
+
+    def prefill(self, *args):
+        return self._keep(self.drafter.prefill(*args))
+
+    def tree_step(self, *args):
+        return self._keep(self.drafter.tree_step(*args))
+
+    def advance(self, *args):
+        return self._keep(self.drafter.advance(*args))
+
+
+@pytest.mark.parametrize("family,kind", [("llava", "vispec"), ("qwen2_5_vl", "hivis"),
+                                         ("llava_next", "eagle")])
+def test_greedy_with_a_draft_vocabulary_equals_plain(draft_vocab_pair, noise_image, family, kind):
+    target, drafter, ids = draft_vocab_pair(family, kind)
+    recording = Recording(drafter)
+    for images in ([], [noise_image(56, 56, 3)]):
+        prompt = target.prepare("Describe the red boat and what is around it.", images)
+        plain = generate_plain(target, prompt, 24)
+        for tree in (TreeConfig(8, 2, 2), TreeConfig(20, 3, 4)):
+            assert generate_speculative(target, recording, prompt, 24, tree=tree).tokens == \
+                plain.tokens
+    assert recording.proposed and set(recording.proposed) <= set(ids.tolist())
+    assert len(set(recording.proposed)) > 4  # not a degenerate head
