@@ -27,7 +27,7 @@ from vispec.exporter.onnx_io import example_feeds
 from vispec.exporter.tiny_models import build_tiny_model
 from vispec.runtime.bench import run_bench
 from vispec.runtime.pipeline import Pipeline
-from vispec.runtime.specs import NEW, PAST
+from vispec.runtime.specs import INPUT_IDS, NEW, PAST
 from vispec.runtime.tree import TreeConfig
 
 PROMPTS = ("Tell me a short story about a child and a bird.", "What colour is the sky?",
@@ -35,9 +35,11 @@ PROMPTS = ("Tell me a short story about a child and a bird.", "What colour is th
 
 
 def step_ms(pipe: Pipeline, rows: int, calls: int = 200) -> float:
-    """Median ms of one drafter step-graph call over ``rows`` new rows after 64 past rows."""
-    runner = pipe.drafter.runners["step"]
-    feeds = example_feeds(runner.spec, {NEW: rows, PAST: 64}, np.random.default_rng(0))
+    """Median ms of one drafter draft-graph call over ``rows`` new rows after 64 past rows."""
+    runner = pipe.drafter.draft_runner
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, pipe.target.facts["vocab_size"], (1, rows), dtype=np.int64)
+    feeds = example_feeds(runner.spec, {NEW: rows, PAST: 64}, rng, **{INPUT_IDS: ids})
     times = []
     for _ in range(calls + 10):
         t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
                    vocab_corpus, overwrite):
     """Export a ViSpec, HiViS or EAGLE drafter checkpoint (official layout: config.json +
     pytorch_model.bin or model.safetensors; the type is detected from its keys) to ONNX
-    graphs (fuse, step, adaptor) + manifest.json in OUT_DIR."""
+    graphs (draft, adaptor) + manifest.json in OUT_DIR."""
     _check_output(out_dir, overwrite, drafter_dir, target_dir)
     from .drafters.export import export_drafter as run
     if vocab_corpus is not None and draft_vocab is None:

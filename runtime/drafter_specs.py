@@ -1,20 +1,24 @@
-"""IO specs of the drafter graphs (EAGLE, ViSpec, HiViS): fuse, step, and ViSpec's adaptor.
+"""IO specs of the drafter graphs (EAGLE, ViSpec, HiViS): draft, and ViSpec's adaptor.
 
-Graph split (every drafter):
-  fuse    : target LM-input embeddings + target features (+ global feature | residual
-            index) -> fused rows ``[1, new, H]``
-  step    : fused rows + 1-D positions + bool mask + one layer's past K/V
-            -> drafter hidden ``[1, new, H]``, fused top-k of log_softmax(lm_head(hidden))
-            (full-vocabulary logits never leave the graph), the new rows' K/V
+  draft   : one call per prompt, tree level or advance. Row inputs: ``input_ids`` [1, new],
+            ``inputs_embeds`` and ``features`` [1, new, H]; per row, the id says what the
+            embedding is: a token id >= 0 is embedded with the drafter's own table (tree
+            tokens, accepted tokens, x_L); ``EMBEDDED`` (-1) takes ``inputs_embeds`` as the
+            row's embedding (the target's LM-input embeddings of the prompt); ``FUSED_ROW``
+            (-2) takes ``inputs_embeds`` as the decoder-layer input itself (ViSpec's adaptor
+            rows). Then the kind's fusion (+ global feature | residual index), the decoder
+            layer over 1-D positions, a bool mask and its one-layer past K/V, the LM head
+            (the target's, or a draft vocabulary of it) and a fused top-k:
+            -> drafter hidden [1, new, H], top-k log-probs and target ids, the new rows' K/V.
+            Full-vocabulary logits never leave the graph.
   adaptor : (ViSpec only) raw image embeddings ``[tokens, H]`` -> ``[num_q, H]``
-  embed   : (only when the checkpoint's ``embed_tokens`` differs from the target's) token
-            ids -> the drafter's own embeddings; absent, the target's embed graph serves
 """
 from __future__ import annotations
 
 from .specs import (
     ATTENTION_MASK,
     HIDDEN_STATES,
+    INPUT_IDS,
     INPUTS_EMBEDS,
     NEW,
     POSITION_IDS,
@@ -23,7 +27,6 @@ from .specs import (
     Dim,
     GraphSpec,
     TensorSpec,
-    embed_spec,
     kv_tensors,
     step_dims,
 )
@@ -33,11 +36,12 @@ DRAFTER_TYPES = ("eagle", "vispec", "hivis")
 FEATURES = "features"                # target's final post-norm hidden states
 GLOBAL_FEATURE = "global_feature"    # ViSpec: last adaptor row of the latest image (or 0)
 RESIDUAL_INDEX = "residual_index"    # HiViS: row k of the learned residual table
-FUSED = "fused"                      # drafter decoder-layer input rows
 IMAGE_EMBEDS = "image_embeds"        # ViSpec adaptor input: one image's projector output
 ADAPTOR_ROWS = "adaptor_rows"        # ViSpec adaptor output
 IMAGE_TOKENS = "image_tokens"        # dim: tokens of one image run
-DRAFTER_EMBED = "embed"              # graph: the drafter's own token table (optional)
+DRAFT = "draft"                      # graph: embed + fuse + layer + head + top-k
+EMBEDDED = -1                        # input id: inputs_embeds is the row's token embedding
+FUSED_ROW = -2                       # input id: inputs_embeds is the row's layer input
 
 # What a drafter's prompt rows see of an image (a run-time choice, ViSpec only):
 ADAPTOR = "adaptor"                  # projector outputs compressed by the adaptor; g = last row
@@ -46,37 +50,29 @@ OFFICIAL_LLAVA15 = "official-llava15"  # official ViSpec on LLaVA-1.5: <image> t
 IMAGE_INPUTS = (ADAPTOR, OFFICIAL_LLAVA15)
 
 
-def fuse_spec(kind: str, hidden_size: int, max_len: int, dtype: str = "float32") -> GraphSpec:
-    """The input fusion of drafter ``kind``."""
+def draft_spec(kind: str, *, hidden_size: int, kv_heads: int, head_dim: int, top_k: int,
+               max_len: int, dtype: str = "float32") -> GraphSpec:
+    """Embedding, fusion, decoder layer, LM head and top-k of drafter ``kind`` in one graph."""
     if kind not in DRAFTER_TYPES:
         raise ValueError(f"unknown drafter type {kind!r}; expected one of {DRAFTER_TYPES}")
     rows = (1, NEW, hidden_size)
-    inputs = [TensorSpec(INPUTS_EMBEDS, dtype, rows), TensorSpec(FEATURES, dtype, rows)]
-    if kind == "vispec":
-        inputs.append(TensorSpec(GLOBAL_FEATURE, dtype, (1, hidden_size)))
-    if kind == "hivis":
-        inputs.append(TensorSpec(RESIDUAL_INDEX, "int64", (1,)))
-    return GraphSpec(name="fuse", inputs=tuple(inputs),
-                     outputs=(TensorSpec(FUSED, dtype, rows),),
-                     dims=(Dim(NEW, 1, 8, max_len),), meta={"kind": kind})
-
-
-def drafter_step_spec(*, hidden_size: int, kv_heads: int, head_dim: int, top_k: int,
-                      max_len: int, dtype: str = "float32") -> GraphSpec:
-    """The drafter's decoder layer + target LM head + top-k, over its own one-layer cache."""
     kv_in, kv_out = kv_tensors(1, kv_heads, head_dim, dtype)
+    extra = {"vispec": (TensorSpec(GLOBAL_FEATURE, dtype, (1, hidden_size)),),
+             "hivis": (TensorSpec(RESIDUAL_INDEX, "int64", (1,)),)}.get(kind, ())
     return GraphSpec(
-        name="step",
-        inputs=(TensorSpec(FUSED, dtype, (1, NEW, hidden_size)),
+        name=DRAFT,
+        inputs=(TensorSpec(INPUT_IDS, "int64", (1, NEW)),
+                TensorSpec(INPUTS_EMBEDS, dtype, rows),
+                TensorSpec(FEATURES, dtype, rows),
                 TensorSpec(POSITION_IDS, "int64", (1, NEW)),
                 TensorSpec(ATTENTION_MASK, "bool", (1, 1, NEW, "past+new")),
-                *kv_in),
-        outputs=(TensorSpec(HIDDEN_STATES, dtype, (1, NEW, hidden_size)),
+                *kv_in, *extra),
+        outputs=(TensorSpec(HIDDEN_STATES, dtype, rows),
                  TensorSpec(TOPK_LOGPROBS, "float32", (1, NEW, top_k)),
                  TensorSpec(TOPK_IDS, "int64", (1, NEW, top_k)),
                  *kv_out),
         dims=step_dims(max_len),
-        meta={"top_k": top_k, "kv_heads": kv_heads, "head_dim": head_dim},
+        meta={"kind": kind, "top_k": top_k, "kv_heads": kv_heads, "head_dim": head_dim},
     )
 
 
@@ -90,8 +86,3 @@ def adaptor_spec(*, hidden_size: int, num_q: int, max_image_tokens: int,
         dims=(Dim(IMAGE_TOKENS, 1, 64, max_image_tokens),),
         meta={"num_q": num_q},
     )
-
-
-def drafter_embed_spec(*, hidden_size: int, max_len: int, dtype: str = "float32") -> GraphSpec:
-    """The drafter's own token embeddings (IO as the target's embed graph)."""
-    return embed_spec(hidden_size=hidden_size, max_len=max_len, dtype=dtype, name=DRAFTER_EMBED)

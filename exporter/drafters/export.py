@@ -1,6 +1,5 @@
-"""Export a drafter to ONNX (fuse, step, ViSpec's adaptor, and its own token embeddings when
-they differ from the target's) with a manifest, and check the graphs under ONNX Runtime
-against the PyTorch modules."""
+"""Export a drafter to ONNX (its draft graph and ViSpec's adaptor) with a manifest, and check
+the graphs under ONNX Runtime against the PyTorch modules."""
 from __future__ import annotations
 
 import os
@@ -14,15 +13,14 @@ import torch
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import (
-    DRAFTER_EMBED,
-    FUSED,
+    DRAFT,
+    EMBEDDED,
+    FUSED_ROW,
     IMAGE_EMBEDS,
     IMAGE_TOKENS,
     RESIDUAL_INDEX,
     adaptor_spec,
-    drafter_embed_spec,
-    drafter_step_spec,
-    fuse_spec,
+    draft_spec,
 )
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
@@ -31,13 +29,12 @@ from vispec.runtime.model_dir import read_config
 from vispec.runtime.specs import ATTENTION_MASK, INPUT_IDS, NEW, PAST, GraphSpec, past_names
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
-from ..lm_step import EmbedStep
 from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree
 from .checkpoint import load_drafter
 from .draft_vocab import DRAFT_VOCAB_FILE, select_draft_vocab
-from .modules import AdaptorGraph, Drafter, FuseGraph, StepGraph
+from .modules import AdaptorGraph, DraftGraph, Drafter
 
 DEFAULT_MAX_IMAGE_TOKENS = 4096
 EXAMPLE_IMAGE_TOKENS = 8
@@ -48,50 +45,37 @@ def target_lm_head(target_model_dir: str | os.PathLike) -> torch.Tensor:
     return read_text_weight(target_model_dir, "lm_head.weight")
 
 
-def target_embeddings(target_model_dir: str | os.PathLike) -> torch.Tensor:
-    """The target's token table ``[V, H]`` (float32)."""
-    return read_text_weight(target_model_dir, "embed_tokens.weight")
-
-
-def has_own_embeddings(drafter: Drafter, target_embed: torch.Tensor) -> bool:
-    """Whether the drafter's ``embed_tokens`` differs from the target's (a trained or altered
-    table). A frozen copy, or a table the checkpoint lacked (filled from the target on
-    loading), needs no graph of its own: the runtime then embeds with the target's."""
-    own = drafter.embed_tokens.weight
-    return own.shape != target_embed.shape or not torch.equal(own, target_embed.to(own.dtype))
-
-
 def drafter_graphs(drafter: Drafter, lm_head_weight: torch.Tensor, *, top_k: int,
-                   max_len: int, max_image_tokens: int, target_embed: torch.Tensor,
+                   max_len: int, max_image_tokens: int,
                    draft_ids: np.ndarray | None = None) -> dict[str, tuple]:
-    """Graph name -> (module, spec) for ``drafter`` (its head cut to ``draft_ids`` if given)."""
+    """Graph name -> (module, spec) for ``drafter`` (its head cut to ``draft_ids`` if given).
+    The draft graph embeds tokens with the drafter's own table (the target's when the
+    checkpoint has none: ``load_drafter`` fills it in)."""
     c = drafter.config
-    graphs = {
-        "fuse": (FuseGraph(drafter), fuse_spec(c.kind, c.hidden_size, max_len)),
-        "step": (StepGraph(drafter, lm_head_weight, top_k,
-                           None if draft_ids is None else torch.from_numpy(draft_ids)),
-                 drafter_step_spec(hidden_size=c.hidden_size, kv_heads=c.kv_heads,
-                                   head_dim=c.head_dim, top_k=top_k, max_len=max_len)),
-    }
+    graphs = {DRAFT: (DraftGraph(drafter, lm_head_weight, top_k,
+                                 None if draft_ids is None else torch.from_numpy(draft_ids)),
+                      draft_spec(c.kind, hidden_size=c.hidden_size, kv_heads=c.kv_heads,
+                                 head_dim=c.head_dim, top_k=top_k, max_len=max_len))}
     if c.kind == "vispec":
         graphs["adaptor"] = (AdaptorGraph(drafter),
                              adaptor_spec(hidden_size=c.hidden_size, num_q=c.num_q,
                                           max_image_tokens=max_image_tokens))
-    if has_own_embeddings(drafter, target_embed):
-        graphs[DRAFTER_EMBED] = (EmbedStep(drafter.embed_tokens),
-                                 drafter_embed_spec(hidden_size=c.hidden_size, max_len=max_len))
     return graphs
 
 
 def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
                  new: int) -> dict[str, np.ndarray]:
     """The inputs ``example_feeds`` does not make up, where ``spec`` takes them: HiViS's
-    residual row of tree level 1, ``new`` token ids."""
+    residual row of tree level 1; ``new`` row ids mixing token ids, ``EMBEDDED`` and
+    ``FUSED_ROW`` rows (every kind of row is traced and checked)."""
     feeds = {}
     if RESIDUAL_INDEX in spec.input_names:
         feeds[RESIDUAL_INDEX] = np.array([min(1, drafter.config.residual_rows - 1)], np.int64)
     if INPUT_IDS in spec.input_names:
-        feeds[INPUT_IDS] = rng.integers(0, drafter.config.vocab_size, (1, new), dtype=np.int64)
+        ids = rng.integers(0, drafter.config.vocab_size, (1, new), dtype=np.int64)
+        kinds = rng.integers(0, 3, (1, new))
+        ids[kinds == 1], ids[kinds == 2] = EMBEDDED, FUSED_ROW
+        feeds[INPUT_IDS] = ids
     return feeds
 
 
@@ -114,9 +98,8 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                    vocab_corpus: str | os.PathLike | None = None, overwrite: bool = False,
                    progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the drafter at ``drafter_dir`` (official layout) for the target at
-    ``target_model_dir`` into ``out_dir``: ``fuse.onnx``, ``step.onnx`` (+ ``adaptor.onnx``
-    for ViSpec, + ``embed.onnx`` when the drafter's token table is its own) and
-    ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
+    ``target_model_dir`` into ``out_dir``: ``draft.onnx`` (+ ``adaptor.onnx`` for ViSpec)
+    and ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
     head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies)."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
@@ -133,7 +116,6 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                  f"covering {covered:.1%} of the counted tokens")
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir), top_k=top_k,
                             max_len=max_len, max_image_tokens=max_image_tokens,
-                            target_embed=target_embeddings(target_model_dir),
                             draft_ids=draft_ids)
     sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
     rng = np.random.default_rng(0)
@@ -172,10 +154,10 @@ def _compare_all(graph: str, case: str, got: dict, want: dict) -> list[ParityRow
 
 def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.PathLike,
                      artifact_dir: str | os.PathLike, *, seed: int = 0) -> list[ParityRow]:
-    """Every exported graph under ONNX Runtime vs the PyTorch modules (fp32): fuse over
-    prefill rows; step over prefill rows, one row and a random 8-32 row tree mask, both
-    over the real past the prefill rows produced; the adaptor over one image; the drafter's
-    own embeddings (when exported) over random ids."""
+    """Every exported graph under ONNX Runtime vs the PyTorch modules (fp32): the draft
+    graph over 12 prefill rows (token, embedded and fused rows mixed), then one row and a
+    random 8-32 row tree mask over the real past the prefill rows produced; the adaptor
+    over one image."""
     artifact_dir = Path(artifact_dir)
     manifest = Manifest.load(artifact_dir)
     drafter = load_drafter(drafter_dir, target_model_dir)
@@ -183,9 +165,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
         if manifest.model.get("draft_vocab") else None
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir),
                             top_k=manifest.model["top_k"], max_len=manifest.max_len,
-                            max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
-                            target_embed=target_embeddings(target_model_dir),
-                            draft_ids=draft_ids)
+                            max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS, draft_ids=draft_ids)
     rng = np.random.default_rng(seed)
     rows = []
 
@@ -198,27 +178,23 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
         rows.extend(_compare_all(name, case, got, want))
         return want
 
-    fuse_io = manifest.graph("fuse").spec
-    prefill = run("fuse", "prefill",
-                  example_feeds(fuse_io, {NEW: 12}, rng, **fixed_inputs(fuse_io, drafter, rng, 12)))
-    step_spec = manifest.graph("step").spec
-    feeds = example_feeds(step_spec, {NEW: 12, PAST: 0}, rng)
-    feeds[FUSED] = prefill[FUSED]
-    past = run("step", "prefill", feeds)
+    spec = manifest.graph(DRAFT).spec
+
+    def feeds(new: int, past: int) -> dict:
+        return example_feeds(spec, {NEW: new, PAST: past}, rng,
+                             **fixed_inputs(spec, drafter, rng, new))
+
+    prefill = run(DRAFT, "prefill", feeds(12, 0))
     k, v = past_names(0)
-    real_past = {k: past["present_key.0"], v: past["present_value.0"]}
-    single = example_feeds(step_spec, {NEW: 1, PAST: 12}, rng)
-    run("step", "single", {**single, **real_past})
+    real_past = {k: prefill["present_key.0"], v: prefill["present_value.0"]}
+    run(DRAFT, "single", {**feeds(1, 12), **real_past})
     n = int(rng.integers(8, 33))
-    tree = example_feeds(step_spec, {NEW: n, PAST: 12}, rng)
+    tree = feeds(n, 12)
     tree[ATTENTION_MASK] = np.concatenate([np.ones((n, 12), bool), random_tree(rng, n, forest=True)[1]],
                                           axis=1)[None, None]
-    run("step", f"tree{n}", {**tree, **real_past})
+    run(DRAFT, f"tree{n}", {**tree, **real_past})
     if "adaptor" in graphs:
         image = {IMAGE_EMBEDS: rng.standard_normal((20, drafter.config.hidden_size),
                                                    dtype=np.float32)}
         run("adaptor", "image20", image)
-    if DRAFTER_EMBED in graphs:
-        run(DRAFTER_EMBED, "ids12", fixed_inputs(manifest.graph(DRAFTER_EMBED).spec, drafter,
-                                                 rng, 12))
     return rows

@@ -1,8 +1,8 @@
 """PyTorch drafters (EAGLE, ViSpec, HiViS) whose parameter names are the official checkpoint keys,
-and the three exportable graphs over them (fuse, step, adaptor).
+and the two exportable graphs over them (draft, adaptor).
 
-    fuse    : (e [1,S,H], f [1,S,H], g [1,H] | residual index [1]) -> fused rows [1,S,H]
-    step    : (fused, positions [1,S], mask [1,1,S,P+S], past K/V) -> hidden, top-k, new K/V
+    draft   : (ids [1,S], e [1,S,H], f [1,S,H], positions [1,S], mask [1,1,S,P+S], past K/V,
+               g [1,H] | residual index [1]) -> hidden, top-k, new K/V
     adaptor : (ViSpec) image embeddings [N,H] -> [num_q,H]
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from vispec.runtime.drafter_specs import FUSED_ROW
 
 from ..lm_step import attend, mask_to_bias
 from .config import DrafterConfig
@@ -86,7 +88,7 @@ class Drafter(torch.nn.Module):
     """Shared parts of every drafter; subclasses add their fusion parameters and ``fuse``.
 
     ``state_dict()`` keys are exactly the official checkpoint's. The LM head is the target's
-    and is not part of the drafter (see :class:`StepGraph`).
+    and is not part of the drafter (see :class:`DraftGraph`).
     """
 
     kind: str
@@ -163,23 +165,14 @@ class HivisDrafter(Drafter):
 
 
 # -- exportable graphs ---------------------------------------------------------------------
-class FuseGraph(torch.nn.Module):
-    """``(inputs_embeds, features[, global_feature | residual_index]) -> fused``."""
+class DraftGraph(torch.nn.Module):
+    """``(input_ids, inputs_embeds, features, position_ids, attention_mask, past_key.0,
+    past_value.0[, global_feature | residual_index]) -> (hidden_states, topk_logprobs,
+    topk_ids, present_key.0, present_value.0)`` (``drafter_specs.draft_spec``).
 
-    def __init__(self, drafter: Drafter):
-        super().__init__()
-        self.drafter = drafter
-
-    def forward(self, embeds, features, extra=None):
-        return self.drafter.fuse(embeds, features, extra)
-
-
-class StepGraph(torch.nn.Module):
-    """``(fused, position_ids, attention_mask, past_key.0, past_value.0)
-    -> (hidden_states, topk_logprobs, topk_ids, present_key.0, present_value.0)``.
-
-    With ``draft_ids`` (a draft vocabulary, ``draft_vocab``) only those LM-head rows are
-    scored and the top-k indices are mapped back to target ids inside the graph.
+    Row embeddings: the drafter's table for ids >= 0, ``inputs_embeds`` for ``EMBEDDED``;
+    ``FUSED_ROW`` rows skip the fusion. With ``draft_ids`` (a draft vocabulary) only those
+    LM-head rows are scored and the top-k indices are mapped back to target ids in the graph.
     """
 
     def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, top_k: int,
@@ -197,7 +190,12 @@ class StepGraph(torch.nn.Module):
             self.lm_head.weight.copy_(lm_head_weight)
         self.top_k = top_k
 
-    def forward(self, fused, position_ids, attention_mask, past_k, past_v):
+    def forward(self, input_ids, inputs_embeds, features, position_ids, attention_mask,
+                past_k, past_v, extra=None):
+        tokens = self.drafter.embed_tokens(input_ids.clamp(min=0))
+        embeds = torch.where((input_ids >= 0)[..., None], tokens, inputs_embeds)
+        fused = self.drafter.fuse(embeds, features, extra)
+        fused = torch.where((input_ids == FUSED_ROW)[..., None], inputs_embeds, fused)
         hidden, k, v = self.drafter.layer(fused, position_ids, attention_mask, past_k, past_v)
         logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1,S,V or N]
         top = torch.topk(logp, self.top_k, dim=-1)

@@ -1,4 +1,4 @@
-"""The session of each drafter kind: its fuse input and how it builds its prompt rows."""
+"""The session of each drafter kind: its fusion input and how it builds its prompt rows."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,7 @@ import numpy as np
 from ..drafter_specs import (
     ADAPTOR,
     ADAPTOR_ROWS,
+    FUSED_ROW,
     GLOBAL_FEATURE,
     IMAGE_EMBEDS,
     OFFICIAL_LLAVA15,
@@ -13,7 +14,7 @@ from ..drafter_specs import (
 )
 from ..errors import VispecError
 from .layouts import hivis_text_rows, image_runs
-from .session import DrafterSession, register
+from .session import DrafterSession, register, shifted_rows
 
 
 @register
@@ -52,32 +53,35 @@ class VispecSession(DrafterSession):
     def _fuse_inputs(self, level: int) -> dict[str, np.ndarray]:
         return {GLOBAL_FEATURE: self.global_feature}
 
-    def _prefill_rows(self, input_ids, embeds, features, next_embed):
+    def _prefill_chunks(self, input_ids, embeds, features, next_token):
         """Text rows keep their positions; an image run (rows whose next token is an image
-        token) becomes ``num_q - 1`` adaptor rows at the run's last positions."""
+        token) becomes ``num_q - 1`` adaptor rows (``FUSED_ROW``) at the run's last
+        positions. One chunk per image (ending with its adaptor rows) and one for the text
+        after the last: text rows see the global feature of the latest image before them."""
         if self.image_input == OFFICIAL_LLAVA15:  # EAGLE rows of token embeddings, g = 0
-            return super()._prefill_rows(input_ids, self.embed(input_ids), features, next_embed)
-        shifted = np.concatenate([embeds[1:], next_embed])  # [L, H] row i <- e_{i+1}
+            ids = np.append(input_ids[1:], next_token).astype(np.int64)
+            yield ids, np.zeros_like(embeds), features, np.arange(len(ids), dtype=np.int64)
+            return
+        ids, shifted = shifted_rows(input_ids, embeds, next_token)
+        positions = np.arange(len(ids), dtype=np.int64)
         is_image = np.append(input_ids[1:] == self.target.glue.image_token_id, False)
         num_q = int(self.facts["num_q"])
-        rows, positions, start = [], [], 0
+        start = 0
         for run_start, run_end in image_runs(is_image):
             if run_end - run_start < num_q - 1:
                 raise VispecError(f"an image of {run_end - run_start} tokens is shorter than "
                                   f"the ViSpec adaptor's {num_q - 1} rows")
-            rows.append(self._text_rows(shifted[start:run_start], features[start:run_start]))
-            positions.append(np.arange(start, run_start))
             image = {IMAGE_EMBEDS: np.ascontiguousarray(shifted[run_start:run_end], np.float32)}
             adapted = self.runners["adaptor"].infer(image)[ADAPTOR_ROWS]  # [num_q, H]
-            rows.append(adapted[:-1])
-            positions.append(np.arange(run_end - num_q + 1, run_end))
+            rows = np.r_[start:run_start, run_end - num_q + 1:run_end]  # text, then adaptor
+            chunk = shifted[rows]
+            chunk[run_start - start:] = adapted[:-1]
+            chunk_ids = ids[rows]
+            chunk_ids[run_start - start:] = FUSED_ROW
+            if len(rows):
+                yield chunk_ids, chunk, features[rows], positions[rows]
             self.global_feature, start = adapted[-1:].copy(), run_end
-        rows.append(self._text_rows(shifted[start:], features[start:]))
-        positions.append(np.arange(start, len(input_ids)))
-        return np.concatenate(rows), np.concatenate(positions).astype(np.int64)
-
-    def _text_rows(self, embeds: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return self._fuse(embeds, features, 0) if len(embeds) else embeds
+        yield ids[start:], shifted[start:], features[start:], positions[start:]
 
 
 @register
@@ -91,7 +95,6 @@ class HivisSession(DrafterSession):
         index = min(level, int(self.facts["residual_rows"]) - 1)
         return {RESIDUAL_INDEX: np.array([index], np.int64)}
 
-    def _prefill_rows(self, input_ids, embeds, features, next_embed):
+    def _prefill_chunks(self, input_ids, embeds, features, next_token):
         kept, positions = hivis_text_rows(self.target.glue, input_ids)
-        shifted = np.concatenate([embeds[kept[1:]], next_embed])  # row j <- e of kept j+1
-        return self._fuse(shifted, features[kept], 0), positions
+        yield shifted_rows(kept, embeds[kept], next_token) + (features[kept], positions)

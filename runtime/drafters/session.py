@@ -11,9 +11,10 @@ Rows and positions (EAGLE-2 conventions, ``cnets.py``/``cnets_ours.py`` ``topK_g
   are dropped when the next round or ``advance`` starts.
 - advance: row j = (f of accepted node j, embed(token after it)) at ``next_position + j``.
 
-``embed`` is the drafter's own token table (its ``embed`` graph) when the export found it
-differs from the target's, else the target's: the prompt rows keep the target's LM-input
-embeddings (projector outputs at image slots), as the official code passes them.
+Every call is one ``draft`` graph call (``drafter_specs``): tree tokens, accepted tokens and
+x_L go in as token ids, embedded with the drafter's own table inside the graph; the prompt
+rows keep the target's LM-input embeddings (projector outputs at image slots), as the
+official code passes them (``EMBEDDED`` rows).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..backends import make_runner
-from ..drafter_specs import ADAPTOR, DRAFTER_EMBED, FEATURES, FUSED, IMAGE_INPUTS
+from ..drafter_specs import ADAPTOR, DRAFT, EMBEDDED, FEATURES, IMAGE_INPUTS
 from ..errors import ManifestError, VispecError
 from ..kv_cache import KVCache
 from ..manifest import Manifest
@@ -78,7 +79,7 @@ class DrafterSession:
     """Drafter state of one generation: committed cache rows, next position, last hidden.
 
     Subclasses set ``kind`` and implement the kind-specific parts: ``_fuse_inputs`` (the
-    fuse graph's extra input) and, where rows are dropped or compressed, ``_prefill_rows``;
+    draft graph's extra input) and, where rows are dropped or compressed, ``_prefill_chunks``;
     ``image_inputs`` lists the image inputs the kind supports.
     """
 
@@ -89,14 +90,20 @@ class DrafterSession:
                  backend: str, threads: int | None, image_input: str = ADAPTOR):
         self.manifest, self.target, self.facts = manifest, target, manifest.model
         self.image_input = image_input
+        if DRAFT not in manifest.graphs:
+            raise ManifestError(f"{artifact_dir} was exported by an older vispec-export (graphs "
+                                f"{sorted(manifest.graphs)}, no {DRAFT!r}). Hint: export the "
+                                f"drafter again with `vispec-export export-drafter`")
         self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads)
                         for name, g in manifest.graphs.items()}
+        self.draft_runner = self.runners[DRAFT]
         self.top_k: int = int(self.facts["top_k"])
         self.cache = KVCache(1, self.facts["kv_heads"], self.facts["head_dim"], manifest.max_len)
         self.next_position = 0
         self.committed = 0                   # cache rows kept across rounds
         self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row
         self.tree_hidden: list[np.ndarray] = []     # [K, H] per tree call of this round
+        self._no_embeds = np.zeros((manifest.max_len, self.facts["hidden_size"]), np.float32)
         self._reset_state()
 
     # -- the loop's interface ------------------------------------------------------------------
@@ -105,9 +112,9 @@ class DrafterSession:
         """Start a generation from the prompt; returns the last row's (logp [k], ids [k])."""
         self.cache.reset()
         self._reset_state()
-        fused, positions = self._prefill_rows(np.asarray(input_ids), embeds, features,
-                                              self.embed([next_token]))
-        return self._commit(fused, positions)
+        for chunk in self._prefill_chunks(np.asarray(input_ids), embeds, features, next_token):
+            top = self._commit(*chunk)
+        return top
 
     def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
                   level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,9 +127,9 @@ class DrafterSession:
                              f"{k} nodes after {r} tree rows of this round (level {level})")
         rows = np.concatenate([self.last_hidden[None], *self.tree_hidden])  # [1 + R, H]
         features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
-        fused = self._fuse(self.embed(tokens), features, level)
         positions = np.full(k, self.next_position + level - 1, np.int64)
-        out = self._step(fused, positions, tree_mask(self.committed, mask))  # [1,1,K,C+R+K]
+        out = self._draft(tokens, self._no_embeds[:k], features, positions,
+                          tree_mask(self.committed, mask), level)            # [1,1,K,C+R+K]
         self.cache.commit(k)
         self.tree_hidden.append(out[HIDDEN_STATES][0])
         return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
@@ -130,16 +137,8 @@ class DrafterSession:
     def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append the accepted rows (f_j, embed(tokens_j)); returns the last row's top-k."""
         self._drop_tree()
-        fused = self._fuse(self.embed(tokens), features, level=0)
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
-        return self._commit(fused, positions)
-
-    def embed(self, tokens) -> np.ndarray:
-        """Token embeddings ``[S, H]``: the drafter's own table if exported, else the target's."""
-        runner = self.runners.get(DRAFTER_EMBED)
-        if runner is None:
-            return self.target.embed(tokens)
-        return runner.infer({INPUT_IDS: np.asarray(tokens, np.int64)[None]})[INPUTS_EMBEDS][0]
+        return self._commit(tokens, self._no_embeds[:len(tokens)], features, positions)
 
     @classmethod
     def check_image_input(cls, image_input: str, target: TargetModel) -> None:
@@ -157,31 +156,33 @@ class DrafterSession:
         """Forget kind state carried across rounds (ViSpec's global feature)."""
 
     def _fuse_inputs(self, level: int) -> dict[str, np.ndarray]:
-        """The fuse graph's extra input for rows of tree ``level`` (0 = committed rows)."""
+        """The draft graph's extra input for rows of tree ``level`` (0 = committed rows)."""
         return {}
 
-    def _prefill_rows(self, input_ids, embeds, features, next_embed):
-        """Fused prompt rows ``[N, H]`` and their positions ``[N]``: the EAGLE shift."""
-        shifted = np.concatenate([embeds[1:], next_embed])  # row i <- e_{i+1}
-        return self._fuse(shifted, features, 0), np.arange(len(input_ids), dtype=np.int64)
+    def _prefill_chunks(self, input_ids, embeds, features, next_token):
+        """The prompt rows, in one or more draft calls (kind state may change between
+        them): each chunk is ids ``[N]`` (``drafter_specs`` row codes), embeddings and
+        features ``[N, H]`` and positions ``[N]``. EAGLE's shift: row i <- (f_i, e_{i+1}),
+        the last row embeds x_L with the drafter's table."""
+        yield shifted_rows(input_ids, embeds, next_token) + (
+            features, np.arange(len(input_ids), dtype=np.int64))
 
     # -- graph calls ---------------------------------------------------------------------------
-    def _fuse(self, embeds: np.ndarray, features: np.ndarray, level: int) -> np.ndarray:
-        """``[S, H]`` x2 -> fused rows ``[S, H]``."""
-        feeds = {INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32)[None],
+    def _draft(self, ids, embeds: np.ndarray, features: np.ndarray, positions: np.ndarray,
+               mask: np.ndarray, level: int) -> dict:
+        """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache."""
+        feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None],
+                 INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32)[None],
                  FEATURES: np.ascontiguousarray(features, np.float32)[None],
-                 **self._fuse_inputs(level)}
-        return self.runners["fuse"].infer(feeds)[FUSED][0]
+                 POSITION_IDS: positions[None], ATTENTION_MASK: mask,
+                 **self.cache.past(), **self._fuse_inputs(level)}
+        return self.draft_runner.infer(feeds, self.cache.present(len(positions)))
 
-    def _step(self, fused: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> dict:
-        """The layer over ``fused [S, H]`` after the cache's rows; K/V land in the cache."""
-        feeds = {FUSED: fused[None], POSITION_IDS: positions[None], ATTENTION_MASK: mask,
-                 **self.cache.past()}
-        return self.runners["step"].infer(feeds, self.cache.present(len(fused)))
-
-    def _commit(self, fused: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self._step(fused, positions, causal_mask(self.cache.length, len(fused)))
-        self.cache.commit(len(fused))
+    def _commit(self, ids, embeds: np.ndarray, features: np.ndarray,
+                positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._draft(ids, embeds, features, positions,
+                          causal_mask(self.cache.length, len(positions)), level=0)
+        self.cache.commit(len(positions))
         self.committed = self.cache.length
         self.next_position = int(positions[-1]) + 1
         self.last_hidden = out[HIDDEN_STATES][0, -1].copy()
@@ -200,3 +201,12 @@ class DrafterSession:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def shifted_rows(input_ids, embeds: np.ndarray, next_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids and embeddings of EAGLE's shift over ``embeds [L, H]``: row i takes e_{i+1}
+    (``EMBEDDED``), the last row x_L's token id."""
+    ids = np.full(len(input_ids), EMBEDDED, np.int64)
+    ids[-1] = next_token
+    return ids, np.concatenate([embeds[1:], embeds[:1]])  # the last row's is not read
+

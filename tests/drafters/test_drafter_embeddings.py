@@ -1,6 +1,5 @@
-"""A drafter's own token table: exported with it when it differs from the target's and used
-for x_L, tree tokens and accepted tokens; the target's serves a frozen copy or a checkpoint
-without one."""
+"""A drafter's own token table (inside its draft graph) embeds x_L, tree tokens and accepted
+tokens; a checkpoint without one takes the target's."""
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -8,10 +7,9 @@ from safetensors import safe_open
 from vispec.exporter.drafters.checkpoint import load_drafter
 from vispec.exporter.drafters.export import target_lm_head, validate_drafter
 from vispec.exporter.drafters.reference import reference_prefill
-from vispec.runtime.drafter_specs import DRAFTER_EMBED
+from vispec.runtime.drafter_specs import DRAFT
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.generate import generate_plain
-from vispec.runtime.manifest import Manifest
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.speculative import draft, generate_speculative
 from vispec.runtime.tree import TreeConfig
@@ -37,31 +35,14 @@ def _prefilled(target, session, images):
     return (prompt.input_ids, embeds, out.hidden, next_token), top
 
 
-@pytest.mark.parametrize("table,own_graph", [("copy", False), ("own", True), ("none", False)])
-def test_embed_graph_only_for_an_own_table(table, own_graph, table_drafter):
+@pytest.mark.parametrize("table", ["copy", "own", "none"])
+def test_validate_checks_the_draft_graph_with_each_table(table, table_drafter, tiny_target):
     drafter_dir, artifacts = table_drafter("vispec", "llava", table)
     with safe_open(str(drafter_dir / "model.safetensors"), "pt") as f:
         assert ("embed_tokens.weight" in f.keys()) == (table != "none")
-    assert (DRAFTER_EMBED in Manifest.load(artifacts).graphs) == own_graph
-
-
-def test_validate_checks_the_own_table(table_drafter, tiny_target):
-    drafter_dir, artifacts = table_drafter("vispec", "llava", "own")
     rows = validate_drafter(drafter_dir, tiny_target("llava")[0], artifacts)
-    assert any(r.graph == DRAFTER_EMBED for r in rows)
+    assert {r.graph for r in rows} == {DRAFT, "adaptor"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
-
-
-def test_session_embeds_with_the_drafter_table(sessions, table_drafter, tiny_target,
-                                               target_model):
-    own, none = sessions("own", "none")
-    ids = np.arange(3, 40)
-    drafter = load_drafter(table_drafter("vispec", "llava", "own")[0], tiny_target("llava")[0])
-    np.testing.assert_allclose(own.embed(ids), drafter.embed_tokens.weight[ids].detach().numpy(),
-                               rtol=0, atol=1e-6)
-    target = target_model("llava")
-    np.testing.assert_array_equal(none.embed(ids), target.embed(ids))
-    assert not np.allclose(own.embed(ids), target.embed(ids), atol=1e-3)
 
 
 def test_drafts_follow_the_table(sessions, table_drafter, tiny_target, target_model,

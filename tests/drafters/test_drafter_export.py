@@ -7,8 +7,8 @@ from vispec.exporter.drafters.export import export_drafter, validate_drafter
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest, config_hash
 
-GRAPHS = {"eagle": {"fuse", "step"}, "vispec": {"fuse", "step", "adaptor"},
-          "hivis": {"fuse", "step"}}
+GRAPHS = {"eagle": {"draft"}, "vispec": {"draft", "adaptor"},
+          "hivis": {"draft"}}
 
 
 @pytest.mark.parametrize("kind,family", [("eagle", "llava"), ("vispec", "llava"),
@@ -20,7 +20,7 @@ def test_onnx_matches_torch(kind, family, tiny_drafter, tiny_target):
         print(f"{kind:6s} {row.graph:7s} {row.case:8s} {row.output:15s} max_abs={row.max_abs:.2e}"
               f" rel={row.rel:.2e}")
     assert {r.graph for r in rows} == GRAPHS[kind]
-    assert {r.case for r in rows if r.graph == "step"} >= {"prefill", "single"}
+    assert {r.case for r in rows if r.graph == "draft"} >= {"prefill", "single"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
 
 
