@@ -29,6 +29,7 @@ class BenchRow:
     passes: int = 0               # target passes after the prefill
     identical: bool = True        # greedy output == plain's, every time
     trees_used: dict[str, int] = field(default_factory=dict)  # rounds per tree (auto)
+    split_ms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # draft, verify, host
 
     @property
     def tokens_per_second(self) -> float:
@@ -38,6 +39,11 @@ class BenchRow:
     def tokens_per_pass(self) -> float:
         return self.decoded / self.passes if self.passes else 0.0
 
+    @property
+    def pass_split_ms(self) -> tuple[float, ...]:
+        """Mean milliseconds per pass in drafter calls, the target pass and host work."""
+        return tuple(ms / self.passes if self.passes else 0.0 for ms in self.split_ms)
+
     def add(self, result: GenerationResult) -> None:
         s = result.stats
         self.decoded += sum(s.accepted)
@@ -46,11 +52,15 @@ class BenchRow:
         for r in s.rounds:
             name = tree_name(r.tree)
             self.trees_used[name] = self.trees_used.get(name, 0) + 1
+            for i, ms in enumerate((r.draft_ms, r.verify_ms, r.host_ms)):
+                self.split_ms[i] += ms
 
     def to_dict(self) -> dict:
         return {"setting": self.setting, "tokens_per_second": round(self.tokens_per_second, 3),
                 "tokens_per_pass": round(self.tokens_per_pass, 4), "identical": self.identical,
-                "rounds_per_tree": self.trees_used}
+                "rounds_per_tree": self.trees_used,
+                "ms_per_pass": dict(zip(("draft", "verify", "host"),
+                                        (round(ms, 4) for ms in self.pass_split_ms)))}
 
 
 def tree_name(tree: TreeConfig | None) -> str:
@@ -92,15 +102,20 @@ def _generate(pipe: Pipeline, tree, text: str, images: list, max_new_tokens: int
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    """A markdown table: tokens/s, ratio to plain, tokens per pass, identity."""
+    """A markdown table: tokens/s, ratio to plain, tokens per pass, the pass's cost split
+    (drafter / target / host ms, host share), identity."""
     plain = next(r for r in rows if r.setting == PLAIN).tokens_per_second
-    lines = ["| setting | tok/s | x plain | tokens/pass | identical to plain | trees used |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | tok/s | x plain | tokens/pass | ms/pass draft / verify / host | "
+             "host share | identical to plain | trees used |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         used = ", ".join(f"{k}: {v}" for k, v in r.trees_used.items()) \
             if r.setting == AUTO else ""
+        split = r.pass_split_ms
+        share = split[2] / sum(split) if sum(split) else 0.0
         lines.append(f"| {r.setting} | {r.tokens_per_second:.1f} | "
                      f"{r.tokens_per_second / plain:.2f} | {r.tokens_per_pass:.2f} | "
+                     f"{split[0]:.2f} / {split[1]:.2f} / {split[2]:.3f} | {share:.1%} | "
                      f"{r.identical} | {used} |")
     return "\n".join(lines)
 

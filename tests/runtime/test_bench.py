@@ -16,6 +16,8 @@ def test_bench_rows_table_and_chart(tiny_target, tiny_drafter, noise_image, tmp_
     assert all(r.identical and r.decoded == 2 * 11 for r in rows)  # 12 tokens, 1 from prefill
     assert rows[0].tokens_per_pass == 1.0 and rows[1].tokens_per_pass >= 1.0
     assert sum(rows[-1].trees_used.values()) == rows[-1].passes
+    plain_split, tree_split = rows[0].pass_split_ms, rows[1].pass_split_ms
+    assert plain_split[0] == 0 and plain_split[1] > 0 and min(tree_split) > 0
     table = format_table(rows)
     assert table.count("\n") == 5 and "| plain |" in table
     png = plot(rows, tmp_path / "bench.png", "tiny")
