@@ -10,7 +10,7 @@ where ``a`` is the chance that the target accepts the next level of the path, es
 online per tree from the rounds seen (shrunk towards the estimate pooled over all trees,
 with an optimistic bonus while few rounds were seen: EAGLE's "measure, don't guess" and
 SMART's "expand only when it pays"). When plain decoding has the best rate the generation
-goes on plainly to its end; acceptance statistics carry over (halved) to the next one.
+goes on plainly to its end; acceptance statistics carry over (weighted 0.8) to the next one.
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ class _Counts:
         self.accepted += accepted
         self.tried += accepted + (accepted < possible)
 
-    def halve(self) -> None:
-        self.accepted, self.tried = self.accepted / 2, self.tried / 2
+    def scale(self, weight: float) -> None:
+        self.accepted, self.tried = self.accepted * weight, self.tried * weight
 
 
 @dataclass
@@ -103,6 +103,7 @@ class AutoTree:
     plain_ms: float
     prior_strength: float = 4.0   # pseudo-levels of the pooled estimate in each tree's
     optimism: float = 1.0         # standard deviations added to the acceptance estimate
+    memory: float = 0.8           # weight of past generations' rounds at each new one
     counts: dict[TreeConfig, _Counts] = field(default_factory=dict)
     fallen_back: bool = False
 
@@ -115,10 +116,11 @@ class AutoTree:
         return tuple(self.round_ms)
 
     def start(self) -> None:
-        """A new generation: try trees again, trusting past rounds half as much."""
+        """A new generation: try trees again, trusting past rounds ``memory`` as much (a
+        drafter that never wins is tried about every third generation, not every one)."""
         self.fallen_back = False
         for c in self.counts.values():
-            c.halve()
+            c.scale(self.memory)
 
     def acceptance(self, tree: TreeConfig) -> float:
         """Optimistic estimate of the per-level acceptance of ``tree``."""

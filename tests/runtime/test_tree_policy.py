@@ -35,8 +35,20 @@ def test_acceptance_decides_between_trees_and_plain():
     assert accepting.choose() == WIDE   # 5 tokens in 2.2 ms beat 4 in 2.0 ms and 1 in 1.0
     assert rejecting.choose() is None
     assert rejecting.choose() is None  # fell back: plain for the rest of this generation
-    rejecting.start()                  # the next generation weighs the past half as much
-    assert rejecting.counts[WIDE].tried == 10
+    rejecting.start()                  # the next generation weighs the past 0.8 as much
+    assert rejecting.counts[WIDE].tried == 16
+
+
+def test_a_losing_drafter_is_tried_less_than_once_per_generation():
+    # round costs as measured on the ~100M target (1.55 and 2.1 plain steps)
+    never = policy(small_ms=1.55, wide_ms=2.1)
+    tried = 0
+    for _ in range(12):
+        never.start()
+        while (tree := never.choose()) is not None:
+            never.observe(tree, 0)
+            tried += 1
+    assert tried <= 7
 
 
 def test_expected_tokens_counts_levels():
