@@ -46,9 +46,9 @@ class DistillConfig:
     text_prompts: int = 64
     image_tokens: int = 24   # new tokens per image answer (they end at EOS, ~11 tokens)
     text_tokens: int = 48
-    steps: int = 300
-    batch: int = 8
-    lr: float = 2e-3
+    steps: int = 150
+    batch: int = 4
+    lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):
@@ -56,10 +56,15 @@ class DistillConfig:
         if bad:
             raise ValueError(f"DistillConfig | {', '.join(bad)}. Expected: every field > 0")
 
-    def key(self, extra: str = "") -> str:
-        """A short hash of the settings, ``VERSION`` and ``extra`` (e.g. the weights' hash)."""
-        text = json.dumps({**asdict(self), "version": VERSION, "extra": extra}, sort_keys=True)
+    def key(self, fields: tuple[str, ...], extra: str = "") -> str:
+        """A short hash of ``fields``' values, ``VERSION`` and ``extra`` (the weights' hash)."""
+        values = {k: getattr(self, k) for k in fields}
+        text = json.dumps({**values, "version": VERSION, "extra": extra}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
+_TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
 
 
 def text_prompts(n: int, seed: int = 0) -> list[str]:
@@ -162,10 +167,11 @@ def distill_data(model_dir, target_onnx, config: DistillConfig, folder: Path,
 
 # -- drafters -----------------------------------------------------------------------------
 def cache_folder(model_dir: str | os.PathLike, config: DistillConfig) -> Path:
-    """Where data and checkpoints of ``config`` for this target's vision weights live."""
+    """Where the distillation data of ``config`` for this target's weights lives (the
+    checkpoints in subfolders keyed by the training settings)."""
     weights = Path(model_dir) / "model.safetensors"
     extra = file_hash(weights) if weights.is_file() else str(Path(model_dir).resolve())
-    return Path(cache_dir()) / "smollm2-llava" / f"drafters-{config.key(extra)}"
+    return Path(cache_dir()) / "smollm2-llava" / f"distill-{config.key(_DATA_FIELDS, extra)}"
 
 
 def real_drafters(model_dir: str | os.PathLike, target_onnx: str | os.PathLike,
@@ -181,7 +187,7 @@ def real_drafters(model_dir: str | os.PathLike, target_onnx: str | os.PathLike,
     from .drafters.train import TrainConfig, fit, save_token_counts
 
     folder = cache_folder(model_dir, config)
-    wanted = {kind: folder / kind for kind in kinds}
+    wanted = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS)}" for kind in kinds}
     missing = [k for k, p in wanted.items() if not (p / "config.json").is_file()]
     if not missing:
         progress(f"drafters {', '.join(kinds)}: cached ({folder})")

@@ -106,6 +106,9 @@ def test_distillation_prompts_and_settings():
     prompts = text_prompts(40, seed=0)
     assert prompts == text_prompts(40, seed=0) and len(set(prompts)) == 40
     assert not set(held_out_text_prompts()) & set(text_prompts(150))
-    assert DistillConfig().key("a") != DistillConfig(steps=1).key("a") != DistillConfig().key("b")
+    fields = ("steps", "seed")
+    assert DistillConfig().key(fields, "a") != DistillConfig(steps=1).key(fields, "a")
+    assert DistillConfig().key(fields, "a") != DistillConfig().key(fields, "b")
+    assert DistillConfig().key(("seed",)) == DistillConfig(steps=1).key(("seed",))
     with pytest.raises(ValueError, match="steps=0"):
         DistillConfig(steps=0)
