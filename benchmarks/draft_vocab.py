@@ -4,7 +4,8 @@ For each draft-vocabulary size N (and the full head) the drafter is exported, it
 graph is timed alone (one row, and one tree level of K rows, over a past of 64 rows), and
 plain vs speculative decoding run through the same runtime (fixed tree, interleaved by
 ``vispec.runtime.bench``): tokens per target pass and decode tok/s. Token frequencies come
-from ``--corpus`` (default: the prompts' own text).
+from ``--corpus``, else the drafter's ``token_counts.json`` (from training), else the
+prompts' own text.
 
     python benchmarks/draft_vocab.py                      # random 100M LLaVA, 49,152 tokens
     python benchmarks/draft_vocab.py --model M --drafter D --corpus replies.txt
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vispec.exporter.drafters.checkpoint import build_tiny_drafter
+from vispec.exporter.drafters.draft_vocab import COUNTS_FILE
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.onnx_io import example_feeds
@@ -63,8 +65,9 @@ def main() -> None:
     model = args.model or build_tiny_model("llava", work / "target", preset="100m",
                                            text={"vocab_size": 49152})
     drafter = args.drafter or build_tiny_drafter("eagle", model, work / "drafter")
-    corpus = args.corpus or work / "corpus.txt"
-    if args.corpus is None:
+    corpus = args.corpus
+    if corpus is None and not (Path(drafter) / COUNTS_FILE).is_file():
+        corpus = work / "corpus.txt"
         corpus.write_text("\n".join(PROMPTS * 4))
     export_target(model, work / "target-onnx", max_len=512, overwrite=True)
     tree = TreeConfig(*(int(x) for x in args.tree.split(":")))
@@ -77,7 +80,7 @@ def main() -> None:
     for size in [None] + [int(s) for s in args.sizes.split(",")]:
         out = work / f"drafter-{size or 'full'}"
         export_drafter(drafter, model, out, max_len=512, top_k=10, overwrite=True,
-                       draft_vocab=size, vocab_corpus=corpus if size else None)
+                       draft_vocab=size, vocab_corpus=corpus)
         pipe = Pipeline(work / "target-onnx", drafter_dir=out, tree=tree)
         one, level = step_ms(pipe, 1), step_ms(pipe, tree.top_k)
         full = full or one
