@@ -1,5 +1,6 @@
-"""The end-to-end demo on a tiny model built here: export, validate, generate (plain and
-speculative), with every step's outcome printed."""
+"""The end-to-end demo, with every step's outcome printed: by default on the real-LM target
+(``real_demo``: SmolLM2 LLaVA, three drafters, speed table and chart); ``tiny=True`` on a
+tiny random model built here (export, validate, generate plain and speculative; seconds)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,15 +22,24 @@ from .tiny_models import build_tiny_model
 PROMPT = "What is in this picture?"
 
 
-def run_demo(out_dir: str | Path, *, family: str = "llava", drafter_kind: str = "vispec",
-             max_new_tokens: int = 32, overwrite: bool = False,
-             progress: Callable[[str], None] = print) -> bool:
-    """Build a tiny ``family`` model in ``out_dir``, train a ``drafter_kind`` drafter for it,
-    export and validate both, then generate; True when every check passed.
+def run_demo(out_dir: str | Path, *, tiny: bool = False, family: str = "llava",
+             drafter_kind: str = "vispec", max_new_tokens: int | None = None,
+             overwrite: bool = False, progress: Callable[[str], None] = print) -> bool:
+    """The real-LM demo (``real_demo.run_real_demo``), or with ``tiny``: build a tiny
+    ``family`` model in ``out_dir``, train a ``drafter_kind`` drafter for it, export and
+    validate both, then generate. True when every check passed.
 
     Everything is written to a temporary folder that replaces ``out_dir`` at the end."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        ok = _run(tmp, family, drafter_kind, max_new_tokens, progress)
+        if tiny:
+            ok = _run(tmp, family, drafter_kind, max_new_tokens or 32, progress)
+        else:
+            from .real_demo import run_real_demo
+            ok = run_real_demo(tmp, max_new_tokens=max_new_tokens or 48, export=export_target,
+                               progress=progress)
+    if not tiny:
+        from .real_demo import CHART
+        progress(f"chart (speedup and tokens per pass per drafter): {Path(out_dir) / CHART}")
     progress(f"demo output in {out_dir}")
     return ok
 
