@@ -178,5 +178,5 @@ def test_interrupted_demo_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "export_target", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(tmp_path / "demo")
+        demo.run_demo(tmp_path / "demo", tiny=True)
     assert _leftovers(tmp_path) == []
