@@ -23,7 +23,8 @@ from .report import print_parity, validate_all
 from .synthetic_images import QUESTION, examples, score
 
 Progress = Callable[[str], None]
-DEMO_TREE = TreeConfig(16, 3, 4)  # verifying 16 tokens costs ~2x one on this CPU
+DEMO_TREE = "auto"  # what a user gets: fitted to this machine's measured costs (cached)
+DRAFT_VOCAB = 4096  # head rows the drafters keep (of 49,216; from their training counts)
 MAX_LEN = 512
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 
@@ -34,7 +35,7 @@ def demo_prompts(images: int = 3, seed: int = 0) -> list[tuple[str, list, object
     return out + [(q, [], None) for q in held_out_text_prompts()]
 
 
-def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig = DEMO_TREE,
+def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str = DEMO_TREE,
                   config: DistillConfig = DistillConfig(), export=export_target,
                   progress: Progress = print) -> bool:
     """Everything into ``out`` (an empty folder); True when every check passed. ``export``:
@@ -48,7 +49,8 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig = DEM
 
     checkpoints = real_drafters(model_dir, target_onnx, KINDS, config, progress)
     for kind, ckpt in checkpoints.items():
-        export_drafter(ckpt, model_dir, out / f"{kind}-onnx", max_len=MAX_LEN, progress=progress)
+        export_drafter(ckpt, model_dir, out / f"{kind}-onnx", max_len=MAX_LEN,
+                       draft_vocab=DRAFT_VOCAB, progress=progress)
         ok = print_parity(validate_drafter(ckpt, model_dir, out / f"{kind}-onnx"), None,
                           console) and ok
 
@@ -63,12 +65,15 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig = DEM
 
 
 def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_tokens: int,
-            tree: TreeConfig, console: Console, progress: Progress) -> dict[str, list[BenchRow]]:
+            tree: TreeConfig | str, console: Console,
+            progress: Progress) -> dict[str, list[BenchRow]]:
     """Per prompt group ("image", "text"): a plain row and one row per drafter kind."""
-    results = {group: [BenchRow("plain", None)] + [BenchRow(k, tree) for k in drafters]
+    fixed = tree if isinstance(tree, TreeConfig) else None
+    results = {group: [BenchRow("plain", None)] + [BenchRow(k, fixed) for k in drafters]
                for group in ("image", "text")}
     plain_pipe = Pipeline(target_onnx, tree=None)
-    pipes = {k: Pipeline(target_onnx, drafter_dir=d, tree=tree) for k, d in drafters.items()}
+    pipes = {k: Pipeline(target_onnx, drafter_dir=d, tree=tree, progress=progress)
+             for k, d in drafters.items()}
     correct = []
     for text, images, scene in prompts:
         group = "image" if images else "text"
@@ -91,8 +96,8 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
 
 
 def print_speed(results: dict[str, list[BenchRow]], console: Console) -> None:
-    table = Table(title="Plain vs speculative decoding (greedy, ONNX Runtime CPU, "
-                        f"tree {DEMO_TREE.total_tokens},{DEMO_TREE.depth},{DEMO_TREE.top_k})")
+    table = Table(title="Plain vs speculative decoding (greedy, ONNX Runtime CPU, tree "
+                        f"{DEMO_TREE}, draft vocabulary {DRAFT_VOCAB})")
     for col in ("prompts", "decoding", "tokens/pass", "decode tok/s", "speedup",
                 "identical to plain"):
         table.add_column(col, justify="right" if col not in ("prompts", "decoding") else "left")
