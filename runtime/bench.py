@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 from .errors import VispecError
 from .generate import GenerationResult
 from .pipeline import Pipeline
-from .tree import TreeConfig
+from .speculative import check_tree_width
+from .tree import PLAIN, TreeConfig, tree_name
 
-PLAIN, AUTO = "plain", "auto"
+AUTO = "auto"
 
 
 @dataclass
@@ -49,9 +50,9 @@ class BenchRow:
         self.decoded += sum(s.accepted)
         self.seconds += s.decode_seconds
         self.passes += len(s.rounds)
+        for name, count in s.rounds_per_tree().items():
+            self.trees_used[name] = self.trees_used.get(name, 0) + count
         for r in s.rounds:
-            name = tree_name(r.tree)
-            self.trees_used[name] = self.trees_used.get(name, 0) + 1
             for i, ms in enumerate((r.draft_ms, r.verify_ms, r.host_ms)):
                 self.split_ms[i] += ms
 
@@ -63,15 +64,12 @@ class BenchRow:
                                         (round(ms, 4) for ms in self.pass_split_ms)))}
 
 
-def tree_name(tree: TreeConfig | None) -> str:
-    return PLAIN if tree is None else f"{tree.total_tokens},{tree.depth},{tree.top_k}"
-
-
 def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequence[TreeConfig],
               max_new_tokens: int = 64, repeats: int = 3,
               progress: Callable[[str], None] | None = None) -> list[BenchRow]:
     """Rows for plain decoding, each tree of ``trees`` and ``auto`` (greedy sampling
     assumed for the identity check; with sampling ``identical`` is not meaningful)."""
+    check_tree_width(trees, pipe.drafter)  # before the auto tree's measurements
     settings: list[tuple[str, TreeConfig | str | None]] = [(PLAIN, None)]
     settings += [(tree_name(t), t) for t in trees] + [(AUTO, AUTO)]
     pipe.tree = AUTO

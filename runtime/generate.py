@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,7 +14,7 @@ from .kv_cache import KVCache
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
-from .tree import TreeConfig
+from .tree import TreeConfig, tree_name
 
 OnTokens = Callable[[list[int]], None]  # streaming: called with each pass's new tokens
 
@@ -64,6 +65,10 @@ class GenerationStats:
     def mean_accepted(self) -> float:
         """Mean tokens emitted per target pass after the prefill, bonus token included."""
         return float(np.mean(self.accepted)) if self.accepted else 0.0
+
+    def rounds_per_tree(self) -> dict[str, int]:
+        """Decode passes per tree name (``tree.tree_name``; "plain" for plain steps)."""
+        return dict(Counter(tree_name(r.tree) for r in self.rounds))
 
     def to_dict(self, rounds: bool = True) -> dict:
         """JSON-ready summary (and, with ``rounds``, the per-round profile)."""

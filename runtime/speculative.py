@@ -147,8 +147,13 @@ def _policy(tree: TreeConfig | TreePolicy | None, drafter: Drafter, backend: str
     drafter graph's top-k width."""
     if tree is None or isinstance(tree, TreeConfig):
         tree = FixedTree(tree or tree_config(drafter.kind, backend))
-    widest = max(t.top_k for t in tree.trees)
+    check_tree_width(tree.trees, drafter)
+    return tree
+
+
+def check_tree_width(trees, drafter: Drafter) -> None:
+    """Refuse trees wider than the drafter graph's top-k output."""
+    widest = max((t.top_k for t in trees), default=0)
     if widest > drafter.top_k:
         raise VispecError(f"tree top_k {widest} > the drafter graph's top-k {drafter.top_k}. "
                           f"Hint: lower --top-k or re-export the drafter with a larger --top-k")
-    return tree

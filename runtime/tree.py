@@ -41,6 +41,14 @@ class TreeConfig:
         return self.top_k + self.depth * self.top_k**2
 
 
+PLAIN = "plain"  # the name of a plain decoding step where a tree is named
+
+
+def tree_name(tree: TreeConfig | None) -> str:
+    """``"total,depth,top_k"``, or ``"plain"`` for a plain step (``tree`` None)."""
+    return PLAIN if tree is None else f"{tree.total_tokens},{tree.depth},{tree.top_k}"
+
+
 @dataclass(frozen=True, eq=False)
 class DraftTree:
     """A draft tree; node 0 is the root (the target's token), nodes sorted parents first."""

@@ -103,7 +103,7 @@ class DrafterSession:
         self.committed = 0                   # cache rows kept across rounds
         self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row
         self.tree_hidden: list[np.ndarray] = []     # [K, H] per tree call of this round
-        self._no_embeds = np.zeros((manifest.max_len, self.facts["hidden_size"]), np.float32)
+        self._no_embeds = np.zeros((0, self.facts["hidden_size"]), np.float32)  # grown on use
         self._reset_state()
 
     # -- the loop's interface ------------------------------------------------------------------
@@ -128,7 +128,7 @@ class DrafterSession:
         rows = np.concatenate([self.last_hidden[None], *self.tree_hidden])  # [1 + R, H]
         features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
         positions = np.full(k, self.next_position + level - 1, np.int64)
-        out = self._draft(tokens, self._no_embeds[:k], features, positions,
+        out = self._draft(tokens, self._zero_embeds(k), features, positions,
                           tree_mask(self.committed, mask), level)            # [1,1,K,C+R+K]
         self.cache.commit(k)
         self.tree_hidden.append(out[HIDDEN_STATES][0])
@@ -138,7 +138,13 @@ class DrafterSession:
         """Append the accepted rows (f_j, embed(tokens_j)); returns the last row's top-k."""
         self._drop_tree()
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
-        return self._commit(tokens, self._no_embeds[:len(tokens)], features, positions)
+        return self._commit(tokens, self._zero_embeds(len(tokens)), features, positions)
+
+    def _zero_embeds(self, rows: int) -> np.ndarray:
+        """``inputs_embeds`` of token-id rows (not read by the graph): zeros, allocated once."""
+        if len(self._no_embeds) < rows:
+            self._no_embeds = np.zeros((rows, self._no_embeds.shape[1]), np.float32)
+        return self._no_embeds[:rows]
 
     @classmethod
     def check_image_input(cls, image_input: str, target: TargetModel) -> None:
