@@ -4,21 +4,33 @@
 
     rate(tree)  = E[tokens | tree] / round_ms(tree)        round_ms measured on this machine
     rate(plain) = 1 / step_ms(plain)
-    E[tokens | tree] = 1 + a + a^2 + ... + a^L              L = levels the tree can accept
 
-where ``a`` is the chance that the target accepts the next level of the path, estimated
-online per tree from the rounds seen (shrunk towards the estimate pooled over all trees,
-with an optimistic bonus while few rounds were seen: EAGLE's "measure, don't guess" and
-SMART's "expand only when it pays"). When plain decoding has the best rate the generation
-goes on plainly to its end; acceptance statistics carry over (weighted 0.8) to the next one.
+E[tokens | tree] comes from one model of the drafter shared by all trees: at every node the
+target's next token is the drafter's r-th choice with probability p_r (p_1 = h, and
+p_r = (1 - h) g (1 - g)^(r - 2) below it). The tree a round would draft is grown from those
+log-probabilities exactly as the loop grows it (EAGLE-2: the best cumulative scores), and a
+node is accepted with the product of its path's p_r, so
+
+    P(accepted >= l | tree) = sum over the tree's depth-l nodes of prod p_r
+    E[tokens | tree]        = 1 + sum_l P(accepted >= l | tree)
+
+A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet every round,
+whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
+Each tree is scored optimistically (posterior mean + ``optimism`` standard deviations of
+E[tokens]: EAGLE's "measure, don't guess" and SMART's "expand only when it pays"). When
+plain decoding has the best rate the generation goes on plainly to its end; the rounds seen
+carry over (weighted ``memory``) to the next generation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .tree import TreeConfig
+import numpy as np
+
+from .tree import TreeConfig, build_draft_tree
 
 # Trees the auto policy chooses from, smallest first (EAGLE-2 / ViSpec shapes and smaller
 # ones for CPUs and edge GPUs). Those wider than the drafter's top-k or longer than the
@@ -73,22 +85,46 @@ def levels(tree: TreeConfig) -> int:
     return min(tree.depth + 1, tree.total_tokens - 1)
 
 
-def expected_tokens(tree: TreeConfig, accept: float) -> float:
-    """Tokens a round emits when each level is accepted with probability ``accept``."""
-    return sum(accept ** i for i in range(levels(tree) + 1))
+
+# The (h, g) grid of the acceptance model, flat prior: the drafter's top-1 hit rate h in
+# (0, 1) and the hit rate g of each lower rank once the ranks above it missed, in (0, 0.5)
+# (drafters' top-4 catch 0.2-0.6 of the tokens their top-1 misses: g ~ 0.07-0.27).
+_H, _G = np.meshgrid((np.arange(24) + 0.5) / 24, (np.arange(10) + 0.5) / 20, indexing="ij")
+GRID_H, GRID_G = _H.ravel(), _G.ravel()  # [grid]
 
 
-@dataclass
-class _Counts:
-    accepted: float = 0.0  # levels accepted
-    tried: float = 0.0     # levels tried (accepted + the one that failed, if any)
+def rank_probs(h: float, g: float, k: int) -> np.ndarray:
+    """P(the target's next token is the drafter's r-th choice), r = 1..k. # [k]"""
+    return np.concatenate([[h], (1 - h) * g * (1 - g) ** np.arange(k - 1)])
 
-    def add(self, accepted: int, possible: int) -> None:
-        self.accepted += accepted
-        self.tried += accepted + (accepted < possible)
 
-    def scale(self, weight: float) -> None:
-        self.accepted, self.tried = self.accepted * weight, self.tried * weight
+def reach(tree: TreeConfig, probs: np.ndarray) -> np.ndarray:
+    """P(a round of ``tree`` accepts >= l drafted tokens), l = 0..levels(tree), when the
+    target's token is the drafter's r-th choice with probability ``probs[r-1]`` at every node:
+    the tree is grown from those log-probabilities by the loop's own ``build_draft_tree``
+    (token ids = ranks). # [levels + 1]"""
+    k = tree.top_k
+    ranks = np.arange(k)
+    logp = np.log(np.maximum(probs[:k], 1e-30)).astype(np.float32)
+
+    def step(tokens, parent_rows, mask, level):
+        return np.tile(logp, (len(tokens), 1)), np.tile(ranks, (len(tokens), 1))
+
+    drafted = build_draft_tree(0, logp, ranks, step, tree)
+    path = np.ones(len(drafted.tokens))  # [T] P(the node is accepted)
+    for i in range(1, len(path)):        # parents come first
+        path[i] = path[drafted.parents[i]] * probs[drafted.tokens[i]]
+    return np.bincount(drafted.depths, weights=path, minlength=levels(tree) + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def tree_model(tree: TreeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Over the (h, g) grid: log P(a round accepts exactly l drafted tokens) ``[grid, levels+1]``
+    and E[tokens of a round] ``[grid]`` (computed once per tree and process)."""
+    at_least = np.stack([reach(tree, rank_probs(h, g, tree.top_k))
+                         for h, g in zip(GRID_H, GRID_G)])            # [grid, levels+1]
+    exactly = at_least - np.pad(at_least[:, 1:], ((0, 0), (0, 1)))
+    return np.log(np.maximum(exactly, 1e-12)), at_least.sum(axis=1)
 
 
 @dataclass
@@ -101,11 +137,10 @@ class AutoTree:
 
     round_ms: dict[TreeConfig, float]
     plain_ms: float
-    prior_strength: float = 4.0   # pseudo-levels of the pooled estimate in each tree's
-    optimism: float = 1.0         # standard deviations added to the acceptance estimate
-    memory: float = 0.8           # weight of past generations' rounds at each new one
-    counts: dict[TreeConfig, _Counts] = field(default_factory=dict)
-    fallen_back: bool = False
+    optimism: float = 0.5   # standard deviations of E[tokens] added to its posterior mean
+    memory: float = 0.9     # weight of past generations' rounds at each new one
+    seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
+    fallen_back: bool = False                                          # length [levels+1]
 
     def __post_init__(self) -> None:
         if not self.round_ms or self.plain_ms <= 0:
@@ -117,27 +152,32 @@ class AutoTree:
 
     def start(self) -> None:
         """A new generation: try trees again, trusting past rounds ``memory`` as much (a
-        drafter that never wins is tried about every third generation, not every one)."""
+        drafter that never wins is tried about every other generation, not every one)."""
         self.fallen_back = False
-        for c in self.counts.values():
-            c.scale(self.memory)
+        for counts in self.seen.values():
+            counts *= self.memory
 
-    def acceptance(self, tree: TreeConfig) -> float:
-        """Optimistic estimate of the per-level acceptance of ``tree``."""
-        pooled = _Counts(sum(c.accepted for c in self.counts.values()),
-                         sum(c.tried for c in self.counts.values()))
-        prior = (pooled.accepted + 1) / (pooled.tried + 2)
-        own = self.counts.get(tree, _Counts())
-        a = own.accepted + self.prior_strength * prior
-        b = own.tried - own.accepted + self.prior_strength * (1 - prior)
-        mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
-        return min(1.0, mean + self.optimism * math.sqrt(var))
+    def posterior(self) -> np.ndarray:
+        """Weights of the (h, g) grid given every round seen. # [grid]"""
+        log_post = np.zeros(len(GRID_H))
+        for tree, counts in self.seen.items():
+            log_post += tree_model(tree)[0] @ counts
+        weights = np.exp(log_post - log_post.max())
+        return weights / weights.sum()
+
+    def expected_tokens(self, tree: TreeConfig, posterior: np.ndarray | None = None) -> float:
+        """Optimistic tokens of a round of ``tree``: posterior mean + ``optimism`` sd."""
+        w = self.posterior() if posterior is None else posterior
+        tokens = tree_model(tree)[1]
+        mean = float(w @ tokens)
+        return mean + self.optimism * math.sqrt(max(float(w @ (tokens - mean) ** 2), 0.0))
 
     def rates(self) -> dict[TreeConfig | None, float]:
         """Expected tokens per millisecond of every candidate (``None``: plain decoding)."""
+        posterior = self.posterior()
         out: dict[TreeConfig | None, float] = {None: 1.0 / self.plain_ms}
         for tree, ms in self.round_ms.items():
-            out[tree] = expected_tokens(tree, self.acceptance(tree)) / ms
+            out[tree] = self.expected_tokens(tree, posterior) / ms
         return out
 
     def choose(self) -> TreeConfig | None:
@@ -149,4 +189,5 @@ class AutoTree:
         return best
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
-        self.counts.setdefault(tree, _Counts()).add(accepted_levels, levels(tree))
+        counts = self.seen.setdefault(tree, np.zeros(levels(tree) + 1))
+        counts[min(accepted_levels, levels(tree))] += 1
