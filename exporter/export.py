@@ -20,10 +20,10 @@ from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
-from vispec.runtime.specs import NEW, PAST, embed_spec, lm_step_spec
+from vispec.runtime.specs import NEW, PAST, argmax_spec, embed_spec, lm_step_spec
 
 from .families import FamilyExport
-from .lm_step import EmbedStep, LMStep
+from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
 from .onnx_io import example_feeds, export_graph
 
@@ -94,7 +94,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   dtype: str = "float32", overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
-    ``lm.onnx``, host-side arrays, the processor files and ``manifest.json``.
+    ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the processor files and ``manifest.json``.
 
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
@@ -113,15 +113,18 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
                            dtype=dtype)
     specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
-             "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec}
+             "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec,
+             "argmax": argmax_spec(vocab_size=facts["vocab_size"], max_len=max_len, dtype=dtype)}
     example_prompt = glue.prepare(processor, "describe", example_images())
     lm_sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST}
     examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
                 "vision": glue.vision_feeds(example_prompt),
-                "lm": example_feeds(lm_spec, lm_sizes, np.random.default_rng(0))}
+                "lm": example_feeds(lm_spec, lm_sizes, np.random.default_rng(0)),
+                "argmax": example_feeds(specs["argmax"], {NEW: EXAMPLE_NEW},
+                                        np.random.default_rng(0))}
     modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
                "vision": adapter.vision_module(),
-               "lm": LMStep(adapter.language_model, adapter.lm_head)}
+               "lm": LMStep(adapter.language_model, adapter.lm_head), "argmax": ArgmaxStep()}
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir]) as tmp:
         graphs = {}
         for i, name in enumerate(specs, 1):

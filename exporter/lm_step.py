@@ -119,3 +119,10 @@ class EmbedStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)
+
+
+class ArgmaxStep(torch.nn.Module):
+    """``logits [1, S, V] -> token_ids [1, S]``: the greedy choice, run where the logits are."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)

@@ -26,7 +26,15 @@ def accepted_tokens(tree: DraftTree, verification: Verification) -> np.ndarray:
 def accept_greedy(tree: DraftTree, target_logits: np.ndarray) -> Verification:
     """Longest path whose drafted tokens are all the target's argmax; first such path on ties."""
     _check_logits(tree, target_logits)
-    choice = np.argmax(target_logits, axis=-1)  # [T]
+    return accept_greedy_choices(tree, np.argmax(target_logits, axis=-1))
+
+
+def accept_greedy_choices(tree: DraftTree, choice: np.ndarray) -> Verification:
+    """``accept_greedy`` from the target's argmax at every tree node ``choice [T]`` (which a
+    device-resident step computes on the device)."""
+    if choice.shape != tree.tokens.shape:
+        raise ValueError(f"target choices | shape {choice.shape}. Expected: "
+                         f"{tree.tokens.shape} (one per tree node, root first)")
     correct = tree.tokens == choice[tree.parents]  # [T], row 0 is meaningless
     correct[0] = True
     paths = tree.paths  # [L, D+1]

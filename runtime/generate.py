@@ -92,7 +92,7 @@ class GenerationResult:
 
 @dataclass
 class Prefilled:
-    """State after the prompt's pass: the first new token comes from ``out.logits[-1]``."""
+    """State after the prompt's pass: the first new token comes from ``out.logits_row(-1)``."""
 
     out: StepOutput
     embeds: np.ndarray  # [L, H] the prompt's LM-input embeddings (image features placed)
@@ -162,7 +162,7 @@ def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: i
     state = prefill(target, cache, prompt)
     stats.prefill_seconds = time.perf_counter() - t0
     tokens: list[int] = []
-    done = emit(tokens, [chooser.choose(state.out.logits[-1])], max_new_tokens,
+    done = emit(tokens, [chooser.choose(state.out.logits_row(-1))], max_new_tokens,
                 target.eos_token_ids, on_tokens)
     return Started(state, tokens, done, stats)
 
@@ -175,13 +175,13 @@ def decode_plain(target: TargetModel, cache: KVCache, tokens: list[int], positio
     done = False
     while not done:
         t0 = time.perf_counter()
-        out = target.step(cache, target.embed(tokens[-1:]),
-                          target.glue.step_position_ids(position, np.zeros(1, np.int64)),
-                          causal_mask(cache.length, 1))
+        out = target.step_tokens(cache, tokens[-1:],
+                                 target.glue.step_position_ids(position, np.zeros(1, np.int64)),
+                                 causal_mask(cache.length, 1))
         t1 = time.perf_counter()
         cache.commit(1)
         position += 1
-        done = emit(tokens, [chooser.choose(out.logits[-1])], max_new_tokens,
+        done = emit(tokens, [chooser.choose_next(out)], max_new_tokens,
                     target.eos_token_ids, on_tokens)
         stats.target_passes += 1
         stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,

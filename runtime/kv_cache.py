@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .device import DeviceMemory, HostMemory
 from .errors import PromptTooLongError
 from .specs import past_names, present_names
 
@@ -12,34 +13,33 @@ class KVCache:
 
     Sequence-major per layer, so ``buffer[l, 0, :n]`` is a contiguous ``[n, kvh, hd]``
     block: the past inputs and the present outputs of a step graph bind straight onto
-    views of this one allocation.
+    views of this one allocation. ``memory`` says where it lives: a numpy array
+    (``HostMemory``, the default) or one device allocation whose row views are bound by
+    pointer (``DeviceMemory``); compaction then moves rows on the device.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype=np.float32):
-        self.buffer = np.zeros((num_layers, 2, max_len, kv_heads, head_dim), dtype)
+                 dtype=np.float32, memory: HostMemory | DeviceMemory | None = None):
+        self.memory = memory or HostMemory()
+        self.buffer = self.memory.empty((num_layers, 2, max_len, kv_heads, head_dim), dtype)
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
 
-    def past(self) -> dict[str, np.ndarray]:
-        """Views of the valid rows, keyed by the step graph's past input names."""
-        views = {}
-        for layer in range(self.num_layers):
-            k, v = past_names(layer)
-            views[k] = self.buffer[layer, 0, None, :self.length]  # [1, P, kvh, hd]
-            views[v] = self.buffer[layer, 1, None, :self.length]
-        return views
+    def past(self) -> dict:
+        """Views ``[1, P, kvh, hd]`` of the valid rows, keyed by the past input names."""
+        return self._views(past_names, 0, self.length)
 
-    def present(self, n: int) -> dict[str, np.ndarray]:
+    def present(self, n: int) -> dict:
         """Views of the next ``n`` rows, where a step graph writes the new K/V in place."""
         self.ensure_room(n)
-        views = {}
-        for layer in range(self.num_layers):
-            k, v = present_names(layer)
-            views[k] = self.buffer[layer, 0, None, self.length:self.length + n]
-            views[v] = self.buffer[layer, 1, None, self.length:self.length + n]
-        return views
+        return self._views(present_names, self.length, self.length + n)
+
+    def _views(self, names, start: int, stop: int) -> dict:
+        rows = self.memory.rows
+        return {name: rows(self.buffer, (layer, kind), start, stop)
+                for layer in range(self.num_layers)
+                for kind, name in enumerate(names(layer))}
 
     def ensure_room(self, n: int) -> None:
         if self.length + n > self.max_len:
@@ -64,8 +64,12 @@ class KVCache:
             raise ValueError("compact needs ascending source rows at or after their targets")
         moved = rows != dest
         if moved.any():
-            self.buffer[:, :, dest[moved]] = self.buffer[:, :, rows[moved]]
+            self.memory.move_rows(self.buffer, rows[moved], dest[moved])
         self.length = start + len(rows)
+
+    def to_host(self) -> np.ndarray:
+        """The whole buffer as a numpy array (a copy when it lives on a device)."""
+        return self.memory.to_host(self.buffer)
 
     def truncate(self, length: int) -> None:
         """Forget rows from ``length`` on (the buffer is kept)."""

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .acceptance import Verification, accept_greedy, accept_sampling, target_probs
+from .acceptance import Verification, accept_greedy_choices, accept_sampling, target_probs
 from .tree import DraftTree
+
+if TYPE_CHECKING:
+    from .target import StepOutput
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,16 @@ class TokenChooser:
         p = target_probs(logits, s.temperature, s.top_p)
         return int(self.rng.choice(p.size, p=p))
 
-    def verify(self, tree: DraftTree, logits: np.ndarray) -> Verification:
-        """Accepted path of ``tree`` given the target's logits at every node ``[T, V]``."""
+    def choose_next(self, out: StepOutput) -> int:
+        """The next token after a one-token step (greedy: reduced where the logits are)."""
+        if self.sampling.greedy:
+            return int(out.argmax()[-1])
+        return self.choose(out.logits_row(-1))
+
+    def verify(self, tree: DraftTree, out: StepOutput) -> Verification:
+        """Accepted path of ``tree`` given the target's step over every tree node (greedy:
+        only the argmax of each node reaches the host)."""
         s = self.sampling
         if s.greedy:
-            return accept_greedy(tree, logits)
-        return accept_sampling(tree, logits, s.temperature, self.rng, s.top_p)
+            return accept_greedy_choices(tree, out.argmax())
+        return accept_sampling(tree, out.logits, s.temperature, self.rng, s.top_p)

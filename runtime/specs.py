@@ -216,6 +216,7 @@ LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
+TOKEN_IDS = "token_ids"
 
 # Dims shared by every step graph.
 NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
@@ -290,6 +291,18 @@ def embed_spec(*, hidden_size: int, max_len: int, dtype: str = "float32",
         outputs=(TensorSpec(INPUTS_EMBEDS, dtype, (1, NEW, hidden_size)),),
         dims=(Dim(NEW, 1, 8, max_len),),
     )
+
+def argmax_spec(*, vocab_size: int, max_len: int, dtype: str = "float32",
+                name: str = "argmax") -> GraphSpec:
+    """Greedy choice where the logits are: ``logits [1, new, V] -> token_ids [1, new]``, so
+    a device-resident step sends the host a few bytes per token instead of the logits."""
+    return GraphSpec(
+        name=name,
+        inputs=(TensorSpec(LOGITS, dtype, (1, NEW, vocab_size)),),
+        outputs=(TensorSpec(TOKEN_IDS, "int64", (1, NEW)),),
+        dims=(Dim(NEW, 1, 8, max_len),),
+    )
+
 
 # Vision graphs: pixel inputs in, image embeddings in the language model's input space out.
 PIXEL_VALUES = "pixel_values"

@@ -4,9 +4,9 @@
     repeat:
       tree   = build_draft_tree(root = last emitted token, drafter steps)    # [T] nodes
       out    = target.step(tree tokens, positions = next_pos + depth, tree mask)
-      v      = verify(tree, out.logits)            # accepted path (root first) + bonus
+      v      = verify(tree, out.argmax())          # accepted path (root first) + bonus
       cache.compact(accepted rows -> their final slots)   # in place, no reallocation
-      drafter.advance(out.hidden[accepted], accepted drafted tokens + bonus)
+      drafter.advance(out.hidden_rows(accepted), accepted drafted tokens + bonus)
 
 Greedy verification keeps exactly the target's own argmax chain; sampling verification
 keeps the target's distribution (``acceptance.accept_sampling``).
@@ -86,10 +86,10 @@ def verify(target: TargetModel, cache: KVCache, tree: DraftTree, position: int,
     """One target pass over the whole tree; the accepted nodes' K/V are compacted in place
     to the cache's next slots and committed."""
     past = cache.length
-    out = target.step(cache, target.embed(tree.tokens),
-                      target.glue.step_position_ids(position, tree.depths),
-                      tree_mask(past, tree.mask))
-    verification = chooser.verify(tree, out.logits)
+    out = target.step_tokens(cache, tree.tokens,
+                             target.glue.step_position_ids(position, tree.depths),
+                             tree_mask(past, tree.mask))
+    verification = chooser.verify(tree, out)
     cache.compact(past + verification.accepted, past)
     return verification, out
 
@@ -131,7 +131,7 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
         if not done:
             config = policy.choose()
             if config is not None:
-                topk = drafter.advance(out.hidden[verification.accepted], new)
+                topk = drafter.advance(out.hidden_rows(verification.accepted), new)
         r4 = time.perf_counter()
         stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
                                        (r3 - r2) * 1e3, len(tokens) - before))

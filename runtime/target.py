@@ -8,32 +8,71 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import make_runner
+from .backends import default_memory, make_runner
+from .device import DeviceMemory, DeviceTensor, HostMemory, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
 from .manifest import PROCESSOR_DIR, Manifest
 from .processors import load_processor
-from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, POSITION_IDS
+from .specs import (ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW,
+                    POSITION_IDS, TOKEN_IDS)
+
+ARGMAX = "argmax"  # optional graph: the greedy choice on the device
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: np.ndarray  # [S, V]
-    hidden: np.ndarray  # [S, H] final post-norm hidden states
+    """One LM step's ``logits [1, S, V]`` and final hidden states ``[1, S, H]``: numpy
+    arrays, or device tensors of which only what the host asks for crosses (valid until the
+    target's next step, which reuses the device scratch)."""
+
+    raw_logits: np.ndarray | DeviceTensor
+    raw_hidden: np.ndarray | DeviceTensor
+    memory: HostMemory | DeviceMemory
+    argmax_runner: object = None  # the target's argmax graph, used for device tensors
+
+    @property
+    def logits(self) -> np.ndarray:
+        """``[S, V]`` on the host (the whole tensor crosses when it lives on a device)."""
+        return self.memory.to_host(self.raw_logits)[0]
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """``[S, H]`` on the host."""
+        return self.memory.to_host(self.raw_hidden)[0]
+
+    def logits_row(self, row: int) -> np.ndarray:
+        """``logits[row]`` ``[V]``: only that row crosses."""
+        return self.memory.rows_to_host(self.raw_logits, [row])[0]
+
+    def hidden_rows(self, rows) -> np.ndarray:
+        """``hidden[rows]``: only those rows cross."""
+        return self.memory.rows_to_host(self.raw_hidden, rows)
+
+    def argmax(self) -> np.ndarray:
+        """The greedy token of every row ``[S]``, reduced on the device when possible."""
+        if is_device(self.raw_logits) and self.argmax_runner is not None:
+            return self.argmax_runner.infer({LOGITS: self.raw_logits})[TOKEN_IDS][0]
+        return np.argmax(self.logits, axis=-1)
 
 
 class TargetModel:
     """Loads an artifact folder written by ``export_target`` and runs its graphs.
 
     The LM step writes the new tokens' K/V in place at ``cache.length``; the caller then
-    commits (plain decoding) or compacts (tree acceptance) the cache.
+    commits (plain decoding) or compacts (tree acceptance) the cache. ``memory`` holds the
+    caches and step tensors: numpy on the CPU, device allocations on CUDA backends (by
+    default per backend, ``backends.default_memory``); ``traffic`` counts what crosses.
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort",
-                 threads: int | None = None):
+                 threads: int | None = None,
+                 memory: HostMemory | DeviceMemory | None = None):
         self.dir = Path(artifact_dir)
         self.backend, self.threads = backend, threads
+        self.memory = memory or default_memory(backend)
+        self.traffic = self.memory.traffic
         self.manifest = Manifest.load(self.dir)
         if self.manifest.kind != "target":
             raise ManifestError(f"{self.dir} holds a {self.manifest.kind!r} export, not a "
@@ -44,7 +83,8 @@ class TargetModel:
             raise ManifestError(f"manifest family {self.manifest.family!r} does not match "
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.processor = load_processor(self.dir / PROCESSOR_DIR)
-        self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads)
+        self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads,
+                                          self.traffic)
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
@@ -61,7 +101,8 @@ class TargetModel:
     def new_cache(self) -> KVCache:
         """A KV cache sized for this model's ``max_len`` (allocate once per session)."""
         f = self.facts
-        return KVCache(f["num_layers"], f["kv_heads"], f["head_dim"], self.max_len, self.dtype)
+        return KVCache(f["num_layers"], f["kv_heads"], f["head_dim"], self.max_len, self.dtype,
+                       self.memory)
 
     def prepare(self, text: str, images: list | None = None) -> Prompt:
         return self.glue.prepare(self.processor, text, images)
@@ -81,12 +122,35 @@ class TargetModel:
             self.glue.merge(embeds, prompt.input_ids, features)
         return embeds
 
-    def step(self, cache: KVCache, embeds: np.ndarray, position_ids: np.ndarray,
+    def step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
              mask: np.ndarray) -> StepOutput:
-        """Run the LM over ``embeds [S, H]`` after the cache's valid rows; the new K/V land
-        in the cache at ``[length, length + S)`` (not yet committed)."""
-        feeds = {INPUTS_EMBEDS: embeds.astype(self.dtype, copy=False)[None],
-                 POSITION_IDS: position_ids,
-                 ATTENTION_MASK: mask, **cache.past()}
-        out = self.runners["lm"].infer(feeds, cache.present(len(embeds)))
-        return StepOutput(out[LOGITS][0], out[HIDDEN_STATES][0])
+        """Run the LM over ``embeds`` (``[S, H]`` on the host, or a ``[1, S, H]`` device
+        tensor) after the cache's valid rows; the new K/V land in the cache at
+        ``[length, length + S)`` (not yet committed)."""
+        if not is_device(embeds):
+            embeds = embeds.astype(self.dtype, copy=False)[None]
+        n = embeds.shape[1]
+        feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask,
+                 **cache.past()}
+        outputs = {**cache.present(n), **self._scratch("lm", (LOGITS, HIDDEN_STATES), n)}
+        out = self.runners["lm"].infer(feeds, outputs)
+        return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
+                          self.runners.get(ARGMAX))
+
+    def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
+                    mask: np.ndarray) -> StepOutput:
+        """``step`` over tokens: their embeddings stay where the LM reads them (on the
+        device for device memory)."""
+        ids = np.asarray(input_ids, np.int64)[None]
+        out = self.runners["embed"].infer({INPUT_IDS: ids},
+                                          self._scratch("embed", (INPUTS_EMBEDS,), ids.shape[1]))
+        embeds = out[INPUTS_EMBEDS]
+        return self.step(cache, embeds if is_device(embeds) else embeds[0], position_ids, mask)
+
+    def _scratch(self, graph: str, names: tuple[str, ...], new: int) -> dict:
+        """Device scratch for outputs ``names`` of ``graph`` at ``new`` tokens (none on the
+        host: the runner allocates numpy arrays)."""
+        spec = self.runners[graph].spec
+        tensors = {name: self.memory.scratch(name, spec.shape(name, {NEW: new}),
+                                             spec.tensor(name).np_dtype) for name in names}
+        return {k: v for k, v in tensors.items() if v is not None}

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..device import is_device
 from ..errors import ShapeError
 from ..specs import GraphSpec
 
 
 class GraphRunner:
-    """Runs one graph over named numpy buffers; subclasses implement ``_infer_impl``.
+    """Runs one graph over named buffers; subclasses implement ``_infer_impl``.
 
-    ``outputs`` may hold preallocated arrays (e.g. views of a KV cache) that the backend
-    writes in place; outputs not given are allocated by the runner.
+    Feeds and ``outputs`` are numpy arrays or ``DeviceTensor`` s (``runtime.device``).
+    ``outputs`` may hold preallocated buffers (e.g. views of a KV cache) that the backend
+    writes in place; outputs not given are allocated by the runner as numpy arrays.
     """
 
     def __init__(self, spec: GraphSpec):
@@ -23,9 +25,10 @@ class GraphRunner:
         outputs = dict(outputs or {})
         for name, array in outputs.items():
             want = self.spec.shape(name, sizes)
-            if array.shape != want or not array.flags.c_contiguous:
+            contiguous = is_device(array) or array.flags.c_contiguous
+            if array.shape != want or not contiguous:
                 raise ShapeError(f"graph {self.spec.name!r}: output buffer {name!r} has shape "
-                                 f"{array.shape} (contiguous={array.flags.c_contiguous}). "
+                                 f"{array.shape} (contiguous={contiguous}). "
                                  f"Expected a contiguous {want}")
         for t in self.spec.outputs:
             if t.name not in outputs:

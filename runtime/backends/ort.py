@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: IO binding straight onto caller-owned numpy buffers (no copies)."""
+"""ONNX Runtime backend: IO binding by pointer onto caller-owned buffers, host or device."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from ..device import DeviceMemory, DeviceTensor, HostCopier, Traffic
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -23,16 +24,35 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def ort_memory(device: str = "cuda", device_id: int = 0) -> DeviceMemory:
+    """Device memory made of ``OrtValue`` allocations on ``device``: "cuda" for the CUDA
+    provider, or "cpu" to run the device-resident path (pointers, explicit copies, traffic
+    counts) without a GPU."""
+    def allocate(nbytes: int):
+        value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, device, device_id)
+        return value.data_ptr(), value
+
+    if device == "cuda":
+        from .cuda import CudaCopier
+        copier = CudaCopier()
+    else:
+        copier = HostCopier()
+    return DeviceMemory(device, allocate, copier, device_id)
+
+
 class OrtRunner(GraphRunner):
     """One ``InferenceSession`` per graph; inputs and outputs bound by pointer.
 
-    Host buffers are bound for every provider: on CPU this is zero-copy (KV views are
-    read and written in place); on CUDA ONNX Runtime copies them across.
+    numpy arrays are bound as host memory: on CPU this is zero-copy (KV views are read and
+    written in place); on CUDA ONNX Runtime copies them across, and their bytes are added
+    to ``traffic`` when one is given. :class:`DeviceTensor` s are bound on their device.
     """
 
     def __init__(self, path: str | os.PathLike, spec: GraphSpec, *,
-                 providers: list[str] | None = None, threads: int | None = None):
+                 providers: list[str] | None = None, threads: int | None = None,
+                 traffic: Traffic | None = None):
         super().__init__(spec)
+        self.traffic = traffic
         providers = providers or [CPU]
         missing = [p for p in providers if p not in available_providers()]
         if missing:
@@ -61,16 +81,31 @@ class OrtRunner(GraphRunner):
         b.clear_binding_outputs()
         keep = []  # contiguous copies must outlive the run
         for name, array in feeds.items():
-            array = np.ascontiguousarray(array)
-            keep.append(array)
-            b.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            if not isinstance(array, DeviceTensor):
+                array = np.ascontiguousarray(array)
+                keep.append(array)
+                self._count("h2d", array)
+            b.bind_input(name, *_where(array))
         for name, array in outputs.items():
-            b.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            self._count("d2h", array)
+            b.bind_output(name, *_where(array))
         self.session.run_with_iobinding(b)
+
+    def _count(self, way: str, array) -> None:
+        if self.traffic is not None and not isinstance(array, DeviceTensor):
+            setattr(self.traffic, way, getattr(self.traffic, way) + array.nbytes)
 
     def close(self) -> None:
         self.session = None
         self.binding = None
+
+
+def _where(array) -> tuple:
+    """``bind_input`` / ``bind_output`` arguments after the name: device, id, dtype, shape,
+    pointer."""
+    if isinstance(array, DeviceTensor):
+        return array.device, array.device_id, array.dtype, list(array.shape), array.ptr
+    return "cpu", 0, array.dtype, list(array.shape), array.ctypes.data
 
 
 def _mismatches(kind: str, args: list, specs: tuple) -> list[str]:

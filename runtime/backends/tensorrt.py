@@ -1,8 +1,10 @@
 """TensorRT backend: a serialized engine run through the name-based API of TensorRT 10+.
 
 ``tensorrt`` and ``polygraphy.cuda`` are imported when a runner is made, so importing this
-module never fails. Host numpy feeds are copied to device buffers and the outputs copied
-back into the caller's arrays (which may be views of the host KV cache).
+module never fails. ``DeviceTensor`` feeds and outputs (a device KV cache's row views,
+step scratch) are bound by address with ``set_tensor_address``: nothing is copied. Host
+numpy feeds are copied to the runner's device buffers and host outputs copied back into the
+caller's arrays; their bytes go to ``traffic`` when one is given.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..device import DeviceTensor, Traffic
 from ..errors import ShapeError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -41,8 +44,9 @@ class TrtRunner(GraphRunner):
     every input shape (the builder makes them disjoint in ``new``).
     """
 
-    def __init__(self, path: str | os.PathLike, spec: GraphSpec):
+    def __init__(self, path: str | os.PathLike, spec: GraphSpec, traffic: Traffic | None = None):
         super().__init__(spec)
+        self.traffic = traffic if traffic is not None else Traffic()
         trt = import_tensorrt()
         from polygraphy import cuda
 
@@ -56,10 +60,7 @@ class TrtRunner(GraphRunner):
         self._check_io()
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
-        # One device buffer per tensor, reused and grown across calls. A device-resident KV
-        # cache would replace the past/present buffers here: one device slab bound by
-        # offset (past = rows [0, length), present = rows [length, length + new)), so the
-        # per-step host<->device KV copies below disappear.
+        # One device buffer per tensor for host-bound IO, reused and grown across calls.
         self.buffers = {name: cuda.DeviceArray(dtype=self.spec.tensor(name).np_dtype)
                         for name in self.spec.input_names + self.spec.output_names}
         self.ranges = [{name: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(
@@ -104,23 +105,32 @@ class TrtRunner(GraphRunner):
             ctx.set_optimization_profile_async(profile, stream.ptr)
             self.profile = profile
         for name, array in feeds.items():
-            array = np.ascontiguousarray(array)
+            if not isinstance(array, DeviceTensor):
+                array = np.ascontiguousarray(array)
             if not ctx.set_input_shape(name, array.shape):
                 raise ShapeError(f"graph {self.spec.name!r}: input {name!r} | shape "
                                  f"{array.shape} refused by optimization profile {profile}")
+            if isinstance(array, DeviceTensor):
+                ctx.set_tensor_address(name, array.ptr)
+                continue
             buffer = self.buffers[name].resize(array.shape).copy_from(array, stream)
+            self.traffic.h2d += array.nbytes
             ctx.set_tensor_address(name, buffer.ptr)
         for name, array in outputs.items():
             if tuple(ctx.get_tensor_shape(name)) != array.shape:
                 raise ShapeError(f"graph {self.spec.name!r}: output {name!r} | engine shape "
                                  f"{tuple(ctx.get_tensor_shape(name))}. Expected: "
                                  f"{array.shape} from the manifest. Hint: rebuild the engine")
-            ctx.set_tensor_address(name, self.buffers[name].resize(array.shape).ptr)
+            ptr = (array.ptr if isinstance(array, DeviceTensor)
+                   else self.buffers[name].resize(array.shape).ptr)
+            ctx.set_tensor_address(name, ptr)
         if not ctx.execute_async_v3(stream.ptr):
             raise VispecError(f"graph {self.spec.name!r}: TensorRT execution failed (see the "
                               f"TensorRT log above)")
         for name, array in outputs.items():
-            self.buffers[name].copy_to(array, stream)
+            if not isinstance(array, DeviceTensor):
+                self.buffers[name].copy_to(array, stream)
+                self.traffic.d2h += array.nbytes
         stream.synchronize()
 
     def close(self) -> None:

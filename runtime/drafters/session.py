@@ -94,11 +94,13 @@ class DrafterSession:
             raise ManifestError(f"{artifact_dir} was exported by an older vispec-export (graphs "
                                 f"{sorted(manifest.graphs)}, no {DRAFT!r}). Hint: export the "
                                 f"drafter again with `vispec-export export-drafter`")
-        self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads)
+        self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads,
+                                          target.traffic)
                         for name, g in manifest.graphs.items()}
         self.draft_runner = self.runners[DRAFT]
         self.top_k: int = int(self.facts["top_k"])
-        self.cache = KVCache(1, self.facts["kv_heads"], self.facts["head_dim"], manifest.max_len)
+        self.cache = KVCache(1, self.facts["kv_heads"], self.facts["head_dim"], manifest.max_len,
+                             memory=target.memory)  # on the target's device
         self.next_position = 0
         self.committed = 0                   # cache rows kept across rounds
         self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row

@@ -138,7 +138,7 @@ def test_target_int8_calibrates_its_lm_on_prompts(tiny_target, tmp_path, fake_te
         precision="int8", calibration_prompts=("Describe a boat.", "Name three colours.")))
     manifest = Manifest.load(out)
     assert {k: g.spec.meta.get("precision") for k, g in manifest.graphs.items()} == \
-        {"embed": "fp16", "vision": "fp16", "lm": "int8"}
+        {"embed": "fp16", "vision": "fp16", "lm": "int8", "argmax": "fp16"}
     assert "QuantizeLinear" in fake_tensorrt["lm"]
     assert "QuantizeLinear" not in fake_tensorrt["embed"]
     assert (out / "processor" / "config.json").is_file()

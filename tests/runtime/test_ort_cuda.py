@@ -22,3 +22,31 @@ def test_cuda_provider_matches_cpu(cuda, tiny_target, noise_image, family):
     prompt = cpu.prepare("What is in the picture?", [noise_image()])
     np.testing.assert_allclose(gpu.prompt_embeds(prompt), cpu.prompt_embeds(prompt), atol=1e-4)
     assert generate_plain(gpu, prompt, 16).tokens == generate_plain(cpu, prompt, 16).tokens
+
+
+def test_cuda_path_keeps_the_caches_on_the_device(cuda, tiny_target, tiny_drafter, noise_image):
+    """No per-step host copy of a KV cache: both caches are one CUDA allocation bound by
+    pointer, and a plain step moves only the token, positions, mask and chosen id."""
+    from vispec.runtime.device import DeviceTensor
+    from vispec.runtime.drafters import open_drafter
+    from vispec.runtime.generate import prefill
+    from vispec.runtime.masks import causal_mask
+    from vispec.runtime.speculative import generate_speculative
+    from vispec.runtime.tree import TreeConfig
+
+    _, artifacts = tiny_target("llava")
+    cpu, gpu = TargetModel(artifacts), TargetModel(artifacts, backend="ort-cuda")
+    drafter = open_drafter(tiny_drafter("vispec", "llava")[1], gpu)
+    for cache in (gpu.new_cache(), drafter.cache):
+        assert isinstance(cache.buffer, DeviceTensor) and cache.buffer.device == "cuda"
+    prompt = cpu.prepare("What is in the picture?", [noise_image()])
+    plain = generate_plain(cpu, prompt, 16).tokens
+    assert generate_speculative(gpu, drafter, prompt, 16, tree=TreeConfig(8, 2, 3)).tokens == plain
+    cache = gpu.new_cache()
+    state = prefill(gpu, cache, prompt)
+    positions = gpu.glue.step_position_ids(state.next_position, np.zeros(1, np.int64))
+    mask = causal_mask(cache.length, 1)
+    before = gpu.traffic.snapshot()
+    gpu.step_tokens(cache, [plain[0]], positions, mask).argmax()
+    moved = gpu.traffic.since(before)
+    assert (moved.h2d, moved.d2h) == (8 + positions.nbytes + mask.nbytes, 8)

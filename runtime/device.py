@@ -1,0 +1,210 @@
+"""Where the runtime keeps its tensors: host numpy arrays, or device allocations by pointer.
+
+The KV caches and the target's step tensors (embeddings, logits, hidden states) live in one
+``Memory`` per target:
+
+- :class:`HostMemory`: numpy arrays. The CPU backend binds them by pointer, so graphs read
+  the past and write the present rows in place (zero-copy).
+- :class:`DeviceMemory`: raw device allocations (ONNX Runtime ``OrtValue`` on CUDA, or
+  ``cudaMalloc`` for TensorRT) handed to the graphs as :class:`DeviceTensor` views (pointer,
+  shape, dtype). Only what the host asks for crosses, and every crossing is counted in
+  ``traffic``. With device ``"cpu"`` (ORT CPU ``OrtValue`` s) the same code runs without a
+  GPU; the tests use that.
+
+Both answer the same calls (``empty``, ``rows``, ``move_rows``, ``scratch``, ``to_host``,
+``rows_to_host``), so the KV cache, the target and the drafter sessions hold no
+backend-specific code.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """A contiguous tensor in device memory: what a graph input or output is bound to."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    device: str          # "cuda" or "cpu" (ORT device names)
+    device_id: int = 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def view(self, offset_bytes: int, shape: tuple[int, ...]) -> "DeviceTensor":
+        """The contiguous sub-tensor ``shape`` starting ``offset_bytes`` into this one."""
+        view = DeviceTensor(self.ptr + offset_bytes, tuple(shape), self.dtype, self.device,
+                            self.device_id)
+        if offset_bytes < 0 or offset_bytes + view.nbytes > self.nbytes:
+            raise ValueError(f"view of {view.nbytes} bytes at {offset_bytes} is outside a "
+                             f"{self.nbytes}-byte tensor")
+        return view
+
+
+def is_device(array) -> bool:
+    return isinstance(array, DeviceTensor)
+
+
+@dataclass
+class Traffic:
+    """Bytes copied host -> device and device -> host (explicit copies and host-bound IO)."""
+
+    h2d: int = 0
+    d2h: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.h2d + self.d2h
+
+    def snapshot(self) -> "Traffic":
+        return Traffic(self.h2d, self.d2h)
+
+    def since(self, before: "Traffic") -> "Traffic":
+        return Traffic(self.h2d - before.h2d, self.d2h - before.d2h)
+
+
+class HostMemory:
+    """numpy arrays: the CPU backend's zero-copy path."""
+
+    device = "host"
+
+    def __init__(self) -> None:
+        self.traffic = Traffic()  # nothing crosses
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def rows(self, buffer: np.ndarray, lead: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+        """``buffer[lead][None, start:stop]``: rows of one slab, batch axis added."""
+        return buffer[lead][None, start:stop]
+
+    def move_rows(self, buffer: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        """``buffer[:, :, dst] = buffer[:, :, src]`` (KV layout ``[L, 2, rows, ...]``)."""
+        buffer[:, :, dst] = buffer[:, :, src]
+
+    def scratch(self, key: str, shape, dtype) -> None:
+        """No scratch on the host: the runner allocates fresh outputs (returns None)."""
+        return None
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def rows_to_host(self, array: np.ndarray, rows) -> np.ndarray:
+        """``array[0, rows]`` of a ``[1, S, X]`` tensor."""
+        return array[0, rows]
+
+
+class DeviceMemory:
+    """Device allocations behind ``allocate(nbytes) -> (ptr, owner)`` and a :class:`Copier`.
+
+    Scratch tensors (step outputs) are one allocation per key, grown when a call needs more.
+    """
+
+    def __init__(self, device: str, allocate: Callable[[int], tuple[int, object]],
+                 copier: "Copier", device_id: int = 0):
+        self.device, self.device_id = device, device_id
+        self._allocate, self.copier = allocate, copier
+        self.traffic = Traffic()
+        self._owners: list[object] = []          # keep allocations alive
+        self._scratch: dict[str, DeviceTensor] = {}
+
+    def empty(self, shape, dtype) -> DeviceTensor:
+        """A zero-filled allocation (zeroing is set-up, not counted as traffic)."""
+        dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        ptr, owner = self._allocate(nbytes)
+        self._owners.append(owner)
+        self.copier.zero(ptr, nbytes)
+        return DeviceTensor(ptr, tuple(int(s) for s in shape), dtype, self.device, self.device_id)
+
+    def rows(self, buffer: DeviceTensor, lead: tuple[int, ...], start: int,
+             stop: int) -> DeviceTensor:
+        """Rows ``[start, stop)`` of slab ``buffer[lead]``, as ``[1, stop - start, ...]``."""
+        slab_shape = buffer.shape[len(lead):]
+        row_bytes = int(np.prod(slab_shape[1:], dtype=np.int64)) * buffer.dtype.itemsize
+        slab = int(np.ravel_multi_index(lead, buffer.shape[:len(lead)])) if lead else 0
+        offset = (slab * slab_shape[0] + start) * row_bytes
+        return buffer.view(offset, (1, stop - start, *slab_shape[1:]))
+
+    def move_rows(self, buffer: DeviceTensor, src: np.ndarray, dst: np.ndarray) -> None:
+        """``buffer[:, :, dst] = buffer[:, :, src]`` on the device: one strided copy per row
+        (every layer's K and V at once). Needs ascending ``dst <= src``, as compaction gives:
+        no copy then reads a row an earlier one wrote."""
+        slabs = buffer.shape[0] * buffer.shape[1]
+        row_bytes = int(np.prod(buffer.shape[3:], dtype=np.int64)) * buffer.dtype.itemsize
+        pitch = buffer.shape[2] * row_bytes
+        for s, d in zip(np.asarray(src).tolist(), np.asarray(dst).tolist()):
+            self.copier.copy_2d(buffer.ptr + d * row_bytes, pitch, buffer.ptr + s * row_bytes,
+                                pitch, row_bytes, slabs)
+
+    def scratch(self, key: str, shape, dtype) -> DeviceTensor:
+        """A device tensor of ``shape`` for step outputs named ``key`` (reused, grown)."""
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        have = self._scratch.get(key)
+        if have is None or have.nbytes < need or have.dtype != dtype:
+            have = self.empty((max(need, 1) // dtype.itemsize,), dtype)
+            self._scratch[key] = have
+        return have.view(0, shape)
+
+    def to_host(self, tensor: DeviceTensor) -> np.ndarray:
+        out = np.empty(tensor.shape, tensor.dtype)
+        self.copier.to_host(out, tensor.ptr)
+        self.traffic.d2h += out.nbytes
+        return out
+
+    def from_host(self, tensor: DeviceTensor, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, tensor.dtype).reshape(tensor.shape)
+        self.copier.from_host(tensor.ptr, array)
+        self.traffic.h2d += array.nbytes
+
+    def rows_to_host(self, tensor: DeviceTensor, rows) -> np.ndarray:
+        """``tensor[0, rows]`` of a ``[1, S, X]`` tensor: only those rows cross."""
+        rows = np.atleast_1d(np.asarray(rows, np.int64))
+        width = tensor.shape[2]
+        out = np.empty((len(rows), width), tensor.dtype)
+        row_bytes = width * tensor.dtype.itemsize
+        for i, r in enumerate(rows.tolist()):
+            self.copier.to_host(out[i], tensor.ptr + (r % tensor.shape[1]) * row_bytes)
+        self.traffic.d2h += out.nbytes
+        return out
+
+
+class Copier:
+    """Copy primitives of one device kind."""
+
+    def zero(self, ptr: int, nbytes: int) -> None: ...
+    def copy_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int,
+                height: int) -> None: ...
+    def to_host(self, out: np.ndarray, src: int) -> None: ...
+    def from_host(self, dst: int, array: np.ndarray) -> None: ...
+
+
+class HostCopier(Copier):
+    """Copies within host memory (ORT CPU ``OrtValue`` s): ``memmove``."""
+
+    def zero(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
+    def copy_2d(self, dst, dpitch, src, spitch, width, height):
+        for i in range(height):
+            ctypes.memmove(dst + i * dpitch, src + i * spitch, width)
+
+    def to_host(self, out, src):
+        ctypes.memmove(out.ctypes.data, src, out.nbytes)
+
+    def from_host(self, dst, array):
+        ctypes.memmove(dst, array.ctypes.data, array.nbytes)
+
