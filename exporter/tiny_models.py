@@ -256,12 +256,14 @@ def _init_weights(model: torch.nn.Module, gain: float) -> None:
 
 
 def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, preset: str = "tiny",
-                     text: Mapping[str, Any] | None = None) -> pathlib.Path:
+                     text: Mapping[str, Any] | None = None,
+                     dtype: torch.dtype = torch.float32) -> pathlib.Path:
     """Build a random-initialised model of ``family`` and save it as a local HF directory.
 
     ``text`` overrides text-config fields of the preset (``hidden_size``, ``head_dim``,
     ``num_key_value_heads``, ``vocab_size`` >= the tokenizer's, ``tie_word_embeddings``, ...):
-    models of any shape for property tests. Returns the directory. Deterministic for a given
+    models of any shape for property tests and benchmarks at real sizes (saved in ``dtype``).
+    Returns the directory. Deterministic for a given
     ``seed``; "tiny" weights are < 1 MB.
     """
     if family not in _BUILDERS:
@@ -275,6 +277,7 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _init_weights(model, _INIT_GAIN)
+    model.to(dtype)
     model.generation_config = GenerationConfig(do_sample=False, **_token_ids(tokenizer, spec))
     out = pathlib.Path(out_dir)
     model.save_pretrained(out)

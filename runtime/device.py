@@ -97,6 +97,14 @@ class HostMemory:
         """No scratch on the host: the runner allocates fresh outputs (returns None)."""
         return None
 
+    def take_rows(self, src: np.ndarray, rows, key: str) -> np.ndarray:
+        """``src[rows][None]``: rows of a ``[R, W]`` buffer as a ``[1, n, W]`` tensor."""
+        return src[rows][None]
+
+    def copy_row(self, dst: np.ndarray, dst_row: int, src: np.ndarray, src_row: int) -> None:
+        """``dst[dst_row] = src[src_row]`` over the last two axes (``[.., R, W]``)."""
+        dst.reshape(-1, dst.shape[-1])[dst_row] = src.reshape(-1, src.shape[-1])[src_row]
+
     def to_host(self, array: np.ndarray) -> np.ndarray:
         return array
 
@@ -158,6 +166,20 @@ class DeviceMemory:
             have = self.empty((max(need, 1) // dtype.itemsize,), dtype)
             self._scratch[key] = have
         return have.view(0, shape)
+
+    def take_rows(self, src: DeviceTensor, rows, key: str) -> DeviceTensor:
+        """``src[rows][None]`` gathered on the device into scratch ``key``."""
+        rows = np.asarray(rows, np.int64).tolist()
+        out = self.scratch(key, (1, len(rows), src.shape[-1]), src.dtype)
+        for i, r in enumerate(rows):
+            self.copy_row(out, i, src, r)
+        return out
+
+    def copy_row(self, dst: DeviceTensor, dst_row: int, src: DeviceTensor, src_row: int) -> None:
+        """``dst[dst_row] = src[src_row]`` over the last two axes, on the device."""
+        width = src.shape[-1] * src.dtype.itemsize
+        self.copier.copy_2d(dst.ptr + dst_row * width, width, src.ptr + src_row * width,
+                            width, width, 1)
 
     def to_host(self, tensor: DeviceTensor) -> np.ndarray:
         out = np.empty(tensor.shape, tensor.dtype)

@@ -103,9 +103,11 @@ class DrafterSession:
                              memory=target.memory)  # on the target's device
         self.next_position = 0
         self.committed = 0                   # cache rows kept across rounds
-        self.last_hidden = np.zeros(0, np.float32)  # [H] drafter output of the last row
-        self.tree_hidden: list[np.ndarray] = []     # [K, H] per tree call of this round
-        self._no_embeds = np.zeros((0, self.facts["hidden_size"]), np.float32)  # grown on use
+        width = self.facts["hidden_size"]
+        # Drafter hidden states that feed the next tree level, where the graph runs: row 0 is
+        # the last committed row's, then each tree level's rows of this round (grown on use).
+        self._rows = self.cache.memory.empty((64, width), np.float32)
+        self._no_embeds = self.cache.memory.empty((0, width), np.float32)
         self._reset_state()
 
     # -- the loop's interface ------------------------------------------------------------------
@@ -127,13 +129,15 @@ class DrafterSession:
         if mask.shape != (k, r + k):
             raise ValueError(f"tree mask | shape {mask.shape}. Expected: ({k}, {r + k}) for "
                              f"{k} nodes after {r} tree rows of this round (level {level})")
-        rows = np.concatenate([self.last_hidden[None], *self.tree_hidden])  # [1 + R, H]
-        features = rows[np.asarray(parent_rows) + 1]                         # -1 -> last row
+        memory = self.cache.memory
+        self._grow_rows(1 + r + k)
+        features = memory.take_rows(self._rows, np.asarray(parent_rows) + 1,  # -1: row 0
+                                    "draft:features")
         positions = np.full(k, self.next_position + level - 1, np.int64)
         out = self._draft(tokens, self._zero_embeds(k), features, positions,
-                          tree_mask(self.committed, mask), level)            # [1,1,K,C+R+K]
+                          tree_mask(self.committed, mask), level,            # [1,1,K,C+R+K]
+                          hidden=memory.rows(self._rows, (), 1 + r, 1 + r + k))
         self.cache.commit(k)
-        self.tree_hidden.append(out[HIDDEN_STATES][0])
         return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
 
     def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,11 +146,22 @@ class DrafterSession:
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
         return self._commit(tokens, self._zero_embeds(len(tokens)), features, positions)
 
-    def _zero_embeds(self, rows: int) -> np.ndarray:
-        """``inputs_embeds`` of token-id rows (not read by the graph): zeros, allocated once."""
-        if len(self._no_embeds) < rows:
-            self._no_embeds = np.zeros((rows, self._no_embeds.shape[1]), np.float32)
-        return self._no_embeds[:rows]
+    def _grow_rows(self, rows: int) -> None:
+        """Room for ``rows`` hidden rows (row 0 and this round's tree rows are kept)."""
+        if self._rows.shape[0] >= rows:
+            return
+        memory, old = self.cache.memory, self._rows
+        self._rows = memory.empty((2 * rows, old.shape[1]), np.float32)
+        for row in range(1 + self.cache.length - self.committed):
+            memory.copy_row(self._rows, row, old, row)
+
+    def _zero_embeds(self, rows: int):
+        """``inputs_embeds [1, rows, H]`` of token-id rows (not read by the graph): zeros
+        where the graph runs (nothing crosses to a device), grown on use."""
+        memory = self.cache.memory
+        if self._no_embeds.shape[0] < rows:
+            self._no_embeds = memory.empty((rows, self._no_embeds.shape[1]), np.float32)
+        return memory.rows(self._no_embeds, (), 0, rows)
 
     @classmethod
     def check_image_input(cls, image_input: str, target: TargetModel) -> None:
@@ -176,29 +191,36 @@ class DrafterSession:
             features, np.arange(len(input_ids), dtype=np.int64))
 
     # -- graph calls ---------------------------------------------------------------------------
-    def _draft(self, ids, embeds: np.ndarray, features: np.ndarray, positions: np.ndarray,
-               mask: np.ndarray, level: int) -> dict:
-        """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache."""
-        feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None],
-                 INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32)[None],
-                 FEATURES: np.ascontiguousarray(features, np.float32)[None],
-                 POSITION_IDS: positions[None], ATTENTION_MASK: mask,
+    def _draft(self, ids, embeds, features, positions: np.ndarray, mask: np.ndarray,
+               level: int, hidden=None) -> dict:
+        """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache.
+        ``embeds``/``features``: ``[S, H]`` host rows or ``[1, S, H]`` tensors where the graph
+        runs; ``hidden``: where the output hidden states go (else a new buffer)."""
+        embeds, features = (np.ascontiguousarray(x, np.float32)[None] if x.ndim == 2 else x
+                            for x in (embeds, features))
+        feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None], INPUTS_EMBEDS: embeds,
+                 FEATURES: features, POSITION_IDS: positions[None], ATTENTION_MASK: mask,
                  **self.cache.past(), **self._fuse_inputs(level)}
-        return self.draft_runner.infer(feeds, self.cache.present(len(positions)))
+        outputs = self.cache.present(len(positions))
+        if hidden is not None:
+            outputs[HIDDEN_STATES] = hidden
+        return self.draft_runner.infer(feeds, outputs)
 
-    def _commit(self, ids, embeds: np.ndarray, features: np.ndarray,
+    def _commit(self, ids, embeds, features,
                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        memory, n = self.cache.memory, len(positions)
         out = self._draft(ids, embeds, features, positions,
-                          causal_mask(self.cache.length, len(positions)), level=0)
-        self.cache.commit(len(positions))
+                          causal_mask(self.cache.length, n), level=0,
+                          hidden=memory.scratch("draft:hidden", (1, n, self._rows.shape[1]),
+                                                np.float32))
+        self.cache.commit(n)
         self.committed = self.cache.length
         self.next_position = int(positions[-1]) + 1
-        self.last_hidden = out[HIDDEN_STATES][0, -1].copy()
+        memory.copy_row(self._rows, 0, out[HIDDEN_STATES], n - 1)  # the last row's hidden
         return out[TOPK_LOGPROBS][0, -1], out[TOPK_IDS][0, -1]
 
     def _drop_tree(self) -> None:
         self.cache.truncate(self.committed)
-        self.tree_hidden = []
 
     def close(self) -> None:
         for runner in self.runners.values():
