@@ -62,8 +62,11 @@ def main() -> None:
             pipe = Pipeline(target_onnx, drafter_dir=out, progress=say)
             for group, items in groups.items():
                 rows = run_bench(pipe, items, trees, args.max_new_tokens, args.repeats)
-                print(f"\n{kind}, draft vocab {size}, {group} prompts\n{format_table(rows)}",
-                      flush=True)
+                rate = {r.setting: r.tokens_per_second for r in rows}
+                best = max(r.tokens_per_second for r in rows if r.tree is not None)
+                print(f"\n{kind}, draft vocab {size}, {group} prompts\n{format_table(rows)}\n"
+                      f"auto / best fixed tree: {rate['auto'] / best:.2f}, "
+                      f"auto / plain: {rate['auto'] / rate['plain']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

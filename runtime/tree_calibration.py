@@ -1,7 +1,9 @@
 """Measure what a round of each candidate tree costs on this machine, once, and cache it.
 
 The costs are real rounds of the speculative loop (draft + verify + host) and real plain
-steps on a short canned prompt, medians after a warm-up run. They are cached as JSON under
+steps on a short canned prompt: after a warm-up run of each setting, a few passes over plain
+decoding and every tree in turn (a burst of load on a shared machine then hits every setting
+alike), the median of each setting's rounds. They are cached as JSON under
 ``$VISPEC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vispec-export`` or ``~/.cache/vispec-export``)
 keyed by the artifacts (manifests, graph files) and the machine (CPU, cores, ONNX Runtime
 version, backend, threads): another artifact or another machine measures anew.
@@ -25,7 +27,8 @@ from .tree import TreeConfig
 from .tree_policy import CANDIDATES, AutoTree
 
 CALIBRATION_PROMPT = "Write a few sentences about the sea."
-CALIBRATION_TOKENS = 24
+CALIBRATION_TOKENS = 12  # per generation
+CALIBRATION_PASSES = 3   # over plain and every tree, after the warm-up pass
 
 
 def cache_dir() -> Path:
@@ -63,7 +66,8 @@ def artifact_facts(*folders: Path) -> list:
 
 def calibration_key(target: TargetModel, drafter_dir: Path) -> str:
     facts = {"machine": machine_facts(target.backend, target.threads),
-             "artifacts": artifact_facts(target.dir, drafter_dir)}
+             "artifacts": artifact_facts(target.dir, drafter_dir),
+             "method": [CALIBRATION_PROMPT, CALIBRATION_TOKENS, CALIBRATION_PASSES]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -76,19 +80,22 @@ def usable_trees(target: TargetModel, drafter: Drafter,
 
 def measure(target: TargetModel, drafter: Drafter, trees: tuple[TreeConfig, ...],
             progress: Callable[[str], None] | None = None) -> dict:
-    """Median milliseconds of one plain step and of one round of each tree (warm-up first)."""
+    """Median milliseconds of one plain step and of one round of each tree: a warm-up pass
+    (first runs allocate), then ``CALIBRATION_PASSES`` passes over plain and every tree."""
     prompt = target.prepare(CALIBRATION_PROMPT, [])
-    generate_plain(target, prompt, 4)  # warm-up: first runs allocate
-    plain = generate_plain(target, prompt, CALIBRATION_TOKENS)
-    rounds = {}
-    for i, tree in enumerate(trees):
+    rounds: dict[TreeConfig | None, list] = {tree: [] for tree in (None, *trees)}
+    for i in range(CALIBRATION_PASSES + 1):
         if progress:
-            progress(f"measuring draft tree {i + 1}/{len(trees)} "
-                     f"({tree.total_tokens}, {tree.depth}, {tree.top_k})")
-        generate_speculative(target, drafter, prompt, 4, tree=tree)
-        run = generate_speculative(target, drafter, prompt, CALIBRATION_TOKENS, tree=tree)
-        rounds[tree] = _median_ms(run.stats.rounds)
-    return {"plain_ms": _median_ms(plain.stats.rounds), "round_ms": rounds}
+            progress(f"measuring plain decoding and {len(trees)} draft trees: pass "
+                     f"{i + 1}/{CALIBRATION_PASSES + 1}{' (warm-up)' if i == 0 else ''}")
+        for tree in rounds:
+            tokens = CALIBRATION_TOKENS if i else 4
+            run = generate_plain(target, prompt, tokens) if tree is None else \
+                generate_speculative(target, drafter, prompt, tokens, tree=tree)
+            if i:
+                rounds[tree] += run.stats.rounds
+    return {"plain_ms": _median_ms(rounds[None]),
+            "round_ms": {tree: _median_ms(rounds[tree]) for tree in trees}}
 
 
 def auto_tree(target: TargetModel, drafter: Drafter, drafter_dir: str | os.PathLike,
