@@ -46,3 +46,26 @@ def test_engine_matches_onnxruntime(tmp_path, precision, tolerance):
             assert runner.profile == profile
             want = reference.infer(feed)["y"]
             assert np.abs(mine["y"] - want).max() < tolerance * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.gpu
+def test_engine_binds_device_tensors_by_address(tmp_path):
+    """Device-resident IO (a device KV cache's views): bound by pointer, nothing copied."""
+    pytest.importorskip("tensorrt")
+    from vispec.engines.build import BuildConfig, build_engines
+    from vispec.runtime.backends.cuda import cuda_memory
+    from vispec.runtime.backends.tensorrt import TrtRunner
+
+    artifacts = block_artifacts(tmp_path / "artifacts")
+    out = build_engines(artifacts, tmp_path / "engines", BuildConfig(precision="fp32"))
+    memory, feed = cuda_memory(), feeds(16, seed=3)
+    on_device = {}
+    for name, array in feed.items():
+        on_device[name] = memory.empty(array.shape, array.dtype)
+        memory.from_host(on_device[name], array)
+    y = memory.empty((1, 16, 32), np.float32)
+    with TrtRunner(out / "block.engine", SPEC) as runner:
+        runner.infer(on_device, {"y": y})
+        assert runner.traffic.total == 0
+    want = OrtRunner(artifacts / "block.onnx", SPEC).infer(feed)["y"]
+    np.testing.assert_allclose(memory.to_host(y), want, atol=1e-4)

@@ -97,3 +97,21 @@ def test_a_speculative_round_moves_far_less_than_the_cache(device_pair):
     f = device.facts
     kv_bytes = cache.length * f["num_layers"] * 2 * f["kv_heads"] * f["head_dim"] * 4
     assert per_round < kv_bytes / 4  # a host cache would send all of it, twice, per pass
+
+
+def test_gpu_benchmark_runs_its_whole_flow_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py --smoke: build, export, device-resident measurement, report (the
+    GPU run differs only in shapes and provider)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "gpu.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--repeats", "2", "--json",
+                    str(tmp_path / "gpu.json")], check=True, capture_output=True, timeout=300)
+    (result,) = json.loads((tmp_path / "gpu.json").read_text())["results"]
+    assert set(result["verify_over_step"]) == {"1", "2", "4", "8", "16", "30", "64"}
+    for tree in result["rounds"].values():
+        assert tree["identical_to_plain"]
+        assert 0 < tree["bytes_per_round"] < 64 * 1024  # hidden 128: rows, masks, ids only
