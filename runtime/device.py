@@ -85,6 +85,9 @@ class HostMemory:
     def empty(self, shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
 
+    def release(self, array: np.ndarray) -> None:
+        """Nothing to do: numpy frees what is no longer referenced."""
+
     def rows(self, buffer: np.ndarray, lead: tuple[int, ...], start: int, stop: int) -> np.ndarray:
         """``buffer[lead][None, start:stop]``: rows of one slab, batch axis added."""
         return buffer[lead][None, start:stop]
@@ -124,7 +127,7 @@ class DeviceMemory:
         self.device, self.device_id = device, device_id
         self._allocate, self.copier = allocate, copier
         self.traffic = Traffic()
-        self._owners: list[object] = []          # keep allocations alive
+        self._owners: dict[int, object] = {}     # pointer -> what keeps it allocated
         self._scratch: dict[str, DeviceTensor] = {}
 
     def empty(self, shape, dtype) -> DeviceTensor:
@@ -132,9 +135,14 @@ class DeviceMemory:
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         ptr, owner = self._allocate(nbytes)
-        self._owners.append(owner)
+        self._owners[ptr] = owner
         self.copier.zero(ptr, nbytes)
+        self.copier.synchronize()
         return DeviceTensor(ptr, tuple(int(s) for s in shape), dtype, self.device, self.device_id)
+
+    def release(self, tensor: DeviceTensor) -> None:
+        """Free the allocation ``tensor`` (from ``empty``) heads; its views become invalid."""
+        self._owners.pop(tensor.ptr, None)
 
     def rows(self, buffer: DeviceTensor, lead: tuple[int, ...], start: int,
              stop: int) -> DeviceTensor:
@@ -155,6 +163,7 @@ class DeviceMemory:
         for s, d in zip(np.asarray(src).tolist(), np.asarray(dst).tolist()):
             self.copier.copy_2d(buffer.ptr + d * row_bytes, pitch, buffer.ptr + s * row_bytes,
                                 pitch, row_bytes, slabs)
+        self.copier.synchronize()
 
     def scratch(self, key: str, shape, dtype) -> DeviceTensor:
         """A device tensor of ``shape`` for step outputs named ``key`` (reused, grown)."""
@@ -163,6 +172,8 @@ class DeviceMemory:
         need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         have = self._scratch.get(key)
         if have is None or have.nbytes < need or have.dtype != dtype:
+            if have is not None:
+                self.release(have)
             have = self.empty((max(need, 1) // dtype.itemsize,), dtype)
             self._scratch[key] = have
         return have.view(0, shape)
@@ -172,11 +183,16 @@ class DeviceMemory:
         rows = np.asarray(rows, np.int64).tolist()
         out = self.scratch(key, (1, len(rows), src.shape[-1]), src.dtype)
         for i, r in enumerate(rows):
-            self.copy_row(out, i, src, r)
+            self._copy_row(out, i, src, r)
+        self.copier.synchronize()
         return out
 
     def copy_row(self, dst: DeviceTensor, dst_row: int, src: DeviceTensor, src_row: int) -> None:
         """``dst[dst_row] = src[src_row]`` over the last two axes, on the device."""
+        self._copy_row(dst, dst_row, src, src_row)
+        self.copier.synchronize()
+
+    def _copy_row(self, dst: DeviceTensor, dst_row: int, src: DeviceTensor, src_row: int) -> None:
         width = src.shape[-1] * src.dtype.itemsize
         self.copier.copy_2d(dst.ptr + dst_row * width, width, src.ptr + src_row * width,
                             width, width, 1)
@@ -205,13 +221,16 @@ class DeviceMemory:
 
 
 class Copier:
-    """Copy primitives of one device kind."""
+    """Copy primitives of one device kind. Device-to-device copies and fills may run
+    asynchronously: ``synchronize`` waits for them before the next graph runs on its own
+    stream."""
 
     def zero(self, ptr: int, nbytes: int) -> None: ...
     def copy_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int,
                 height: int) -> None: ...
     def to_host(self, out: np.ndarray, src: int) -> None: ...
     def from_host(self, dst: int, array: np.ndarray) -> None: ...
+    def synchronize(self) -> None: ...
 
 
 class HostCopier(Copier):
@@ -229,4 +248,7 @@ class HostCopier(Copier):
 
     def from_host(self, dst, array):
         ctypes.memmove(dst, array.ctypes.data, array.nbytes)
+
+    def synchronize(self):
+        pass
 

@@ -2,8 +2,9 @@
 
 Loaded with ctypes when a CUDA backend makes its memory (never at import): ONNX Runtime's
 CUDA provider and TensorRT both link the CUDA runtime, so it is present wherever they run.
-The copies are synchronous (legacy default stream): both backends finish their stream
-before a run returns, so a copy never races a graph.
+Both backends finish their stream before a run returns; our copies and fills go to the
+legacy default stream, and device-to-device ones (asynchronous there) are waited for
+(``synchronize``) before the next graph runs, so a copy never races a graph.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class CudaCopier(Copier):
         self.lib.cudaMemcpy2D.argtypes = [ptr, size, ptr, size, size, size, ctypes.c_int]
         self.lib.cudaMalloc.argtypes = [ctypes.POINTER(ptr), size]
         self.lib.cudaFree.argtypes = [ptr]
+        self.lib.cudaDeviceSynchronize.argtypes = []
 
     def _check(self, status: int, what: str) -> None:
         if status != 0:
@@ -77,6 +79,9 @@ class CudaCopier(Copier):
     def from_host(self, dst, array: np.ndarray):
         self._check(self.lib.cudaMemcpy(dst, array.ctypes.data, array.nbytes, H2D),
                     "cudaMemcpy")
+
+    def synchronize(self):
+        self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
     def malloc(self, nbytes: int) -> tuple[int, "CudaAllocation"]:
         ptr = ctypes.c_void_p()

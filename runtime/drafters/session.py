@@ -106,7 +106,7 @@ class DrafterSession:
         width = self.facts["hidden_size"]
         # Drafter hidden states that feed the next tree level, where the graph runs: row 0 is
         # the last committed row's, then each tree level's rows of this round (grown on use).
-        self._rows = self.cache.memory.empty((64, width), np.float32)
+        self._rows = self.cache.memory.empty((8, width), np.float32)
         self._no_embeds = self.cache.memory.empty((0, width), np.float32)
         self._reset_state()
 
@@ -154,6 +154,7 @@ class DrafterSession:
         self._rows = memory.empty((2 * rows, old.shape[1]), np.float32)
         for row in range(1 + self.cache.length - self.committed):
             memory.copy_row(self._rows, row, old, row)
+        memory.release(old)
 
     def _zero_embeds(self, rows: int):
         """``inputs_embeds [1, rows, H]`` of token-id rows (not read by the graph): zeros
