@@ -108,9 +108,15 @@ class TargetModel:
         return self.glue.prepare(self.processor, text, images)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        """Token embeddings ``[S, H]`` of ``input_ids [S]``."""
-        out = self.runners["embed"].infer({INPUT_IDS: np.asarray(input_ids, np.int64)[None]})
-        return out[INPUTS_EMBEDS][0]
+        """Token embeddings ``[S, H]`` of ``input_ids [S]``, on the host."""
+        return self.memory.to_host(self._embed(input_ids))[0]
+
+    def _embed(self, input_ids) -> np.ndarray | DeviceTensor:
+        """Token embeddings ``[1, S, H]`` where the LM reads them."""
+        ids = np.asarray(input_ids, np.int64)[None]
+        out = self.runners["embed"].infer({INPUT_IDS: ids},
+                                          self._scratch("embed", (INPUTS_EMBEDS,), ids.shape[1]))
+        return out[INPUTS_EMBEDS]
 
     def prompt_embeds(self, prompt: Prompt) -> np.ndarray:
         """LM input embeddings of a prompt ``[L, H]``: tokens, with image features placed."""
@@ -141,10 +147,7 @@ class TargetModel:
                     mask: np.ndarray) -> StepOutput:
         """``step`` over tokens: their embeddings stay where the LM reads them (on the
         device for device memory)."""
-        ids = np.asarray(input_ids, np.int64)[None]
-        out = self.runners["embed"].infer({INPUT_IDS: ids},
-                                          self._scratch("embed", (INPUTS_EMBEDS,), ids.shape[1]))
-        embeds = out[INPUTS_EMBEDS]
+        embeds = self._embed(input_ids)
         return self.step(cache, embeds if is_device(embeds) else embeds[0], position_ids, mask)
 
     def _scratch(self, graph: str, names: tuple[str, ...], new: int) -> dict:
