@@ -17,9 +17,9 @@ node is accepted with the product of its path's p_r, so
 A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet every round,
 whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
 Each tree is scored optimistically (posterior mean + ``optimism`` standard deviations of
-E[tokens]: EAGLE's "measure, don't guess" and SMART's "expand only when it pays"). When
-plain decoding has the best rate the generation goes on plainly to its end; the rounds seen
-carry over (weighted ``memory``) to the next generation.
+E[tokens]: EAGLE's "measure, don't guess" and SMART's "expand only when it pays"). When no
+tree beats plain decoding by ``margin`` the generation goes on plainly to its end; the rounds
+seen carry over (weighted ``memory``) to the next generation.
 """
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ class AutoTree:
     plain_ms: float
     optimism: float = 0.5   # standard deviations of E[tokens] added to its posterior mean
     memory: float = 0.9     # weight of past generations' rounds at each new one
+    margin: float = 0.1     # share by which a tree must beat plain decoding: round costs
+                            # measured on a busy CPU are off by about as much
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
 
@@ -184,9 +186,10 @@ class AutoTree:
         if self.fallen_back:
             return None
         rates = self.rates()
+        plain = rates.pop(None)
         best = max(rates, key=lambda t: rates[t])
-        self.fallen_back = best is None
-        return best
+        self.fallen_back = rates[best] < (1 + self.margin) * plain
+        return None if self.fallen_back else best
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
         counts = self.seen.setdefault(tree, np.zeros(levels(tree) + 1))
