@@ -18,8 +18,9 @@ A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet 
 whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
 Each tree is scored optimistically (posterior mean + ``optimism`` standard deviations of
 E[tokens]: EAGLE's "measure, don't guess" and SMART's "expand only when it pays"). When no
-tree beats plain decoding by ``margin`` the generation goes on plainly to its end; the rounds
-seen carry over (weighted ``memory``) to the next generation.
+tree beats plain decoding by ``margin`` the generation goes on plainly to its end. Older
+rounds weigh less: ``forget`` per round, ``memory`` per generation (so that a drafter that
+lost is tried again now and then).
 """
 from __future__ import annotations
 
@@ -139,6 +140,8 @@ class AutoTree:
     plain_ms: float
     optimism: float = 0.5   # standard deviations of E[tokens] added to its posterior mean
     memory: float = 0.9     # weight of past generations' rounds at each new one
+    forget: float = 0.95    # weight of the rounds seen at each new round (image answers and
+                            # text ones accept differently: the model follows the latest)
     margin: float = 0.1     # share by which a tree must beat plain decoding: round costs
                             # measured on a busy CPU are off by about as much
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
@@ -147,6 +150,8 @@ class AutoTree:
     def __post_init__(self) -> None:
         if not self.round_ms or self.plain_ms <= 0:
             raise ValueError("AutoTree needs measured round times and a plain step time")
+        for tree in self.round_ms:  # the acceptance model's tables (under 0.1 s a tree),
+            tree_model(tree)        # built before any round is timed
 
     @property
     def trees(self) -> tuple[TreeConfig, ...]:
@@ -192,5 +197,7 @@ class AutoTree:
         return None if self.fallen_back else best
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
+        for counts in self.seen.values():
+            counts *= self.forget
         counts = self.seen.setdefault(tree, np.zeros(levels(tree) + 1))
         counts[min(accepted_levels, levels(tree))] += 1
