@@ -1,11 +1,16 @@
-"""What a draft vocabulary saves: drafter call cost and acceptance per head size, one run.
+"""What a draft vocabulary saves: drafter call cost (and its split) and acceptance per head size.
 
-For each draft-vocabulary size N (and the full head) the drafter is exported, its step
-graph is timed alone (one row, and one tree level of K rows, over a past of 64 rows), and
-plain vs speculative decoding run through the same runtime (fixed tree, interleaved by
-``vispec.runtime.bench``): tokens per target pass and decode tok/s. Token frequencies come
-from ``--corpus``, else the drafter's ``token_counts.json`` (from training), else the
-prompts' own text.
+For each draft-vocabulary size N (and the full head) the drafter is exported; the draft graphs
+of every size and the draft graph cut after the decoder layer (embedding, fusion and layer:
+what every size shares) are timed in turn, one call of each after the other (so every call
+finds its weights evicted by another graph, as a drafter call after the target's pass does,
+and a burst of load hits all alike), for one row and for one tree level of K rows over a past
+of 64 rows. The head part of a call (head MatMul, log-softmax, top-k, d2t Gather) is the call
+minus the layer part; the weights a call reads (all but the gathered embedding rows) bound its
+cost from below on a CPU whose bandwidth it saturates. Then plain vs speculative decoding run through the same runtime (fixed
+tree, interleaved by ``vispec.runtime.bench``): tokens per target pass and decode tok/s.
+Token frequencies come from ``--corpus``, else the drafter's ``token_counts.json`` (from
+training), else the prompts' own text.
 
     python benchmarks/draft_vocab.py                      # random 100M LLaVA, 49,152 tokens
     python benchmarks/draft_vocab.py --model M --drafter D --corpus replies.txt
@@ -13,6 +18,7 @@ prompts' own text.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -20,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.draft_vocab import COUNTS_FILE
@@ -27,27 +34,61 @@ from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.onnx_io import example_feeds
 from vispec.exporter.tiny_models import build_tiny_model
+from vispec.runtime.backends import make_runner
 from vispec.runtime.bench import run_bench
+from vispec.runtime.drafter_specs import DRAFT, RESIDUAL_INDEX
+from vispec.runtime.manifest import Manifest
 from vispec.runtime.pipeline import Pipeline
-from vispec.runtime.specs import INPUT_IDS, NEW, PAST
+from vispec.runtime.specs import INPUT_IDS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
 from vispec.runtime.tree import TreeConfig
 
 PROMPTS = ("Tell me a short story about a child and a bird.", "What colour is the sky?",
            "Describe a boat on a calm sea.", "Write two sentences about a red kite.")
+LAYER = "layer"  # the draft graph without its head: outputs hidden states and K/V
 
 
-def step_ms(pipe: Pipeline, rows: int, calls: int = 200) -> float:
-    """Median ms of one drafter draft-graph call over ``rows`` new rows after 64 past rows."""
-    runner = pipe.drafter.draft_runner
+def draft_runners(artifacts: dict[str, Path], work: Path) -> dict:
+    """Runners of each size's draft graph and of the graph cut after the decoder layer."""
+    runners = {}
+    for name, folder in artifacts.items():
+        entry = Manifest.load(folder).graph(DRAFT)
+        runners[name] = make_runner("ort", folder / entry.file, entry.spec)
+    entry = Manifest.load(folder).graph(DRAFT)
+    spec = dataclasses.replace(entry.spec, outputs=tuple(
+        t for t in entry.spec.outputs if t.name not in (TOPK_LOGPROBS, TOPK_IDS)))
+    path = work / "draft-layer.onnx"
+    onnx.utils.extract_model(str(folder / entry.file), str(path), spec.input_names,
+                             spec.output_names)
+    runners[LAYER] = make_runner("ort", path, spec)
+    return runners
+
+
+def weight_mb(path: Path) -> float:
+    """MB of weights one call reads: every initializer but the tables rows are gathered from
+    (the embedding, d2t)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in graph.initializer if t.name not in gathered) / 1e6
+
+
+def call_ms(runners: dict, rows: int, vocab: int, calls: int = 200) -> dict[str, float]:
+    """Median ms of one call of each runner over ``rows`` new rows after 64 past rows, the
+    runners called in turn."""
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, pipe.target.facts["vocab_size"], (1, rows), dtype=np.int64)
-    feeds = example_feeds(runner.spec, {NEW: rows, PAST: 64}, rng, **{INPUT_IDS: ids})
-    times = []
-    for _ in range(calls + 10):
-        t0 = time.perf_counter()
-        runner.infer(feeds)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[10:])) * 1e3
+    spec = runners[LAYER].spec
+    fixed = {INPUT_IDS: rng.integers(0, vocab, (1, rows), dtype=np.int64)}
+    if RESIDUAL_INDEX in spec.input_names:
+        fixed[RESIDUAL_INDEX] = np.zeros(1, np.int64)
+    feeds = example_feeds(spec, {NEW: rows, PAST: 64}, rng, **fixed)
+    times = {name: [] for name in runners}
+    for i in range(calls + 10):  # 10 warm-up rounds
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.infer(feeds)
+            if i >= 10:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -71,23 +112,32 @@ def main() -> None:
         corpus.write_text("\n".join(PROMPTS * 4))
     export_target(model, work / "target-onnx", max_len=512, overwrite=True)
     tree = TreeConfig(*(int(x) for x in args.tree.split(":")))
+    sizes = ["full"] + args.sizes.split(",")
+    artifacts = {size: work / f"drafter-{size}" for size in sizes}
+    for size, out in artifacts.items():
+        export_drafter(drafter, model, out, max_len=512, top_k=10, overwrite=True,
+                       draft_vocab=None if size == "full" else int(size), vocab_corpus=corpus)
+    vocab = Manifest.load(artifacts["full"]).model["vocab_size"]
+    runners = draft_runners(artifacts, work)
+    one, level = call_ms(runners, 1, vocab), call_ms(runners, tree.top_k, vocab)
     print(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
           f"target {model}; drafter {drafter}; tree {args.tree}; {len(PROMPTS)} prompts x "
-          f"{args.repeats} repeats, {args.max_new_tokens} tokens")
-    print("| draft vocab | step ms (1 row) | step ms (K rows) | x full head | tokens/pass "
-          "| spec tok/s | x plain | identical |\n|---|---|---|---|---|---|---|---|")
-    full = None
-    for size in [None] + [int(s) for s in args.sizes.split(",")]:
-        out = work / f"drafter-{size or 'full'}"
-        export_drafter(drafter, model, out, max_len=512, top_k=10, overwrite=True,
-                       draft_vocab=size, vocab_corpus=corpus)
+          f"{args.repeats} repeats, {args.max_new_tokens} tokens\n"
+          f"layer part (embedding, fusion, decoder layer; every size): {one[LAYER]:.2f} ms "
+          f"(1 row), {level[LAYER]:.2f} ms ({tree.top_k} rows)")
+    mb = {size: weight_mb(out / Manifest.load(out).graph(DRAFT).file)
+          for size, out in artifacts.items()}
+    print("| draft vocab | weights MB read | x full (bytes) | call ms (1 row) | head part | "
+          "(K rows) | x full head (1 row) | tokens/pass | spec tok/s | x plain | identical |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, out in artifacts.items():
         pipe = Pipeline(work / "target-onnx", drafter_dir=out, tree=tree)
-        one, level = step_ms(pipe, 1), step_ms(pipe, tree.top_k)
-        full = full or one
         plain, spec, _ = run_bench(pipe, [(p, []) for p in PROMPTS], [tree],
                                    args.max_new_tokens, args.repeats)
-        print(f"| {size or 'full'} | {one:.2f} | {level:.2f} | {one / full:.2f} | "
-              f"{spec.tokens_per_pass:.2f} | {spec.tokens_per_second:.1f} | "
+        print(f"| {size} | {mb[size]:.1f} | {mb[size] / mb['full']:.3f} | {one[size]:.2f} | "
+              f"{one[size] - one[LAYER]:.2f} | {level[size]:.2f} "
+              f"| {one[size] / one['full']:.2f} | {spec.tokens_per_pass:.2f} | "
+              f"{spec.tokens_per_second:.1f} | "
               f"{spec.tokens_per_second / plain.tokens_per_second:.2f} | {spec.identical} |",
               flush=True)
 
