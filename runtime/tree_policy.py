@@ -144,6 +144,9 @@ class AutoTree:
                             # text ones accept differently: the model follows the latest)
     margin: float = 0.1     # share by which a tree must beat plain decoding: round costs
                             # measured on a busy CPU are off by about as much
+    prior_rounds: float = 2.0  # weight, in rounds, of the model's prediction for one tree
+    misfit: float = 0.1     # the model's error for one tree (its trees are average-case
+                            # shapes; the loop's adapt to the drafter's confidence each round)
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
 
@@ -173,11 +176,19 @@ class AutoTree:
         return weights / weights.sum()
 
     def expected_tokens(self, tree: TreeConfig, posterior: np.ndarray | None = None) -> float:
-        """Optimistic tokens of a round of ``tree``: posterior mean + ``optimism`` sd."""
+        """Optimistic tokens of a round of ``tree``: the model's posterior mean, weighed as
+        ``prior_rounds`` rounds against the tree's own rounds, + ``optimism`` sd (the model's
+        spread and its ``misfit``, shrinking with the tree's own rounds)."""
         w = self.posterior() if posterior is None else posterior
         tokens = tree_model(tree)[1]
         mean = float(w @ tokens)
-        return mean + self.optimism * math.sqrt(max(float(w @ (tokens - mean) ** 2), 0.0))
+        var = float(w @ (tokens - mean) ** 2) + (self.misfit * mean) ** 2
+        own = self.seen.get(tree, np.zeros(1))
+        rounds = float(own.sum())
+        own_tokens = rounds + float(own @ np.arange(len(own)))  # tokens its rounds emitted
+        weight = self.prior_rounds / (self.prior_rounds + rounds)
+        mean = weight * mean + (1 - weight) * own_tokens / max(rounds, 1e-9)
+        return mean + self.optimism * math.sqrt(max(var, 0.0) * weight)
 
     def rates(self) -> dict[TreeConfig | None, float]:
         """Expected tokens per millisecond of every candidate (``None``: plain decoding)."""
