@@ -32,10 +32,14 @@ PROMPTS = ("What is in the picture?", "Describe the boat on the sea in detail.",
 
 
 def make_drafter(kind: str, model_dir: Path, work: Path, steps: int, sequences: int) -> Path:
+    """A random drafter, or one trained by self-distillation (reused if ``work`` has it)."""
     if steps <= 0:
         return build_tiny_drafter(kind, model_dir, work / f"{kind}-random")
     from vispec.exporter.drafters.train import TrainConfig, train_drafter
-    return train_drafter(model_dir, work / f"{kind}-trained", kind=kind,
+    trained = work / f"{kind}-trained"
+    if (trained / "config.json").is_file():
+        return trained
+    return train_drafter(model_dir, trained, kind=kind,
                          config=TrainConfig(steps=steps, sequences=sequences),
                          progress=lambda m: None)
 
@@ -54,7 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--png", action="store_true", help="write bench-KIND.png charts")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="working folder; drafters trained there before are reused")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-spec-"))
     model_dir = build_tiny_model(args.family, work / "target", preset=args.preset)
