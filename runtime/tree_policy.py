@@ -16,8 +16,9 @@ node is accepted with the product of its path's p_r, so
 
 A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet every round,
 whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
-Each tree is scored optimistically (posterior mean + ``optimism`` standard deviations of
-E[tokens]: EAGLE's "measure, don't guess" and SMART's "expand only when it pays"). When no
+Each tree's estimate weighs the model against the tree's own rounds and is scored
+optimistically (+ ``optimism`` standard deviations: EAGLE's "measure, don't guess" and
+SMART's "expand only when it pays"). When no
 tree beats plain decoding by ``margin`` the generation goes on plainly to its end. Older
 rounds weigh less: ``forget`` per round, ``memory`` per generation (so that a drafter that
 lost is tried again now and then).
