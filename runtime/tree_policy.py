@@ -87,7 +87,6 @@ def levels(tree: TreeConfig) -> int:
     return min(tree.depth + 1, tree.total_tokens - 1)
 
 
-
 # The (h, g) grid of the acceptance model, flat prior: the drafter's top-1 hit rate h in
 # (0, 1) and the hit rate g of each lower rank once the ranks above it missed, in (0, 0.5)
 # (drafters' top-4 catch 0.2-0.6 of the tokens their top-1 misses: g ~ 0.07-0.27).
