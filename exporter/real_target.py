@@ -39,7 +39,7 @@ from vispec.runtime.tree_calibration import cache_dir
 
 from .real_lm import smollm2_dir
 from .synthetic_images import IMAGE_SIZE
-from .vision_training import VisionTrainConfig, evaluate, fit_answers, train_vision
+from .vision_training import Evaluation, VisionTrainConfig, evaluate, fit_answers, train_vision
 
 Progress = Callable[[str], None]
 WEIGHTS = Path(__file__).parent / "assets" / "smollm2_llava_vision.safetensors"
@@ -172,10 +172,27 @@ def write_weights(path: str | os.PathLike = WEIGHTS, config: VisionTrainConfig =
     return Path(path)
 
 
+def evaluate_weights(path: str | os.PathLike = WEIGHTS, n: int = 128, seed: int = 11,
+                     progress: Progress = lambda msg: None) -> Evaluation:
+    """Held-out accuracy of the target with the vision weights at ``path``."""
+    lm_dir = smollm2_dir(progress=progress)
+    processor = build_processor(lm_dir)
+    model = build_model(lm_dir, processor, 0)
+    load_trained(model, path)
+    return evaluate(model.eval(), processor, n=n, seed=seed, progress=progress)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Reproduce the shipped vision weights.")
-    parser.add_argument("--write-weights", type=Path, nargs="?", const=WEIGHTS, required=True)
+    parser = argparse.ArgumentParser(description="Reproduce or score the shipped vision weights.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write-weights", type=Path, nargs="?", const=WEIGHTS)
+    action.add_argument("--evaluate", type=Path, nargs="?", const=WEIGHTS,
+                        help="score a weights file on --images held-out images")
     parser.add_argument("--continue-steps", type=int, default=0,
                         help="continue the weights file with this many stage-2 steps")
+    parser.add_argument("--images", type=int, default=128)
     args = parser.parse_args()
-    write_weights(args.write_weights, continue_steps=args.continue_steps, progress=print)
+    if args.evaluate:
+        print(evaluate_weights(args.evaluate, args.images).summary())
+    else:
+        write_weights(args.write_weights, continue_steps=args.continue_steps, progress=print)
