@@ -46,7 +46,7 @@ class DistillConfig:
     text_prompts: int = 64
     image_tokens: int = 24   # new tokens per image answer (they end at EOS, ~11 tokens)
     text_tokens: int = 48
-    steps: int = 150
+    steps: int = 300
     batch: int = 4
     lr: float = 1e-3
     seed: int = 0
