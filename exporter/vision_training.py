@@ -146,8 +146,8 @@ def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
     prompt = _prompt_ids(processor, sample(rng, 1)[0].image)
     weights = torch.ones(model.config.text_config.vocab_size)
     for word in POSITION_WORDS:
-        ids = processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        weights[ids] = position_weight
+        word_ids = processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        weights[word_ids] = position_weight
     start, window = time.perf_counter(), []
     for step in range(1, config.steps + 1):
         batch = sample(rng, config.batch)
