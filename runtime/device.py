@@ -80,7 +80,6 @@ class HostMemory:
 
     def __init__(self) -> None:
         self.traffic = Traffic()  # nothing crosses
-        self._scratch: dict[str, np.ndarray] = {}
 
     def empty(self, shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)

@@ -73,6 +73,8 @@ class TargetModel:
         self.backend, self.threads = backend, threads
         self.memory = memory or default_memory(backend)
         self.traffic = self.memory.traffic
+        # Host arrays bound to a graph cross only when the graph's tensors live on a device.
+        self.io_traffic = self.traffic if isinstance(self.memory, DeviceMemory) else None
         self.manifest = Manifest.load(self.dir)
         if self.manifest.kind != "target":
             raise ManifestError(f"{self.dir} holds a {self.manifest.kind!r} export, not a "
@@ -84,7 +86,7 @@ class TargetModel:
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.processor = load_processor(self.dir / PROCESSOR_DIR)
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads,
-                                          self.traffic)
+                                          self.io_traffic)
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model

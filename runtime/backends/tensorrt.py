@@ -105,14 +105,13 @@ class TrtRunner(GraphRunner):
             ctx.set_optimization_profile_async(profile, stream.ptr)
             self.profile = profile
         for name, array in feeds.items():
-            if not isinstance(array, DeviceTensor):
-                array = np.ascontiguousarray(array)
             if not ctx.set_input_shape(name, array.shape):
                 raise ShapeError(f"graph {self.spec.name!r}: input {name!r} | shape "
                                  f"{array.shape} refused by optimization profile {profile}")
             if isinstance(array, DeviceTensor):
                 ctx.set_tensor_address(name, array.ptr)
                 continue
+            array = np.ascontiguousarray(array)
             buffer = self.buffers[name].resize(array.shape).copy_from(array, stream)
             self.traffic.h2d += array.nbytes
             ctx.set_tensor_address(name, buffer.ptr)

@@ -95,7 +95,7 @@ class DrafterSession:
                                 f"{sorted(manifest.graphs)}, no {DRAFT!r}). Hint: export the "
                                 f"drafter again with `vispec-export export-drafter`")
         self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads,
-                                          target.traffic)
+                                          target.io_traffic)
                         for name, g in manifest.graphs.items()}
         self.draft_runner = self.runners[DRAFT]
         self.top_k: int = int(self.facts["top_k"])

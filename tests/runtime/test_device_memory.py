@@ -82,6 +82,7 @@ def test_a_plain_step_moves_only_its_small_inputs_and_the_token(device_pair):
     assert moved.d2h == 8                                   # the argmax, not the logits
     reference = host.step_tokens(caches[0], [token], positions, mask)
     assert chosen.tolist() == [int(reference.logits[-1].argmax())]
+    assert host.traffic.total == 0  # host memory: the graphs read and write it in place
     written = caches[1].to_host()[:, :, :past + 1]
     np.testing.assert_allclose(written, caches[0].buffer[:, :, :past + 1], atol=1e-6)
 
