@@ -28,8 +28,8 @@ _CLASSES = {"count": 3, "colour": len(COLOURS), "shape": len(SHAPES), "position"
 
 @dataclass(frozen=True)
 class VisionTrainConfig:
-    """Every stage's settings; stages 2 and 3 dominate the time (~1 s per step of 8 on 2
-    quiet cores: ~8 minutes in all)."""
+    """Every stage's settings; stages 2-4 dominate the time (~1.5 s per step of 8 on 2
+    quiet cores: ~13 minutes in all)."""
 
     pretrain_steps: int = 300
     pretrain_batch: int = 64
@@ -39,13 +39,15 @@ class VisionTrainConfig:
     lr: float = 1e-3
     position_steps: int = 250
     position_weight: float = 3.0
+    polish_steps: int = 200
+    polish_lr: float = 5e-4
     seed: int = 0
 
     def __post_init__(self):
-        bad = [f"{k}={getattr(self, k)}" for k in ("pretrain_steps", "steps", "position_steps")
+        bad = [f"{k}={getattr(self, k)}" for k in ("pretrain_steps", "steps", "position_steps", "polish_steps")
                if getattr(self, k) < 0]
         bad += [f"{k}={getattr(self, k)}" for k in ("pretrain_batch", "batch") if getattr(self, k) < 1]
-        bad += [f"{k}={getattr(self, k)}" for k in ("pretrain_lr", "lr", "position_weight")
+        bad += [f"{k}={getattr(self, k)}" for k in ("pretrain_lr", "lr", "polish_lr", "position_weight")
                 if not getattr(self, k) > 0]
         if bad:
             raise ValueError(f"VisionTrainConfig | {', '.join(bad)}. Expected: steps >= 0, "
@@ -131,7 +133,7 @@ def _answer_batch(processor, prompt: torch.Tensor, batch: list[Example]) -> tupl
 
 
 def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
-                position_weight: float = 1.0) -> None:
+                position_weight: float = 1.0, stage: int = 2) -> None:
     """Stage 2: tower + projector learn to make the frozen LM answer right (the position
     words' loss weighted ``position_weight``)."""
     model.requires_grad_(False)
@@ -166,23 +168,35 @@ def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
         if step % max(1, config.steps // 10) == 0 or step == config.steps:
             loss_mean, top1 = np.mean(window, axis=0)
             window = []
-            progress(f"stage 2 step {step}/{config.steps} loss {loss_mean:.3f} answer-token top-1 "
+            progress(f"stage {stage} step {step}/{config.steps} loss {loss_mean:.3f} answer-token top-1 "
                      f"{top1:.2f} ({time.perf_counter() - start:.0f}s)")
     model.requires_grad_(False)
 
 
+def _round_to_shipped(model) -> None:
+    """Round the trained part to fp16 and back, as the shipped file stores it (each later
+    stage starts from what a continuation of the shipped file would load)."""
+    trained = [model.model.vision_tower, model.model.multi_modal_projector]
+    for param in (p for m in trained for p in m.parameters()):
+        param.data = param.data.half().float()
+
+
 def train_vision(model, processor, config: VisionTrainConfig = VisionTrainConfig(),
                  progress: Progress = lambda msg: None) -> None:
-    """Both stages in place on ``model`` (a LlavaForConditionalGeneration)."""
+    """Every stage in place on ``model`` (a LlavaForConditionalGeneration): 1 tower
+    pretraining, 2 answers, 3 answers with the position words weighted, 4 the same at a
+    lower learning rate (top left and top right were the last errors)."""
     start = time.perf_counter()
     pretrain_tower(model, processor, config, progress)
     progress(f"stage 1 done in {time.perf_counter() - start:.0f}s")
     fit_answers(model, processor, config, progress)
-    trained = [model.model.vision_tower, model.model.multi_modal_projector]
-    for param in (p for m in trained for p in m.parameters()):
-        param.data = param.data.half().float()  # as the shipped file stores them
-    stage3 = dataclasses.replace(config, steps=config.position_steps, seed=config.seed + 8)
-    fit_answers(model, processor, stage3, progress, position_weight=config.position_weight)
+    later = (dataclasses.replace(config, steps=config.position_steps, seed=config.seed + 8),
+             dataclasses.replace(config, steps=config.polish_steps, lr=config.polish_lr,
+                                 seed=config.seed + 21))
+    for number, stage in enumerate(later, start=3):
+        _round_to_shipped(model)
+        fit_answers(model, processor, stage, progress, position_weight=config.position_weight,
+                    stage=number)
     model.eval()
     progress(f"trained vision tower + projector in {time.perf_counter() - start:.0f}s")
 
