@@ -212,7 +212,7 @@ def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_
 def demo(out_dir, tiny, family, drafter_kind, overwrite):
     """End-to-end demo on SmolLM2-135M-Instruct with a trained vision tower (LLaVA-1.5):
     export, validate against PyTorch, self-distil ViSpec/HiViS/EAGLE (cached), generate
-    plainly and speculatively, speed table and chart (first run ~8 min on 2 cores, then ~2).
+    plainly and speculatively, speed table and chart (first run ~17 min on 2 cores, then ~2).
     --tiny: the same flow on a tiny random model. Exit 1 if a check fails."""
     _check_output(out_dir, overwrite)
     from .demo import run_demo
