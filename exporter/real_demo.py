@@ -29,7 +29,7 @@ MAX_LEN = 512
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 
 
-def demo_prompts(images: int = 3, seed: int = 0) -> list[tuple[str, list, object]]:
+def demo_prompts(images: int = 8, seed: int = 0) -> list[tuple[str, list, object]]:
     """(text, images, scene or None): held-out synthetic images, then text prompts."""
     out = [(QUESTION, [e.image], e.scene) for e in examples(images, seed, "heldout")]
     return out + [(q, [], None) for q in held_out_text_prompts()]
