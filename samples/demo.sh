@@ -2,7 +2,7 @@
 # Set up, then run the end-to-end demo on SmolLM2-135M-Instruct with a trained vision tower
 # (LLaVA-1.5): export -> validate against PyTorch -> self-distil ViSpec, HiViS and EAGLE
 # (cached) -> generate plain and speculative, speed table and chart (demo_out/speedup.png).
-# First run ~8 min on 2 CPU cores (training included), later runs ~2 min (cached).
+# First run ~17 min on 2 CPU cores (training included), later runs ~2 min (cached).
 # `vispec-export demo --tiny` runs the same flow on a tiny random model in seconds.
 # Usage: bash samples/demo.sh [OUT_DIR]   (default: demo_out/ in the repository, replaced
 # on every run; an OUT_DIR you name must not exist yet)
