@@ -132,13 +132,17 @@ def _answer_batch(processor, prompt: torch.Tensor, batch: list[Example]) -> tupl
     return ids, labels
 
 
+def _trained_params(model) -> list[torch.nn.Parameter]:
+    """The vision tower's and the projector's parameters (the LM stays frozen)."""
+    return [p for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()]
+
+
 def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
                 position_weight: float = 1.0, stage: int = 2) -> None:
-    """Stage 2: tower + projector learn to make the frozen LM answer right (the position
+    """Stages 2-4: tower + projector learn to make the frozen LM answer right (the position
     words' loss weighted ``position_weight``)."""
     model.requires_grad_(False)
-    trained = [model.model.vision_tower, model.model.multi_modal_projector]
-    params = [p for m in trained for p in m.parameters()]
+    params = _trained_params(model)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -176,8 +180,7 @@ def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
 def _round_to_shipped(model) -> None:
     """Round the trained part to fp16 and back, as the shipped file stores it (each later
     stage starts from what a continuation of the shipped file would load)."""
-    trained = [model.model.vision_tower, model.model.multi_modal_projector]
-    for param in (p for m in trained for p in m.parameters()):
+    for param in _trained_params(model):
         param.data = param.data.half().float()
 
 
