@@ -18,7 +18,7 @@ A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet 
 whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
 Each tree's estimate weighs the model against the tree's own rounds and is scored
 optimistically (+ ``optimism`` standard deviations: EAGLE's "measure, don't guess" and
-SMART's "expand only when it pays"). When no
+SMART's "expand only when it pays"; of trees within ``tie`` of the best, the cheapest). When no
 tree beats plain decoding by ``margin`` the generation goes on plainly to its end. Older
 rounds weigh less: ``forget`` per round, ``memory`` per generation (so that a drafter that
 lost is tried again now and then).
@@ -147,6 +147,10 @@ class AutoTree:
     prior_rounds: float = 2.0  # weight, in rounds, of the model's prediction for one tree
     misfit: float = 0.1     # the model's error for one tree (its trees are average-case
                             # shapes; the loop's adapt to the drafter's confidence each round)
+    tie: float = 0.02       # trees within this share of the best rate count as tied and the
+                            # cheapest of them is verified: after a first round the rates of
+                            # all trees can lie within 1%, and the tree taken then gathers the
+                            # rounds that keep it (a wide one was kept at 0.8x of 8,2,3)
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
 
@@ -203,9 +207,12 @@ class AutoTree:
             return None
         rates = self.rates()
         plain = rates.pop(None)
-        best = max(rates, key=lambda t: rates[t])
-        self.fallen_back = rates[best] < (1 + self.margin) * plain
-        return None if self.fallen_back else best
+        best = max(rates.values())
+        self.fallen_back = best < (1 + self.margin) * plain
+        if self.fallen_back:
+            return None
+        return min((t for t, r in rates.items() if r >= (1 - self.tie) * best),
+                   key=lambda t: self.round_ms[t])
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
         for counts in self.seen.values():

@@ -192,3 +192,20 @@ def test_pipeline_auto_generates_what_plain_does(tiny_target, tiny_drafter):
     assert spec.tokens == pipe.generate(PROMPT, max_new_tokens=24, draft=False).tokens
     with pytest.raises(Exception, match="Expected: 'auto'"):
         Pipeline(tiny_target("llava")[1], tree="fast")
+
+
+def test_a_near_tie_goes_to_the_cheapest_tree():
+    # Round costs as measured on the real-LM target; after one round of (4, 2, 2) that
+    # accepted one level every tree's rate lies within 1%: the cheapest is verified, where
+    # the widest would gather the rounds that keep it.
+    round_ms = dict(zip(CANDIDATES, (48.5, 56.1, 64.4, 75.3, 113.2, 193.9)))
+    chosen = {}
+    for tie in (0.0, AutoTree.tie):
+        p = AutoTree(round_ms=round_ms, plain_ms=37.7, tie=tie)
+        p.observe(SMALL, 1)
+        chosen[tie] = p.choose()
+    rates = p.rates()
+    del rates[None]
+    assert max(rates, key=rates.get) == WIDE == chosen[0.0]
+    assert rates[CHAIN] > 0.99 * rates[WIDE]
+    assert chosen[AutoTree.tie] == CHAIN
