@@ -151,8 +151,15 @@ class AutoTree:
                             # cheapest of them is verified: after a first round the rates of
                             # all trees can lie within 1%, and the tree taken then gathers the
                             # rounds that keep it (a wide one was kept at 0.8x of 8,2,3)
+    explore: float = 0.9    # once per generation, when the tree in use has a round of its
+                            # own, a tree with less whose rate is within this share of the
+                            # best is verified: the model prices untried trees from the
+                            # others' rounds, and where it errs (acceptance that depends on
+                            # the answer's words, not on the tree) the tree in use would
+                            # keep its lead unchecked
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
+    explored: bool = False  # this generation's exploring round is spent
 
     def __post_init__(self) -> None:
         if not self.round_ms or self.plain_ms <= 0:
@@ -167,7 +174,7 @@ class AutoTree:
     def start(self) -> None:
         """A new generation: try trees again, trusting past rounds ``memory`` as much (a
         drafter that never wins is tried about every other generation, not every one)."""
-        self.fallen_back = False
+        self.fallen_back = self.explored = False
         for counts in self.seen.values():
             counts *= self.memory
 
@@ -211,8 +218,14 @@ class AutoTree:
         self.fallen_back = best < (1 + self.margin) * plain
         if self.fallen_back:
             return None
-        return min((t for t, r in rates.items() if r >= (1 - self.tie) * best),
-                   key=lambda t: self.round_ms[t])
+        chosen = min((t for t, r in rates.items() if r >= (1 - self.tie) * best),
+                     key=lambda t: self.round_ms[t])
+        rounds = {t: self.seen[t].sum() if t in self.seen else 0.0 for t in rates}
+        untried = [t for t, r in rates.items() if rounds[t] < 1 and r >= self.explore * best]
+        if untried and rounds[chosen] >= 1 and not self.explored:
+            self.explored = True
+            return max(untried, key=lambda t: rates[t])
+        return chosen
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
         for counts in self.seen.values():

@@ -209,3 +209,22 @@ def test_a_near_tie_goes_to_the_cheapest_tree():
     assert max(rates, key=rates.get) == WIDE == chosen[0.0]
     assert rates[CHAIN] > 0.99 * rates[WIDE]
     assert chosen[AutoTree.tie] == CHAIN
+
+
+def test_a_tree_the_model_underprices_is_tried():
+    # Costs as measured on the real-LM target; every tree accepts 2, 2, 1 levels (the words
+    # of a short answer decide, not the tree), where the model, fitted to the wide tree's
+    # rounds, prices (8, 2, 3) 17% too low. Without exploring, the wide tree is kept.
+    round_ms = dict(zip(CANDIDATES, (38.5, 40.8, 47.6, 53.6, 81.2, 138.5)))
+    used = {}
+    for explore in (AutoTree.explore, 1.01):
+        p = AutoTree(round_ms=round_ms, plain_ms=30.8, explore=explore)
+        p.observe(SMALL, 0)
+        used[explore] = []
+        for _ in range(4):
+            p.start()
+            for accepted in (2, 2, 1):
+                used[explore].append(p.choose())
+                p.observe(used[explore][-1], accepted)
+    assert set(used[1.01]) == {WIDE}
+    assert MID in used[AutoTree.explore] and used[AutoTree.explore][-1] != WIDE
