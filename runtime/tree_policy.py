@@ -18,7 +18,8 @@ A chain (top_k 1) gains from h only, a wide tree also from the lower ranks, yet 
 whatever its tree, informs the one (h, g): a grid posterior from the accepted lengths seen.
 Each tree's estimate weighs the model against the tree's own rounds and is scored
 optimistically (+ ``optimism`` standard deviations: EAGLE's "measure, don't guess" and
-SMART's "expand only when it pays"; of trees within ``tie`` of the best, the cheapest). When no
+SMART's "expand only when it pays"); of trees within ``tie`` of the best the cheapest is
+verified, and once per generation a tree hardly tried within ``explore`` of the best. When no
 tree beats plain decoding by ``margin`` the generation goes on plainly to its end. Older
 rounds weigh less: ``forget`` per round, ``memory`` per generation (so that a drafter that
 lost is tried again now and then).
