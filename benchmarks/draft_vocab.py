@@ -1,19 +1,21 @@
 """What a draft vocabulary saves: drafter call cost (and its split) and acceptance per head size.
 
-For each draft-vocabulary size N (and the full head) the drafter is exported; the draft graphs
-of every size and the draft graph cut after the decoder layer (embedding, fusion and layer:
-what every size shares) are timed in turn, one call of each after the other (so every call
+For each draft-vocabulary size N (and the full head) and each weight precision (float32, and
+int8 from ``export-drafter --weights int8``) the drafter is exported; the draft graphs of every
+size and the draft graph cut after the decoder layer (embedding, fusion and layer: what every
+size shares; one per precision) are timed in turn, one call of each after the other (so every call
 finds its weights evicted by another graph, as a drafter call after the target's pass does,
 and a burst of load hits all alike), for one row and for one tree level of K rows over a past
 of 64 rows. The head part of a call (head MatMul, log-softmax, top-k, d2t Gather) is the call
 minus the layer part; the weights a call reads (all but the gathered embedding rows) bound its
-cost from below on a CPU whose bandwidth it saturates. Then plain vs speculative decoding run through the same runtime (fixed
-tree, interleaved by ``vispec.runtime.bench``): tokens per target pass and decode tok/s.
+cost from below on a CPU whose bandwidth it saturates. Then plain vs speculative decoding
+run through the same runtime (fixed tree, interleaved by ``vispec.runtime.bench``): tokens
+per target pass and decode tok/s.
 Token frequencies come from ``--corpus``, else the drafter's ``token_counts.json`` (from
 training), else the prompts' own text.
 
     python benchmarks/draft_vocab.py                      # random 100M LLaVA, 49,152 tokens
-    python benchmarks/draft_vocab.py --model M --drafter D --corpus replies.txt
+    python benchmarks/draft_vocab.py --model M --drafter D --corpus replies.txt --weights int8
 """
 from __future__ import annotations
 
@@ -48,19 +50,26 @@ LAYER = "layer"  # the draft graph without its head: outputs hidden states and K
 
 
 def draft_runners(artifacts: dict[str, Path], work: Path) -> dict:
-    """Runners of each size's draft graph and of the graph cut after the decoder layer."""
-    runners = {}
+    """Runners of each artifact's draft graph and, per weight precision, of the graph cut
+    after the decoder layer (named ``LAYER`` + the precision's suffix)."""
+    runners, layers = {}, {}
     for name, folder in artifacts.items():
         entry = Manifest.load(folder).graph(DRAFT)
         runners[name] = make_runner("ort", folder / entry.file, entry.spec)
-    entry = Manifest.load(folder).graph(DRAFT)
-    spec = dataclasses.replace(entry.spec, outputs=tuple(
-        t for t in entry.spec.outputs if t.name not in (TOPK_LOGPROBS, TOPK_IDS)))
-    path = work / "draft-layer.onnx"
-    onnx.utils.extract_model(str(folder / entry.file), str(path), spec.input_names,
-                             spec.output_names)
-    runners[LAYER] = make_runner("ort", path, spec)
+        layers.setdefault(LAYER + suffix(Manifest.load(folder).model["weights"]), (folder, entry))
+    for name, (folder, entry) in layers.items():
+        spec = dataclasses.replace(entry.spec, outputs=tuple(
+            t for t in entry.spec.outputs if t.name not in (TOPK_LOGPROBS, TOPK_IDS)))
+        path = work / f"draft-{name.replace(' ', '-')}.onnx"
+        onnx.utils.extract_model(str(folder / entry.file), str(path), spec.input_names,
+                                 spec.output_names)
+        runners[name] = make_runner("ort", path, spec)
     return runners
+
+
+def suffix(weights: str) -> str:
+    """How a precision shows in a row's name: nothing for float32."""
+    return "" if weights == "float32" else f" {weights}"
 
 
 def weight_mb(path: Path) -> float:
@@ -76,7 +85,7 @@ def call_ms(runners: dict, rows: int, vocab: int, calls: int = 200) -> dict[str,
     """Median ms of one call of each runner over ``rows`` new rows after 64 past rows, the
     runners called in turn."""
     rng = np.random.default_rng(0)
-    spec = runners[LAYER].spec
+    spec = next(r.spec for name, r in runners.items() if name.startswith(LAYER))
     fixed = {INPUT_IDS: rng.integers(0, vocab, (1, rows), dtype=np.int64)}
     if RESIDUAL_INDEX in spec.input_names:
         fixed[RESIDUAL_INDEX] = np.zeros(1, np.int64)
@@ -97,6 +106,7 @@ def main() -> None:
     parser.add_argument("--drafter", type=Path, default=None, help="drafter checkpoint")
     parser.add_argument("--corpus", type=Path, default=None)
     parser.add_argument("--sizes", default="16384,8192,4096")
+    parser.add_argument("--weights", default="float32,int8", help="drafter weight precisions")
     parser.add_argument("--tree", default="16:3:4")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
@@ -113,30 +123,38 @@ def main() -> None:
     export_target(model, work / "target-onnx", max_len=512, overwrite=True)
     tree = TreeConfig(*(int(x) for x in args.tree.split(":")))
     sizes = ["full"] + args.sizes.split(",")
-    artifacts = {size: work / f"drafter-{size}" for size in sizes}
-    for size, out in artifacts.items():
+    artifacts = {f"{size}{suffix(w)}": work / f"drafter-{size}-{w}"
+                 for w in args.weights.split(",") for size in sizes}
+    for name, out in artifacts.items():
+        size, _, weights = name.partition(" ")
         export_drafter(drafter, model, out, max_len=512, top_k=10, overwrite=True,
-                       draft_vocab=None if size == "full" else int(size), vocab_corpus=corpus)
-    vocab = Manifest.load(artifacts["full"]).model["vocab_size"]
+                       draft_vocab=None if size == "full" else int(size), vocab_corpus=corpus,
+                       weights=weights or "float32")
+    vocab = Manifest.load(out).model["vocab_size"]
     runners = draft_runners(artifacts, work)
     one, level = call_ms(runners, 1, vocab), call_ms(runners, tree.top_k, vocab)
     print(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
           f"target {model}; drafter {drafter}; tree {args.tree}; {len(PROMPTS)} prompts x "
-          f"{args.repeats} repeats, {args.max_new_tokens} tokens\n"
-          f"layer part (embedding, fusion, decoder layer; every size): {one[LAYER]:.2f} ms "
-          f"(1 row), {level[LAYER]:.2f} ms ({tree.top_k} rows)")
-    mb = {size: weight_mb(out / Manifest.load(out).graph(DRAFT).file)
-          for size, out in artifacts.items()}
+          f"{args.repeats} repeats, {args.max_new_tokens} tokens")
+    for name in runners:
+        if name.startswith(LAYER):
+            print(f"{name} part (embedding, fusion, decoder layer; every size): {one[name]:.2f} ms "
+                  f"(1 row), {level[name]:.2f} ms ({tree.top_k} rows)")
+    mb = {name: weight_mb(out / Manifest.load(out).graph(DRAFT).file)
+          for name, out in artifacts.items()}
     print("| draft vocab | weights MB read | x full (bytes) | call ms (1 row) | head part | "
-          "(K rows) | x full head (1 row) | tokens/pass | spec tok/s | x plain | identical |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, out in artifacts.items():
+          "(K rows) | x full head (1 row) | x full float32 (1 row) | tokens/pass | spec tok/s | "
+          "x plain | identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, out in artifacts.items():
+        weights = name.partition(" ")[2]
+        full = "full" + suffix(weights or "float32")
         pipe = Pipeline(work / "target-onnx", drafter_dir=out, tree=tree)
         plain, spec, _ = run_bench(pipe, [(p, []) for p in PROMPTS], [tree],
                                    args.max_new_tokens, args.repeats)
-        print(f"| {size} | {mb[size]:.1f} | {mb[size] / mb['full']:.3f} | {one[size]:.2f} | "
-              f"{one[size] - one[LAYER]:.2f} | {level[size]:.2f} "
-              f"| {one[size] / one['full']:.2f} | {spec.tokens_per_pass:.2f} | "
+        layer = one[LAYER + suffix(weights or "float32")]
+        print(f"| {name} | {mb[name]:.1f} | {mb[name] / mb[full]:.3f} | {one[name]:.2f} | "
+              f"{one[name] - layer:.2f} | {level[name]:.2f} | {one[name] / one[full]:.2f} | "
+              f"{one[name] / one['full']:.2f} | {spec.tokens_per_pass:.2f} | "
               f"{spec.tokens_per_second:.1f} | "
               f"{spec.tokens_per_second / plain.tokens_per_second:.2f} | {spec.identical} |",
               flush=True)

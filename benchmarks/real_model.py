@@ -7,6 +7,7 @@ training token counts), then ``vispec.runtime.bench`` runs plain decoding, fixed
 per pass, decode tok/s, the ratio, and the pass's cost split (drafter / target / host).
 
     python benchmarks/real_model.py [--kinds vispec,hivis,eagle] [--draft-vocab 8192,full]
+                                    [--weights float32,int8]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
-from vispec.exporter.real_demo import MAX_LEN, demo_prompts
+from vispec.exporter.real_demo import DRAFT_WEIGHTS, MAX_LEN, demo_prompts
 from vispec.exporter.real_drafters import DistillConfig, real_drafters
 from vispec.exporter.real_target import cached_target
 from vispec.runtime.bench import format_table, run_bench
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="vispec,hivis,eagle")
     parser.add_argument("--draft-vocab", default="8192", help="sizes, 'full' for the whole head")
+    parser.add_argument("--weights", default=DRAFT_WEIGHTS, help="drafter weights, e.g. float32,int8")
     parser.add_argument("--trees", default="4:2:2,8:2:3,16:3:4")
     parser.add_argument("--images", type=int, default=4, help="held-out image prompts")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -53,18 +55,20 @@ def main() -> None:
           f"{args.max_new_tokens} new tokens at most; prompts: {len(groups['image'])} held-out "
           f"images, {len(groups['text'])} text", flush=True)
     for kind in kinds:
-        for size in args.draft_vocab.split(","):
+        for size, weights in ((v, w) for w in args.weights.split(",")
+                              for v in args.draft_vocab.split(",")):
             vocab = None if size == "full" else int(size)
-            out = work / f"{kind}-{size}"
+            out = work / f"{kind}-{size}-{weights}"
             if not (out / "manifest.json").exists():
                 export_drafter(checkpoints[kind], model_dir, out, max_len=MAX_LEN,
-                               draft_vocab=vocab, progress=say)
+                               draft_vocab=vocab, weights=weights, progress=say)
             pipe = Pipeline(target_onnx, drafter_dir=out, progress=say)
             for group, items in groups.items():
                 rows = run_bench(pipe, items, trees, args.max_new_tokens, args.repeats)
                 rate = {r.setting: r.tokens_per_second for r in rows}
                 best = max(r.tokens_per_second for r in rows if r.tree is not None)
-                print(f"\n{kind}, draft vocab {size}, {group} prompts\n{format_table(rows)}\n"
+                print(f"\n{kind}, draft vocab {size}, {weights} weights, {group} prompts\n"
+                      f"{format_table(rows)}\n"
                       f"auto / best fixed tree: {rate['auto'] / best:.2f}, "
                       f"auto / plain: {rate['auto'] / rate['plain']:.2f}", flush=True)
 

@@ -55,7 +55,7 @@ def main() -> None:
     }
     print(f"{platform.machine()}, {platform.processor() or 'cpu'}, python "
           f"{platform.python_version()}, median of {args.repeats} runs (torch installed)")
-    print(f"| command | wall s |\n|---|---|")
+    print("| command | wall s |\n|---|---|")
     for name, cmd in rows.items():
         print(f"| {name} | {median_wall(cmd, args.repeats):.2f} |", flush=True)
 

@@ -131,6 +131,11 @@ def plan_build(manifest: Manifest, artifact_dir: str | os.PathLike, config: Buil
     ``quantized`` names the graphs that get Q/DQ (the ones with calibration data); it is
     ignored unless the precision is int8.
     """
+    if manifest.model.get("weights", "float32") != "float32":
+        raise VispecError(f"{artifact_dir} holds {manifest.model['weights']} drafter weights "
+                          f"(ONNX Runtime CPU ops TensorRT cannot parse). Hint: export the "
+                          f"drafter again without --weights; TensorRT builds fp16/int8 from "
+                          f"float32 graphs")
     quantized = set(quantized) if config.precision == "int8" else set()
     unknown = set(quantized) - set(manifest.graphs)
     if unknown:

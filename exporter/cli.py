@@ -128,9 +128,14 @@ def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
                    "train-drafter); drafting gets cheaper, output stays exact. Default: all.")
 @click.option("--vocab-corpus", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="UTF-8 text whose token frequencies choose --draft-vocab.")
+@click.option("--weights", type=click.Choice(["float32", "int8"]), default="float32",
+              show_default=True,
+              help="int8: the draft graph's weights in int8 for ONNX Runtime on CPU (drafting "
+                   "~2x cheaper, output stays exact). TensorRT needs float32 (it builds its "
+                   "own fp16/int8).")
 @OVERWRITE
 def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draft_vocab,
-                   vocab_corpus, overwrite):
+                   vocab_corpus, weights, overwrite):
     """Export a ViSpec, HiViS or EAGLE drafter checkpoint (official layout: config.json +
     pytorch_model.bin or model.safetensors; the type is detected from its keys) to ONNX
     graphs (draft, adaptor) + manifest.json in OUT_DIR."""
@@ -139,7 +144,7 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
     if vocab_corpus is not None and draft_vocab is None:
         raise click.UsageError("--vocab-corpus chooses the tokens of --draft-vocab N; give both.")
     run(drafter_dir, target_dir, out_dir, top_k=top_k, max_len=max_len, opset=opset,
-        draft_vocab=draft_vocab, vocab_corpus=vocab_corpus, overwrite=overwrite,
+        draft_vocab=draft_vocab, vocab_corpus=vocab_corpus, weights=weights, overwrite=overwrite,
         progress=_progress)
 
 

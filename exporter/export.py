@@ -94,7 +94,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   dtype: str = "float32", overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
-    ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the processor files and ``manifest.json``.
+    ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the
+    processor files and ``manifest.json``.
 
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).

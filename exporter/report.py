@@ -111,7 +111,8 @@ def print_parity(rows: list[ParityRow], greedy: GreedyCheck | None = None,
     for col in columns + ["bound", "result"]:
         table.add_column(col)
     for r in rows:
-        cells = [r.graph, r.case, r.output, f"{r.max_abs:.2e}", f"{r.rel:.2e}"]
+        graph = r.graph if r.precision == "float32" else f"{r.graph} ({r.precision})"
+        cells = [graph, r.case, r.output, f"{r.max_abs:.2e}", f"{r.rel:.2e}"]
         if baseline:
             cells += ["-"] * 3 if r.baseline is None else \
                 [f"{r.baseline:.2e}", f"{r.weights_floor:.2e}", f"{r.ratio:.2f}"]

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+
 @dataclass(frozen=True)
 class DeviceTensor:
     """A contiguous tensor in device memory: what a graph input or output is bound to."""

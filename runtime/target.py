@@ -15,8 +15,7 @@ from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
 from .manifest import PROCESSOR_DIR, Manifest
 from .processors import load_processor
-from .specs import (ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW,
-                    POSITION_IDS, TOKEN_IDS)
+from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW, POSITION_IDS, TOKEN_IDS
 
 ARGMAX = "argmax"  # optional graph: the greedy choice on the device
 

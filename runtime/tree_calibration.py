@@ -46,8 +46,8 @@ def machine_facts(backend: str, threads: int | None) -> dict:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
-                 if l.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
     return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__, "backend": backend, "threads": threads}

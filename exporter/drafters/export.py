@@ -22,19 +22,30 @@ from vispec.runtime.drafter_specs import (
     adaptor_spec,
     draft_spec,
 )
+from vispec.runtime.drafters.session import require_int8_weights_runtime
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import read_config
-from vispec.runtime.specs import ATTENTION_MASK, INPUT_IDS, NEW, PAST, GraphSpec, past_names
+from vispec.runtime.specs import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    NEW,
+    PAST,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    GraphSpec,
+    past_names,
+)
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
 from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
-from ..parity import ParityRow, compare, random_tree
+from ..parity import ParityRow, compare, random_tree, tolerance
 from .checkpoint import load_drafter
 from .draft_vocab import DRAFT_VOCAB_FILE, select_draft_vocab
-from .modules import AdaptorGraph, DraftGraph, Drafter
+from .int8 import WEIGHTS, quantize_weights_int8
+from .modules import AdaptorGraph, Drafter, DraftGraph
 
 DEFAULT_MAX_IMAGE_TOKENS = 4096
 EXAMPLE_IMAGE_TOKENS = 8
@@ -80,11 +91,11 @@ def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
 
 
 def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path,
-                draft_vocab: int | None = None) -> dict:
+                draft_vocab: int | None = None, weights: str = "float32") -> dict:
     """What the runtime needs, plus the target it belongs to."""
     c = drafter.config
     return {"drafter_type": c.kind, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
-            "draft_vocab": draft_vocab,
+            "draft_vocab": draft_vocab, "weights": weights,
             "num_heads": c.num_heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "top_k": top_k, "num_q": c.num_q, "residual_rows": c.residual_rows,
             "target_model_type": glue_for(read_config(target_model_dir)).model_type,
@@ -95,14 +106,21 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
                    out_dir: str | os.PathLike, *, top_k: int = 10, max_len: int = 1024,
                    max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, opset: int = DEFAULT_OPSET,
                    draft_vocab: int | None = None,
-                   vocab_corpus: str | os.PathLike | None = None, overwrite: bool = False,
+                   vocab_corpus: str | os.PathLike | None = None, weights: str = "float32",
+                   overwrite: bool = False,
                    progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the drafter at ``drafter_dir`` (official layout) for the target at
     ``target_model_dir`` into ``out_dir``: ``draft.onnx`` (+ ``adaptor.onnx`` for ViSpec)
     and ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
-    head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies)."""
+    head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies).
+    ``weights="int8"``: the draft graph's MatMul weights in int8, for ONNX Runtime on CPU
+    (``int8.quantize_weights_int8``)."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
+    if weights not in WEIGHTS:
+        raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
+    if weights == "int8":
+        require_int8_weights_runtime("ort", "--weights int8")
     drafter = load_drafter(drafter_dir, target_model_dir)
     head_size = draft_vocab or drafter.config.vocab_size
     if not 1 <= top_k <= head_size:
@@ -126,12 +144,16 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
             feeds = example_feeds(spec, sizes, rng,
                                   **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW))
             export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
+            if name == DRAFT and weights == "int8":
+                progress(f"[{i}/{len(graphs)}] quantizing the draft graph's weights to int8")
+                quantize_weights_int8(tmp / f"{name}.onnx")
             entries[name] = GraphEntry(f"{name}.onnx", spec)
         if draft_ids is not None:
             np.save(tmp / DRAFT_VOCAB_FILE, draft_ids)
         manifest = Manifest(kind="drafter", family=drafter.kind,
                             config_hash=config_hash(drafter_dir), max_len=max_len, opset=opset,
-                            model=model_facts(drafter, top_k, target_model_dir, draft_vocab),
+                            model=model_facts(drafter, top_k, target_model_dir, draft_vocab,
+                                              weights),
                             graphs=entries,
                             versions=versions(), source=str(drafter_dir.resolve()))
         manifest.save(tmp)
@@ -148,8 +170,23 @@ def _torch_outputs(module, spec: GraphSpec, feeds: dict) -> dict[str, np.ndarray
     return {name: o.numpy() for name, o in zip(spec.output_names, out)}
 
 
-def _compare_all(graph: str, case: str, got: dict, want: dict) -> list[ParityRow]:
-    return [compare(graph, case, name, got[name], want[name]) for name in want]
+def _compare_all(graph: str, case: str, got: dict, want: dict,
+                 precision: str) -> list[ParityRow]:
+    """Every output under ``precision``'s tolerance. At reduced precision near-ties may swap
+    top-k ids, so that row counts the positions whose reference top-1 id is missing from the
+    graph's top-k by more than the log-prob error allows (none may be)."""
+    rows = [compare(graph, case, name, got[name], want[name], precision)
+            for name in want if not (name == TOPK_IDS and precision != "float32")]
+    if TOPK_IDS in want and precision != "float32":
+        ref_ids, ref_lp = (want[n].reshape(-1, want[n].shape[-1]) for n in (TOPK_IDS, TOPK_LOGPROBS))
+        ids, lp = (np.asarray(got[n]).reshape(ref_ids.shape) for n in (TOPK_IDS, TOPK_LOGPROBS))
+        slack = tolerance(precision) * float(np.abs(ref_lp).max())
+        # missing top-1 r: the graph puts logp(r) below its k-th, the reference at ref_lp[0]
+        missing = int(sum(r not in g and ref - last > slack
+                          for r, g, ref, last in zip(ref_ids[:, 0], ids, ref_lp[:, 0], lp[:, -1])))
+        rows.append(ParityRow(graph, case, f"{TOPK_IDS} (top-1 kept)", missing,
+                              missing / len(ref_ids), 0.0, precision=precision))
+    return rows
 
 
 def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.PathLike,
@@ -157,12 +194,13 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
     """Every exported graph under ONNX Runtime vs the PyTorch modules (fp32): the draft
     graph over 12 prefill rows (token, embedded and fused rows mixed), then one row and a
     random 8-32 row tree mask over the real past the prefill rows produced; the adaptor
-    over one image."""
+    over one image. An int8-weight draft graph is held to the int8 tolerance."""
     artifact_dir = Path(artifact_dir)
     manifest = Manifest.load(artifact_dir)
     drafter = load_drafter(drafter_dir, target_model_dir)
     draft_ids = np.load(artifact_dir / DRAFT_VOCAB_FILE) \
         if manifest.model.get("draft_vocab") else None
+    weights = manifest.model.get("weights", "float32")
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir),
                             top_k=manifest.model["top_k"], max_len=manifest.max_len,
                             max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS, draft_ids=draft_ids)
@@ -175,7 +213,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
         with make_runner("ort", artifact_dir / entry.file, entry.spec) as runner:
             got = runner.infer(feeds)
         want = _torch_outputs(module, entry.spec, feeds)
-        rows.extend(_compare_all(name, case, got, want))
+        rows.extend(_compare_all(name, case, got, want, weights if name == DRAFT else "float32"))
         return want
 
     spec = manifest.graph(DRAFT).spec

@@ -42,6 +42,7 @@ from ..specs import (
 from ..target import TargetModel
 
 _SESSIONS: dict[str, type["DrafterSession"]] = {}
+INT8_MIN_ORT = (1, 22)  # first ONNX Runtime with CPU kernels for 8-bit MatMulNBits
 
 
 def register(cls: type["DrafterSession"]) -> type["DrafterSession"]:
@@ -70,9 +71,27 @@ def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: 
         raise ManifestError(f"the drafter in {artifact_dir} was exported for a target with "
                             f"config hash {want}, but the target in {target.dir} has {got}. "
                             f"Hint: export the drafter against this target model")
+    if manifest.model.get("weights", "float32") != "float32":
+        require_int8_weights_runtime(backend, f"the drafter in {artifact_dir}")
     session_class = _SESSIONS[manifest.family]
     session_class.check_image_input(image_input, target)
     return session_class(artifact_dir, manifest, target, backend, threads, image_input)
+
+
+def require_int8_weights_runtime(backend: str, subject: str) -> None:
+    """int8 drafter weights (``export-drafter --weights int8``, ``MatMulNBits``) run on ONNX
+    Runtime's CPU provider, version 1.22 or later, only; ``subject`` names what needs them."""
+    if backend != "ort":
+        raise VispecError(f"{subject} has int8 weights, which run on ONNX Runtime's CPU "
+                          f"provider only (backend {backend!r}). Hint: export the drafter "
+                          f"again without --weights for a GPU")
+    import onnxruntime
+    version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
+    if version < INT8_MIN_ORT:
+        raise VispecError(f"{subject} has int8 weights, which need onnxruntime >= "
+                          f"{'.'.join(map(str, INT8_MIN_ORT))} (installed: "
+                          f"{onnxruntime.__version__}). Hint: pip install -U onnxruntime, or "
+                          f"export the drafter without --weights")
 
 
 class DrafterSession:

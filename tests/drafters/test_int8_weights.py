@@ -1,0 +1,112 @@
+"""int8 drafter weights: the quantized graph against PyTorch, exact speculative output, and
+where it may not go (TensorRT)."""
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from engines.build import BuildConfig, plan_build
+from vispec.exporter.cli import cli
+from vispec.exporter.drafters.export import _compare_all, export_drafter, validate_drafter
+from vispec.runtime.drafter_specs import DRAFT
+from vispec.runtime.drafters import open_drafter
+from vispec.runtime.drafters.session import require_int8_weights_runtime
+from vispec.runtime.errors import VispecError
+from vispec.runtime.generate import generate_plain
+from vispec.runtime.manifest import Manifest
+from vispec.runtime.specs import TOPK_IDS, TOPK_LOGPROBS
+from vispec.runtime.speculative import generate_speculative
+from vispec.runtime.target import TargetModel
+from vispec.runtime.tree import TreeConfig
+
+
+@pytest.fixture(scope="module")
+def int8_drafter(tiny_target, tiny_drafter, tmp_path_factory):
+    """``int8_drafter(kind, family) -> (drafter_dir, float32 artifacts, int8 artifacts)``."""
+    made = {}
+
+    def get(kind, family):
+        if (kind, family) not in made:
+            model_dir, _ = tiny_target(family)
+            drafter_dir, fp32 = tiny_drafter(kind, family)
+            out = tmp_path_factory.mktemp(f"int8-{kind}-{family}") / "artifacts"
+            export_drafter(drafter_dir, model_dir, out, top_k=4, max_len=256, weights="int8")
+            made[kind, family] = drafter_dir, fp32, out
+        return made[kind, family]
+
+    return get
+
+
+@pytest.mark.parametrize("kind,family", [("vispec", "llava"), ("hivis", "qwen2_5_vl"),
+                                         ("eagle", "llava_next")])
+def test_int8_draft_graph_is_quantized_and_within_int8_tolerance(int8_drafter, tiny_target,
+                                                                  kind, family):
+    drafter_dir, fp32, int8 = int8_drafter(kind, family)
+    manifest = Manifest.load(int8)
+    assert manifest.model["weights"] == "int8"
+    assert Manifest.load(fp32).model["weights"] == "float32"
+    ops = {n.op_type for n in onnx.load(str(int8 / manifest.graph(DRAFT).file)).graph.node}
+    assert "MatMulNBits" in ops
+    rows = validate_drafter(drafter_dir, tiny_target(family)[0], int8)
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    draft = [r for r in rows if r.graph == DRAFT]
+    assert {r.precision for r in draft} == {"int8"}
+    assert max(r.rel for r in draft) > 1e-4  # really quantized: beyond float32 rounding
+    assert any("top-1 kept" in r.output for r in draft)
+
+
+@pytest.mark.parametrize("kind,family", [("vispec", "llava"), ("hivis", "qwen2_5_vl"),
+                                         ("eagle", "llava_next")])
+def test_greedy_with_int8_weights_equals_plain(int8_drafter, tiny_target, noise_image,
+                                               kind, family):
+    _, _, int8 = int8_drafter(kind, family)
+    target = TargetModel(tiny_target(family)[1])
+    drafter = open_drafter(int8, target)
+    for images in ([], [noise_image(56, 56, 3)]):
+        prompt = target.prepare("Describe the red boat and what is around it.", images)
+        plain = generate_plain(target, prompt, 24)
+        for tree in (TreeConfig(8, 2, 2), TreeConfig(20, 3, 4)):
+            assert generate_speculative(target, drafter, prompt, 24, tree=tree).tokens == \
+                plain.tokens
+
+
+def test_tensorrt_build_refuses_int8_weights(int8_drafter):
+    _, _, int8 = int8_drafter("eagle", "llava_next")
+    with pytest.raises(VispecError, match="without --weights.*Hint|Hint.*without --weights"):
+        plan_build(Manifest.load(int8), int8, BuildConfig(precision="fp16"), "10.3.0")
+
+
+def test_cli_weights_option(tiny_target, tiny_drafter, tmp_path):
+    model_dir, _ = tiny_target("llava")
+    drafter_dir, _ = tiny_drafter("eagle", "llava")
+    args = ["export-drafter", str(drafter_dir), str(tmp_path / "out"), "--target", str(model_dir),
+            "--top-k", "4", "--max-len", "256"]
+    bad = CliRunner().invoke(cli, args + ["--weights", "int4"])
+    assert bad.exit_code == 2 and "int8" in bad.output and not (tmp_path / "out").exists()
+    good = CliRunner().invoke(cli, args + ["--weights", "int8"])
+    assert good.exit_code == 0, good.output
+    assert "int8" in good.output and Manifest.load(tmp_path / "out").model["weights"] == "int8"
+
+
+def test_int8_weights_need_ort_cpu_1_22(int8_drafter, tiny_target, monkeypatch):
+    import onnxruntime
+
+    _, _, int8 = int8_drafter("eagle", "llava_next")
+    target = TargetModel(tiny_target("llava_next")[1])
+    with pytest.raises(VispecError, match="CPU provider only.*Hint: export the drafter again"):
+        require_int8_weights_runtime("ort-cuda", f"the drafter in {int8}")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
+    with pytest.raises(VispecError, match=r"onnxruntime >= 1\.22 \(installed: 1\.21\.1\)"):
+        open_drafter(int8, target)
+
+
+def test_int8_parity_catches_wrong_ids():
+    """The top-k ids row fails when the graph's ids are not the reference's beyond near-ties
+    (shifted ids, same log-probs), not when only their order moved."""
+    want = {TOPK_LOGPROBS: np.log(np.array([[[0.6, 0.2, 0.1, 0.1]] * 3], np.float32)),
+            TOPK_IDS: np.array([[[5, 6, 7, 8]] * 3])}
+    shifted = {**want, TOPK_IDS: want[TOPK_IDS] + 10}
+    swapped = {**want, TOPK_IDS: want[TOPK_IDS][..., ::-1].copy()}
+    [bad] = [r for r in _compare_all(DRAFT, "t", shifted, want, "int8") if "ids" in r.output]
+    [ok] = [r for r in _compare_all(DRAFT, "t", swapped, want, "int8") if "ids" in r.output]
+    assert not bad.passed and bad.max_abs == 3 and ok.passed
