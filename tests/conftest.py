@@ -82,6 +82,25 @@ def noise_image():
     return make
 
 
+@pytest.fixture
+def assert_greedy_exact(noise_image):
+    """``assert_greedy_exact(target, drafter)``: greedy speculative output equals plain greedy
+    output on a text and an image prompt, with a small and a larger tree."""
+    from vispec.runtime.generate import generate_plain
+    from vispec.runtime.speculative import generate_speculative
+    from vispec.runtime.tree import TreeConfig
+
+    def check(target, drafter) -> None:
+        for images in ([], [noise_image(56, 56, 3)]):
+            prompt = target.prepare("Describe the red boat and what is around it.", images)
+            plain = generate_plain(target, prompt, 24)
+            for tree in (TreeConfig(8, 2, 2), TreeConfig(20, 3, 4)):
+                spec = generate_speculative(target, drafter, prompt, 24, tree=tree)
+                assert spec.tokens == plain.tokens, (len(images), tree)
+
+    return check
+
+
 def gpu_stack_available() -> bool:
     """onnxruntime's CUDA provider or TensorRT is importable (each gpu test checks its own)."""
     import importlib.util

@@ -12,12 +12,9 @@ from vispec.runtime.drafter_specs import DRAFT
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.drafters.session import require_int8_weights_runtime
 from vispec.runtime.errors import VispecError
-from vispec.runtime.generate import generate_plain
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.specs import TOPK_IDS, TOPK_LOGPROBS
-from vispec.runtime.speculative import generate_speculative
 from vispec.runtime.target import TargetModel
-from vispec.runtime.tree import TreeConfig
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +54,11 @@ def test_int8_draft_graph_is_quantized_and_within_int8_tolerance(int8_drafter, t
 
 @pytest.mark.parametrize("kind,family", [("vispec", "llava"), ("hivis", "qwen2_5_vl"),
                                          ("eagle", "llava_next")])
-def test_greedy_with_int8_weights_equals_plain(int8_drafter, tiny_target, noise_image,
+def test_greedy_with_int8_weights_equals_plain(int8_drafter, tiny_target, assert_greedy_exact,
                                                kind, family):
     _, _, int8 = int8_drafter(kind, family)
     target = TargetModel(tiny_target(family)[1])
-    drafter = open_drafter(int8, target)
-    for images in ([], [noise_image(56, 56, 3)]):
-        prompt = target.prepare("Describe the red boat and what is around it.", images)
-        plain = generate_plain(target, prompt, 24)
-        for tree in (TreeConfig(8, 2, 2), TreeConfig(20, 3, 4)):
-            assert generate_speculative(target, drafter, prompt, 24, tree=tree).tokens == \
-                plain.tokens
+    assert_greedy_exact(target, open_drafter(int8, target))
 
 
 def test_tensorrt_build_refuses_int8_weights(int8_drafter):

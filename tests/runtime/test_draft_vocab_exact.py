@@ -2,10 +2,6 @@
 import numpy as np
 import pytest
 
-from vispec.runtime.generate import generate_plain
-from vispec.runtime.speculative import generate_speculative
-from vispec.runtime.tree import TreeConfig
-
 
 class Recording:
     """A drafter session that records every token id it proposes."""
@@ -29,14 +25,10 @@ class Recording:
 
 @pytest.mark.parametrize("family,kind", [("llava", "vispec"), ("qwen2_5_vl", "hivis"),
                                          ("llava_next", "eagle")])
-def test_greedy_with_a_draft_vocabulary_equals_plain(draft_vocab_pair, noise_image, family, kind):
+def test_greedy_with_a_draft_vocabulary_equals_plain(draft_vocab_pair, assert_greedy_exact,
+                                                     family, kind):
     target, drafter, ids = draft_vocab_pair(family, kind)
     recording = Recording(drafter)
-    for images in ([], [noise_image(56, 56, 3)]):
-        prompt = target.prepare("Describe the red boat and what is around it.", images)
-        plain = generate_plain(target, prompt, 24)
-        for tree in (TreeConfig(8, 2, 2), TreeConfig(20, 3, 4)):
-            assert generate_speculative(target, recording, prompt, 24, tree=tree).tokens == \
-                plain.tokens
+    assert_greedy_exact(target, recording)
     assert recording.proposed and set(recording.proposed) <= set(ids.tolist())
     assert len(set(recording.proposed)) > 4  # not a degenerate head
