@@ -21,20 +21,26 @@ BLOCK = 32
 
 
 def quantize_weights_int8(path: str | os.PathLike) -> Path:
-    """Rewrite the ONNX graph at ``path`` in place with int8 MatMul weights."""
+    """Rewrite the ONNX graph at ``path`` in place with int8 MatMul weights. A graph stored
+    with external data (over 2 GB in float32) keeps it, in one ``<name>.data`` file."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     path = Path(path)
-    out = path.with_suffix(".int8.onnx")
+    stored = onnx.load(str(path), load_external_data=False)
+    external = {e.value for t in stored.graph.initializer for e in t.external_data
+                if e.key == "location"}
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
     try:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=BLOCK,
                                          is_symmetric=True, accuracy_level=4)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     finally:
         logging.getLogger().setLevel(level)
-    out.replace(path)
+    quantizer.model.topological_sort()
+    for name in external:
+        (path.parent / name).unlink()
+    onnx.save_model(quantizer.model.model, str(path), save_as_external_data=bool(external),
+                    all_tensors_to_one_file=True, location=f"{path.name}.data")
     return path

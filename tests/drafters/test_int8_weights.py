@@ -8,12 +8,15 @@ from click.testing import CliRunner
 from engines.build import BuildConfig, plan_build
 from vispec.exporter.cli import cli
 from vispec.exporter.drafters.export import _compare_all, export_drafter, validate_drafter
+from vispec.exporter.drafters.int8 import quantize_weights_int8
+from vispec.exporter.onnx_io import example_feeds
+from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import DRAFT
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.drafters.session import require_int8_weights_runtime
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
-from vispec.runtime.specs import TOPK_IDS, TOPK_LOGPROBS
+from vispec.runtime.specs import INPUT_IDS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
 from vispec.runtime.target import TargetModel
 
 
@@ -101,3 +104,26 @@ def test_int8_parity_catches_wrong_ids():
     [bad] = [r for r in _compare_all(DRAFT, "t", shifted, want, "int8") if "ids" in r.output]
     [ok] = [r for r in _compare_all(DRAFT, "t", swapped, want, "int8") if "ids" in r.output]
     assert not bad.passed and bad.max_abs == 3 and ok.passed
+
+
+def test_int8_keeps_external_data_of_a_large_graph(tiny_drafter, tmp_path):
+    """A graph exported with external data (what a >2 GB float32 drafter gets) is quantized
+    into one ``.data`` file, the float32 tensor files removed, with the same int8 graph as
+    the inline one."""
+    _, fp32 = tiny_drafter("eagle", "llava_next")
+    entry = Manifest.load(fp32).graph(DRAFT)
+    inline, external = tmp_path / "inline" / "draft.onnx", tmp_path / "external" / "draft.onnx"
+    for path in (inline, external):
+        path.parent.mkdir()
+        onnx.save_model(onnx.load(str(fp32 / entry.file)), str(path),
+                        save_as_external_data=path is external, all_tensors_to_one_file=False,
+                        size_threshold=0)
+    assert len(list(external.parent.iterdir())) > 5
+    for path in (inline, external):
+        quantize_weights_int8(path)
+    assert sorted(p.name for p in external.parent.iterdir()) == ["draft.onnx", "draft.onnx.data"]
+    feeds = example_feeds(entry.spec, {NEW: 3, PAST: 5}, np.random.default_rng(0),
+                          **{INPUT_IDS: np.array([[1, 2, 3]])})
+    outputs = [make_runner("ort", p, entry.spec).infer(feeds) for p in (inline, external)]
+    for name in entry.spec.output_names:
+        np.testing.assert_array_equal(outputs[0][name], outputs[1][name])
