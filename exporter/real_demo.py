@@ -25,7 +25,7 @@ from .synthetic_images import QUESTION, examples, score
 Progress = Callable[[str], None]
 DEMO_TREE = "auto"  # what a user gets: fitted to this machine's measured costs (cached)
 DRAFT_VOCAB = 4096  # head rows the drafters keep (of 49,216; from their training counts)
-DRAFT_WEIGHTS = "int8"  # drafting ~1.6x cheaper on a CPU, proposals as good (RESULTS.md)
+DRAFT_WEIGHTS = "int8"  # drafting ~1.5x cheaper on a CPU, proposals as good (RESULTS.md)
 MAX_LEN = 512
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 

@@ -120,7 +120,7 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
     if weights not in WEIGHTS:
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
     if weights == "int8":
-        require_int8_weights_runtime("ort", "--weights int8")
+        require_int8_weights_runtime("ort", "export-drafter --weights int8")
     drafter = load_drafter(drafter_dir, target_model_dir)
     head_size = draft_vocab or drafter.config.vocab_size
     if not 1 <= top_k <= head_size:

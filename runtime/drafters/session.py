@@ -82,13 +82,13 @@ def require_int8_weights_runtime(backend: str, subject: str) -> None:
     """int8 drafter weights (``export-drafter --weights int8``, ``MatMulNBits``) run on ONNX
     Runtime's CPU provider, version 1.22 or later, only; ``subject`` names what needs them."""
     if backend != "ort":
-        raise VispecError(f"{subject} has int8 weights, which run on ONNX Runtime's CPU "
+        raise VispecError(f"{subject}: int8 drafter weights run on ONNX Runtime's CPU "
                           f"provider only (backend {backend!r}). Hint: export the drafter "
                           f"again without --weights for a GPU")
     import onnxruntime
     version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
     if version < INT8_MIN_ORT:
-        raise VispecError(f"{subject} has int8 weights, which need onnxruntime >= "
+        raise VispecError(f"{subject}: int8 drafter weights need onnxruntime >= "
                           f"{'.'.join(map(str, INT8_MIN_ORT))} (installed: "
                           f"{onnxruntime.__version__}). Hint: pip install -U onnxruntime, or "
                           f"export the drafter without --weights")
