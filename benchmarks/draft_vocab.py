@@ -51,12 +51,13 @@ LAYER = "layer"  # the draft graph without its head: outputs hidden states and K
 
 def draft_runners(artifacts: dict[str, Path], work: Path) -> dict:
     """Runners of each artifact's draft graph and, per weight precision, of the graph cut
-    after the decoder layer (named ``LAYER`` + the precision's suffix)."""
+    after the decoder layer (``LAYER`` + ``label("", weights)``)."""
     runners, layers = {}, {}
     for name, folder in artifacts.items():
         entry = Manifest.load(folder).graph(DRAFT)
         runners[name] = make_runner("ort", folder / entry.file, entry.spec)
-        layers.setdefault(LAYER + suffix(Manifest.load(folder).model["weights"]), (folder, entry))
+        layers.setdefault(LAYER + label("", Manifest.load(folder).model["weights"]),
+                          (folder, entry))
     for name, (folder, entry) in layers.items():
         spec = dataclasses.replace(entry.spec, outputs=tuple(
             t for t in entry.spec.outputs if t.name not in (TOPK_LOGPROBS, TOPK_IDS)))
@@ -67,9 +68,9 @@ def draft_runners(artifacts: dict[str, Path], work: Path) -> dict:
     return runners
 
 
-def suffix(weights: str) -> str:
-    """How a precision shows in a row's name: nothing for float32."""
-    return "" if weights == "float32" else f" {weights}"
+def label(size: str, weights: str) -> str:
+    """A row's name: the size, then the precision unless float32 ("8192", "8192 int8")."""
+    return size if weights == "float32" else f"{size} {weights}"
 
 
 def weight_mb(path: Path) -> float:
@@ -122,14 +123,12 @@ def main() -> None:
         corpus.write_text("\n".join(PROMPTS * 4))
     export_target(model, work / "target-onnx", max_len=512, overwrite=True)
     tree = TreeConfig(*(int(x) for x in args.tree.split(":")))
-    sizes = ["full"] + args.sizes.split(",")
-    artifacts = {f"{size}{suffix(w)}": work / f"drafter-{size}-{w}"
-                 for w in args.weights.split(",") for size in sizes}
-    for name, out in artifacts.items():
-        size, _, weights = name.partition(" ")
+    variants = [(size, w) for w in args.weights.split(",") for size in ["full"] + args.sizes.split(",")]
+    artifacts = {label(*v): work / f"drafter-{v[0]}-{v[1]}" for v in variants}
+    for (size, weights), out in zip(variants, artifacts.values()):
         export_drafter(drafter, model, out, max_len=512, top_k=10, overwrite=True,
                        draft_vocab=None if size == "full" else int(size), vocab_corpus=corpus,
-                       weights=weights or "float32")
+                       weights=weights)
     vocab = Manifest.load(out).model["vocab_size"]
     runners = draft_runners(artifacts, work)
     one, level = call_ms(runners, 1, vocab), call_ms(runners, tree.top_k, vocab)
@@ -145,17 +144,16 @@ def main() -> None:
     print("| draft vocab | weights MB read | x full (bytes) | call ms (1 row) | head part | "
           "(K rows) | x full head (1 row) | x full float32 (1 row) | tokens/pass | spec tok/s | "
           "x plain | identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, out in artifacts.items():
-        weights = name.partition(" ")[2]
-        full = "full" + suffix(weights or "float32")
+    fp32_full = one.get(label("full", "float32"))
+    for (size, weights), (name, out) in zip(variants, artifacts.items()):
+        full, layer = label("full", weights), LAYER + label("", weights)
         pipe = Pipeline(work / "target-onnx", drafter_dir=out, tree=tree)
         plain, spec, _ = run_bench(pipe, [(p, []) for p in PROMPTS], [tree],
                                    args.max_new_tokens, args.repeats)
-        layer = one[LAYER + suffix(weights or "float32")]
         print(f"| {name} | {mb[name]:.1f} | {mb[name] / mb[full]:.3f} | {one[name]:.2f} | "
-              f"{one[name] - layer:.2f} | {level[name]:.2f} | {one[name] / one[full]:.2f} | "
-              f"{one[name] / one['full']:.2f} | {spec.tokens_per_pass:.2f} | "
-              f"{spec.tokens_per_second:.1f} | "
+              f"{one[name] - one[layer]:.2f} | {level[name]:.2f} | {one[name] / one[full]:.2f} | "
+              f"{f'{one[name] / fp32_full:.2f}' if fp32_full else '-'} | "
+              f"{spec.tokens_per_pass:.2f} | {spec.tokens_per_second:.1f} | "
               f"{spec.tokens_per_second / plain.tokens_per_second:.2f} | {spec.identical} |",
               flush=True)
 
