@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from vispec.runtime.atomic import atomic_output_dir
+from vispec.runtime.atomic import MARKER, atomic_output_dir
 from vispec.runtime.errors import ModelDirError
 from vispec.runtime.tree_calibration import cache_dir
 
@@ -147,7 +148,20 @@ def cached_target(progress: Progress = lambda msg: None) -> Path:
     out = Path(cache_dir()) / "smollm2-llava" / f"target-{digest}"
     if (out / "config.json").is_file():
         return out
-    return make_target(out, overwrite=True, progress=progress)
+    make_target(out, overwrite=True, progress=progress)
+    for stale in remove_other_targets(out):
+        progress(f"removed {stale} (built from earlier vision weights)")
+    return out
+
+
+def remove_other_targets(keep: Path) -> list[Path]:
+    """Delete the cached targets beside ``keep`` (ours: marked, ``target-*``), built from
+    vision weights this version no longer ships (~0.5 GB each); returns them."""
+    stale = [p for p in keep.parent.glob("target-*")
+             if p != keep and (p / MARKER).is_file()]
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
 
 
 def write_weights(path: str | os.PathLike = WEIGHTS, config: VisionTrainConfig = VisionTrainConfig(),

@@ -39,6 +39,19 @@ def test_examples_are_deterministic_and_splits_differ():
     assert not any(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, held_out))
 
 
+def test_a_new_target_removes_the_cached_targets_of_earlier_weights(tmp_path):
+    from vispec.exporter.real_target import remove_other_targets
+    from vispec.runtime.atomic import MARKER
+
+    root = tmp_path / "smollm2-llava"
+    for name in ("target-new", "target-old", "target-foreign", "distill-x"):
+        (root / name).mkdir(parents=True)
+        if name != "target-foreign":
+            (root / name / MARKER).write_text("")
+    assert remove_other_targets(root / "target-new") == [root / "target-old"]
+    assert sorted(p.name for p in root.iterdir()) == ["distill-x", "target-foreign", "target-new"]
+
+
 def test_score_names_each_attribute_once():
     scene = Scene(count=2, colour="red", shape="circle", position="top left")
     assert scene.answer() == "Two red circles at the top left."
