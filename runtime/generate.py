@@ -99,14 +99,18 @@ class Prefilled:
     next_position: int  # text position of the next token (M-RoPE offset included)
 
 
-def check_fits(prompt: Prompt, max_new_tokens: int, max_len: int, reserve: int = 0) -> None:
-    need = len(prompt.input_ids) + max_new_tokens + reserve
+def check_fits(prompt: Prompt, max_new_tokens: int, max_len: int) -> None:
+    """Refuse a generation the cache cannot hold (before any graph runs). Speculative
+    generation needs no more: it ends plainly when a tree no longer fits."""
+    if max_new_tokens < 1:
+        raise VispecError(f"max_new_tokens={max_new_tokens}. Expected: >= 1. Hint: ask for "
+                          f"at least one new token")
+    need = len(prompt.input_ids) + max_new_tokens
     if need > max_len:
         raise PromptTooLongError(
-            f"prompt of {len(prompt.input_ids)} tokens + {max_new_tokens} new tokens"
-            f"{f' + {reserve} draft-tree slots' if reserve else ''} = {need} > max_len "
-            f"{max_len}. Hint: shorten the prompt, lower --max-new-tokens, or re-export "
-            f"with a larger --max-len")
+            f"prompt of {len(prompt.input_ids)} tokens + {max_new_tokens} new tokens = {need} "
+            f"> max_len {max_len}. Hint: shorten the prompt, lower --max-new-tokens, or "
+            f"re-export with a larger --max-len")
 
 
 def prefill(target: TargetModel, cache: KVCache, prompt: Prompt) -> Prefilled:
@@ -151,12 +155,9 @@ class Started:
 
 
 def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: int,
-          chooser: TokenChooser, reserve: int = 0, on_tokens: OnTokens | None = None) -> Started:
-    """Check the budget (``reserve``: draft-tree slots), prefill, choose the first token."""
-    if max_new_tokens < 1:
-        raise VispecError(f"max_new_tokens={max_new_tokens}. Expected: >= 1. Hint: ask for "
-                          f"at least one new token")
-    check_fits(prompt, max_new_tokens, target.max_len, reserve)
+          chooser: TokenChooser, on_tokens: OnTokens | None = None) -> Started:
+    """Check the budget, prefill, choose the first token."""
+    check_fits(prompt, max_new_tokens, target.max_len)
     stats = GenerationStats(prompt_tokens=len(prompt.input_ids), target_passes=1)
     t0 = time.perf_counter()
     state = prefill(target, cache, prompt)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
-from .generate import GenerationResult, OnTokens, generate_plain
+from .generate import GenerationResult, OnTokens, check_fits, generate_plain
 from .manifest import MANIFEST_NAME
 from .sampling import Sampling
 from .speculative import generate_speculative
@@ -78,6 +78,7 @@ class Pipeline:
         if not prompt.strip():
             raise VispecError("the prompt is empty. Hint: pass the user message as --prompt")
         prepared = self.target.prepare(prompt, [load_image(i) for i in images or []])
+        check_fits(prepared, max_new_tokens, self.target.max_len)  # before `auto` measures
         if self.drafter is not None and draft:
             return generate_speculative(self.target, self.drafter, prepared, max_new_tokens,
                                         tree=self.tree_policy(), sampling=self.sampling,

@@ -26,7 +26,7 @@ from .kv_cache import KVCache
 from .masks import tree_mask
 from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
-from .tree import DraftTree, TreeConfig, build_draft_tree
+from .tree import DraftTree, TreeConfig, build_draft_tree, tree_name
 from .tree_policy import FixedTree, TreePolicy
 
 # Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS): for GPU backends.
@@ -68,6 +68,8 @@ class Drafter(Protocol):
 
     def advance(self, features: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def room(self) -> int: ...  # free rows of the drafter's cache after its committed rows
+
 
 def draft(drafter: Drafter, root: int, topk: tuple[np.ndarray, np.ndarray],
           config: TreeConfig) -> DraftTree:
@@ -103,18 +105,18 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
     ``tree``: one tree for every round, or a policy choosing each round's tree (``AutoTree``),
     which may switch to plain decoding for the rest of the generation.
     """
-    policy = _policy(tree, drafter, target.backend)
+    policy = _policy(tree, drafter, target)
     policy.start()
     cache = cache or target.new_cache()
     chooser = TokenChooser(sampling)
-    reserve = max(t.total_tokens for t in policy.trees)
-    run = start(target, cache, prompt, max_new_tokens, chooser, reserve, on_tokens)
+    run = start(target, cache, prompt, max_new_tokens, chooser, on_tokens)
     tokens, done, stats, state = run.tokens, run.done, run.stats, run.state
     t0 = time.perf_counter()
     position = state.next_position
     config = None if done else policy.choose()
     if config is not None:
         topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
+        config = fitting(config, cache, drafter)
     while not done and config is not None:
         r0 = time.perf_counter()
         draft_tree = draft(drafter, tokens[-1], topk, config)
@@ -129,26 +131,47 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
         policy.observe(config, len(verification.accepted) - 1)
         used, r3 = config, time.perf_counter()
         if not done:
-            config = policy.choose()
+            config = fitting(policy.choose(), cache, drafter)
             if config is not None:
                 topk = drafter.advance(out.hidden_rows(verification.accepted), new)
         r4 = time.perf_counter()
         stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
                                        (r3 - r2) * 1e3, len(tokens) - before))
-    if not done:  # the policy found plain decoding faster: go on plainly
+    if not done:  # plain decoding is faster, or no tree fits the caches any more
         decode_plain(target, cache, tokens, position, chooser, max_new_tokens, stats,
                      on_tokens)
     stats.decode_seconds = time.perf_counter() - t0
     return finish(target, tokens, stats)
 
 
-def _policy(tree: TreeConfig | TreePolicy | None, drafter: Drafter, backend: str) -> TreePolicy:
+def fitting(tree: TreeConfig | None, cache: KVCache, drafter: Drafter) -> TreeConfig | None:
+    """``tree`` when one round of it fits both caches (its nodes after the target's valid
+    rows, its rows after the drafter's committed ones), else None: the generation ends
+    plainly, which needs one row per token, as the budget check guaranteed."""
+    if tree is None or cache.length + tree.total_tokens > cache.max_len:
+        return None
+    return tree if tree.drafter_rows <= drafter.room() else None
+
+
+def _policy(tree: TreeConfig | TreePolicy | None, drafter: Drafter,
+            target: TargetModel) -> TreePolicy:
     """``tree`` as a policy (the backend's default tree when None), checked against the
-    drafter graph's top-k width."""
+    drafter graph's top-k width and the caches."""
     if tree is None or isinstance(tree, TreeConfig):
-        tree = FixedTree(tree or tree_config(drafter.kind, backend))
+        tree = FixedTree(tree or tree_config(drafter.kind, target.backend))
     check_tree_width(tree.trees, drafter)
+    check_tree_size(tree.trees, target.max_len)
     return tree
+
+
+def check_tree_size(trees, max_len: int) -> None:
+    """Refuse a tree that no cache of ``max_len`` rows can ever verify."""
+    for tree in trees:
+        if max(tree.total_tokens, tree.drafter_rows) >= max_len:
+            raise VispecError(f"draft tree {tree_name(tree)} needs {tree.total_tokens} target "
+                              f"and {tree.drafter_rows} drafter cache rows per round, but "
+                              f"max_len is {max_len}. Hint: lower --total-tokens, --depth or "
+                              f"--top-k")
 
 
 def check_tree_width(trees, drafter: Drafter) -> None:

@@ -40,6 +40,12 @@ class TreeConfig:
     def n_candidates(self) -> int:
         return self.top_k + self.depth * self.top_k**2
 
+    @property
+    def drafter_rows(self) -> int:
+        """Rows one round needs after the drafter's committed cache: ``depth`` levels of
+        ``top_k`` tree rows, then (those dropped) the accepted path and the bonus token."""
+        return max(self.depth * self.top_k, self.depth + 2)
+
 
 PLAIN = "plain"  # the name of a plain decoding step where a tree is named
 

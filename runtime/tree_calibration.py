@@ -20,11 +20,12 @@ from typing import Callable
 
 import numpy as np
 
+from .families import Prompt
 from .generate import generate_plain
 from .speculative import Drafter, generate_speculative
 from .target import TargetModel
 from .tree import TreeConfig
-from .tree_policy import CANDIDATES, AutoTree
+from .tree_policy import CANDIDATES, AutoTree, PlainDecoding
 
 CALIBRATION_PROMPT = "Write a few sentences about the sea."
 CALIBRATION_TOKENS = 12  # per generation
@@ -75,14 +76,24 @@ def usable_trees(target: TargetModel, drafter: Drafter,
                  candidates: tuple[TreeConfig, ...] = CANDIDATES) -> tuple[TreeConfig, ...]:
     """Candidates the drafter graph is wide enough for and the cache has room for."""
     room = target.max_len // 8
-    return tuple(t for t in candidates if t.top_k <= drafter.top_k and t.total_tokens <= room)
+    return tuple(t for t in candidates
+                 if t.top_k <= drafter.top_k and max(t.total_tokens, t.drafter_rows) <= room)
+
+
+def calibration_prompt(target: TargetModel, trees: tuple[TreeConfig, ...]) -> Prompt:
+    """The canned prompt, its last tokens only where the export's ``max_len`` leaves no room
+    for it, the generation and one round of the largest tree (timing needs no meaning)."""
+    prompt = target.prepare(CALIBRATION_PROMPT, [])
+    tree_rows = max(max(t.total_tokens, t.drafter_rows) for t in trees)
+    room = target.max_len - CALIBRATION_TOKENS - tree_rows
+    return Prompt(prompt.input_ids[-room:]) if room < len(prompt.input_ids) else prompt
 
 
 def measure(target: TargetModel, drafter: Drafter, trees: tuple[TreeConfig, ...],
             progress: Callable[[str], None] | None = None) -> dict:
     """Median milliseconds of one plain step and of one round of each tree: a warm-up pass
     (first runs allocate), then ``CALIBRATION_PASSES`` passes over plain and every tree."""
-    prompt = target.prepare(CALIBRATION_PROMPT, [])
+    prompt = calibration_prompt(target, trees)
     rounds: dict[TreeConfig | None, list] = {tree: [] for tree in (None, *trees)}
     for i in range(CALIBRATION_PASSES + 1):
         if progress:
@@ -99,10 +110,13 @@ def measure(target: TargetModel, drafter: Drafter, trees: tuple[TreeConfig, ...]
 
 
 def auto_tree(target: TargetModel, drafter: Drafter, drafter_dir: str | os.PathLike,
-              progress: Callable[[str], None] | None = None) -> AutoTree:
+              progress: Callable[[str], None] | None = None) -> AutoTree | PlainDecoding:
     """An ``AutoTree`` from this machine's cached costs for these artifacts, measured now
-    (a few seconds, progress shown) when none are cached."""
+    (a few seconds, progress shown) when none are cached; plain decoding when the export's
+    ``max_len`` has room for no candidate tree."""
     trees = usable_trees(target, drafter)
+    if not trees:
+        return PlainDecoding()
     path = cache_dir() / "trees" / f"{calibration_key(target, Path(drafter_dir))}.json"
     costs = _load(path, trees)
     if costs is None:

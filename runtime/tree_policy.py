@@ -83,6 +83,21 @@ class FixedTree:
         pass
 
 
+class PlainDecoding:
+    """No tree at all (``auto`` where the cache has room for none of the candidates)."""
+
+    trees: tuple[TreeConfig, ...] = ()
+
+    def start(self) -> None:
+        pass
+
+    def choose(self) -> None:
+        return None
+
+    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
+        pass
+
+
 def levels(tree: TreeConfig) -> int:
     """How many drafted tokens one round of ``tree`` can accept: its deepest node's depth."""
     return min(tree.depth + 1, tree.total_tokens - 1)

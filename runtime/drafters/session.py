@@ -40,9 +40,9 @@ from ..specs import (
     TOPK_LOGPROBS,
 )
 from ..target import TargetModel
+from ..weights import FLOAT, require_weights_runtime
 
 _SESSIONS: dict[str, type["DrafterSession"]] = {}
-INT8_MIN_ORT = (1, 22)  # first ONNX Runtime with CPU kernels for 8-bit MatMulNBits
 
 
 def register(cls: type["DrafterSession"]) -> type["DrafterSession"]:
@@ -71,27 +71,17 @@ def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: 
         raise ManifestError(f"the drafter in {artifact_dir} was exported for a target with "
                             f"config hash {want}, but the target in {target.dir} has {got}. "
                             f"Hint: export the drafter against this target model")
-    if manifest.model.get("weights", "float32") != "float32":
-        require_int8_weights_runtime(backend, f"the drafter in {artifact_dir}")
+    if manifest.max_len < target.max_len:
+        raise ManifestError(f"the drafter in {artifact_dir} was exported with max_len "
+                            f"{manifest.max_len}, shorter than its target's {target.max_len}: "
+                            f"long generations would overflow its cache. Hint: export the "
+                            f"drafter again with `export-drafter --max-len {target.max_len}`")
+    require_weights_runtime(manifest.model.get("weights", FLOAT), backend,
+                            f"the drafter in {artifact_dir}",
+                            hint="export the drafter again without --weights")
     session_class = _SESSIONS[manifest.family]
     session_class.check_image_input(image_input, target)
     return session_class(artifact_dir, manifest, target, backend, threads, image_input)
-
-
-def require_int8_weights_runtime(backend: str, subject: str) -> None:
-    """int8 drafter weights (``export-drafter --weights int8``, ``MatMulNBits``) run on ONNX
-    Runtime's CPU provider, version 1.22 or later, only; ``subject`` names what needs them."""
-    if backend != "ort":
-        raise VispecError(f"{subject}: int8 drafter weights run on ONNX Runtime's CPU "
-                          f"provider only (backend {backend!r}). Hint: export the drafter "
-                          f"again without --weights for a GPU")
-    import onnxruntime
-    version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
-    if version < INT8_MIN_ORT:
-        raise VispecError(f"{subject}: int8 drafter weights need onnxruntime >= "
-                          f"{'.'.join(map(str, INT8_MIN_ORT))} (installed: "
-                          f"{onnxruntime.__version__}). Hint: pip install -U onnxruntime, or "
-                          f"export the drafter without --weights")
 
 
 class DrafterSession:
@@ -164,6 +154,10 @@ class DrafterSession:
         self._drop_tree()
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
         return self._commit(tokens, self._zero_embeds(len(tokens)), features, positions)
+
+    def room(self) -> int:
+        """Free rows of the cache after the committed ones (tree rows are dropped)."""
+        return self.cache.max_len - self.committed
 
     def _grow_rows(self, rows: int) -> None:
         """Room for ``rows`` hidden rows (row 0 and this round's tree rows are kept)."""
