@@ -12,14 +12,15 @@ The KV caches and the target's step tensors (embeddings, logits, hidden states) 
   GPU; the tests use that.
 
 Both answer the same calls (``empty``, ``rows``, ``move_rows``, ``scratch``, ``to_host``,
-``rows_to_host``), so the KV cache, the target and the drafter sessions hold no
-backend-specific code.
+``rows_to_host``, ``release``, ``close``), so the KV cache, the target and the drafter
+sessions hold no backend-specific code. :class:`AlignedIO` gives a graph call the aligned,
+non-null addresses TensorRT needs, staging what is not.
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -33,6 +34,9 @@ class DeviceTensor:
     dtype: np.dtype
     device: str          # "cuda" or "cpu" (ORT device names)
     device_id: int = 0
+    # What keeps the memory allocated: a view keeps its allocation alive, as a numpy view
+    # keeps its base (a released or grown-out buffer is freed when its last view goes).
+    owner: object = field(default=None, repr=False, compare=False)
 
     @property
     def ndim(self) -> int:
@@ -42,10 +46,11 @@ class DeviceTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def view(self, offset_bytes: int, shape: tuple[int, ...]) -> "DeviceTensor":
-        """The contiguous sub-tensor ``shape`` starting ``offset_bytes`` into this one."""
-        view = DeviceTensor(self.ptr + offset_bytes, tuple(shape), self.dtype, self.device,
-                            self.device_id)
+    def view(self, offset_bytes: int, shape: tuple[int, ...], dtype=None) -> "DeviceTensor":
+        """The contiguous sub-tensor ``shape`` (of ``dtype``, by default this one's) starting
+        ``offset_bytes`` into this one."""
+        view = DeviceTensor(self.ptr + offset_bytes, tuple(shape), np.dtype(dtype or self.dtype),
+                            self.device, self.device_id, self.owner)
         if offset_bytes < 0 or offset_bytes + view.nbytes > self.nbytes:
             raise ValueError(f"view of {view.nbytes} bytes at {offset_bytes} is outside a "
                              f"{self.nbytes}-byte tensor")
@@ -77,7 +82,7 @@ class Traffic:
 class HostMemory:
     """numpy arrays: the CPU backend's zero-copy path."""
 
-    device = "host"
+    device, device_id = "host", 0
 
     def __init__(self) -> None:
         self.traffic = Traffic()  # nothing crosses
@@ -87,6 +92,9 @@ class HostMemory:
 
     def release(self, array: np.ndarray) -> None:
         """Nothing to do: numpy frees what is no longer referenced."""
+
+    def close(self) -> None:
+        """Nothing to do (as ``release``)."""
 
     def rows(self, buffer: np.ndarray, lead: tuple[int, ...], start: int, stop: int) -> np.ndarray:
         """``buffer[lead][None, start:stop]``: rows of one slab, batch axis added."""
@@ -116,33 +124,51 @@ class HostMemory:
         return array[0, rows]
 
 
-class DeviceMemory:
-    """Device allocations behind ``allocate(nbytes) -> (ptr, owner)`` and a :class:`Copier`.
+class Allocation(Protocol):
+    """What ``allocate`` returns beside the pointer: frees the memory on ``free()`` (and
+    when collected)."""
 
-    Scratch tensors (step outputs) are one allocation per key, grown when a call needs more.
+    def free(self) -> None: ...
+
+
+class DeviceMemory:
+    """Device allocations behind ``allocate(nbytes) -> (ptr, Allocation)`` and a
+    :class:`Copier`.
+
+    Scratch tensors (step outputs) are one allocation per key, grown when a call needs
+    more; the outgrown one lives on while a view of it does. ``close`` frees everything.
     """
 
-    def __init__(self, device: str, allocate: Callable[[int], tuple[int, object]],
-                 copier: "Copier", device_id: int = 0):
+    def __init__(self, device: str, allocate: Callable[[int], tuple[int, Allocation]],
+                 copier: "Copier", device_id: int = 0, traffic: Traffic | None = None):
         self.device, self.device_id = device, device_id
         self._allocate, self.copier = allocate, copier
-        self.traffic = Traffic()
-        self._owners: dict[int, object] = {}     # pointer -> what keeps it allocated
+        self.traffic = traffic if traffic is not None else Traffic()
+        self._owners: dict[int, Allocation] = {}     # pointer -> its allocation
         self._scratch: dict[str, DeviceTensor] = {}
 
     def empty(self, shape, dtype) -> DeviceTensor:
-        """A zero-filled allocation (zeroing is set-up, not counted as traffic)."""
+        """A zero-filled allocation (zeroing is set-up, not counted as traffic). Never
+        null: an empty tensor gets one byte."""
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         ptr, owner = self._allocate(nbytes)
         self._owners[ptr] = owner
         self.copier.zero(ptr, nbytes)
         self.copier.synchronize()
-        return DeviceTensor(ptr, tuple(int(s) for s in shape), dtype, self.device, self.device_id)
+        return DeviceTensor(ptr, tuple(int(s) for s in shape), dtype, self.device,
+                            self.device_id, owner)
 
     def release(self, tensor: DeviceTensor) -> None:
-        """Free the allocation ``tensor`` (from ``empty``) heads; its views become invalid."""
+        """Forget the allocation ``tensor`` (from ``empty``) heads: it is freed once no view
+        of it is left."""
         self._owners.pop(tensor.ptr, None)
+
+    def close(self) -> None:
+        """Free every allocation now; tensors and views of this memory become invalid."""
+        owners, self._owners, self._scratch = self._owners, {}, {}
+        for owner in owners.values():
+            owner.free()
 
     def rows(self, buffer: DeviceTensor, lead: tuple[int, ...], start: int,
              stop: int) -> DeviceTensor:
@@ -165,18 +191,19 @@ class DeviceMemory:
                                 pitch, row_bytes, slabs)
         self.copier.synchronize()
 
-    def scratch(self, key: str, shape, dtype) -> DeviceTensor:
-        """A device tensor of ``shape`` for step outputs named ``key`` (reused, grown)."""
+    def scratch(self, key: str, shape, dtype, alignment: int = 1) -> DeviceTensor:
+        """A device tensor of ``shape`` for step outputs named ``key`` (reused, grown),
+        starting at a multiple of ``alignment`` bytes."""
         dtype = np.dtype(dtype)
         shape = tuple(int(s) for s in shape)
-        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + alignment - 1
         have = self._scratch.get(key)
-        if have is None or have.nbytes < need or have.dtype != dtype:
+        if have is None or have.nbytes < need:
             if have is not None:
                 self.release(have)
-            have = self.empty((max(need, 1) // dtype.itemsize,), dtype)
+            have = self.empty((need,), np.uint8)
             self._scratch[key] = have
-        return have.view(0, shape)
+        return have.view(-have.ptr % alignment, shape, dtype)
 
     def take_rows(self, src: DeviceTensor, rows, key: str) -> DeviceTensor:
         """``src[rows][None]`` gathered on the device into scratch ``key``."""
@@ -197,15 +224,30 @@ class DeviceMemory:
         self.copier.copy_2d(dst.ptr + dst_row * width, width, src.ptr + src_row * width,
                             width, width, 1)
 
-    def to_host(self, tensor: DeviceTensor) -> np.ndarray:
-        out = np.empty(tensor.shape, tensor.dtype)
+    def copy(self, dst: DeviceTensor, src: DeviceTensor) -> None:
+        """``dst[...] = src`` on the device (same byte size)."""
+        if dst.nbytes != src.nbytes:
+            raise ValueError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte tensor")
+        if src.nbytes:
+            self.copier.copy_2d(dst.ptr, src.nbytes, src.ptr, src.nbytes, src.nbytes, 1)
+        self.copier.synchronize()
+
+    def to_host(self, tensor: DeviceTensor, out: np.ndarray | None = None) -> np.ndarray:
+        """``tensor`` copied into ``out`` (a new array by default)."""
+        out = np.empty(tensor.shape, tensor.dtype) if out is None else out
+        if out.shape != tensor.shape or out.dtype != tensor.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"host buffer {out.dtype} {out.shape} for a {tensor.dtype} "
+                             f"{tensor.shape} tensor")
         self.copier.to_host(out, tensor.ptr)
         self.traffic.d2h += out.nbytes
         return out
 
     def from_host(self, tensor: DeviceTensor, array: np.ndarray) -> None:
+        """``tensor[...] = array``, finished before this returns (a copy from pageable host
+        memory may still be in flight when ``cudaMemcpy`` returns)."""
         array = np.ascontiguousarray(array, tensor.dtype).reshape(tensor.shape)
         self.copier.from_host(tensor.ptr, array)
+        self.copier.synchronize()
         self.traffic.h2d += array.nbytes
 
     def rows_to_host(self, tensor: DeviceTensor, rows) -> np.ndarray:
@@ -218,6 +260,69 @@ class DeviceMemory:
             self.copier.to_host(out[i], tensor.ptr + (r % tensor.shape[1]) * row_bytes)
         self.traffic.d2h += out.nbytes
         return out
+
+
+ALIGNMENT = 256  # bytes: TensorRT's documented minimum for every I/O tensor address
+
+
+class AlignedIO:
+    """The device tensors one graph call binds, each at a multiple of ``alignment`` bytes
+    and never at address 0 (TensorRT's ``set_tensor_address`` rule).
+
+    Host arrays go through one device buffer per tensor (inputs copied in, outputs copied
+    back by ``finish``). Device tensors are bound where they are when aligned; a misaligned
+    one (a KV row view at an odd row where a row is not a multiple of 256 bytes: small or
+    MQA shapes) is staged through an aligned buffer, copied in before the call or out by
+    ``finish``. ``staged`` counts those device-to-device bytes.
+    """
+
+    def __init__(self, memory: DeviceMemory, alignment: int = ALIGNMENT):
+        self.memory, self.alignment = memory, alignment
+        self.staged = 0
+        self._back: list[tuple[DeviceTensor, DeviceTensor | np.ndarray]] = []
+
+    def inputs(self, feeds: dict) -> dict[str, DeviceTensor]:
+        """Aligned device tensors holding ``feeds`` (numpy arrays or device tensors)."""
+        bound = {}
+        for name, array in feeds.items():
+            if is_device(array) and self._aligned(array):
+                bound[name] = array
+                continue
+            bound[name] = self._buffer(name, array)
+            if is_device(array):
+                self.memory.copy(bound[name], array)
+                self.staged += array.nbytes
+            else:
+                self.memory.from_host(bound[name], array)
+        return bound
+
+    def outputs(self, outputs: dict) -> dict[str, DeviceTensor]:
+        """Aligned device tensors the call writes ``outputs`` to (``finish`` then moves
+        what went to a stand-in into the caller's buffer)."""
+        bound = {}
+        for name, array in outputs.items():
+            if is_device(array) and self._aligned(array):
+                bound[name] = array
+                continue
+            bound[name] = self._buffer(name, array)
+            self._back.append((bound[name], array))
+        return bound
+
+    def finish(self) -> None:
+        """After the call: copy the stand-in outputs into their callers' buffers."""
+        back, self._back = self._back, []
+        for buffer, array in back:
+            if is_device(array):
+                self.memory.copy(array, buffer)
+                self.staged += array.nbytes
+            else:
+                self.memory.to_host(buffer, array)
+
+    def _aligned(self, tensor: DeviceTensor) -> bool:
+        return tensor.ptr % self.alignment == 0
+
+    def _buffer(self, name: str, array) -> DeviceTensor:
+        return self.memory.scratch(f"io:{name}", array.shape, array.dtype, self.alignment)
 
 
 class Copier:

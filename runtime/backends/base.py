@@ -24,12 +24,12 @@ class GraphRunner:
         sizes = self.spec.check_inputs(feeds)
         outputs = dict(outputs or {})
         for name, array in outputs.items():
-            want = self.spec.shape(name, sizes)
+            want, dtype = self.spec.shape(name, sizes), self.spec.tensor(name).np_dtype
             contiguous = is_device(array) or array.flags.c_contiguous
-            if array.shape != want or not contiguous:
-                raise ShapeError(f"graph {self.spec.name!r}: output buffer {name!r} has shape "
-                                 f"{array.shape} (contiguous={contiguous}). "
-                                 f"Expected a contiguous {want}")
+            if array.shape != want or array.dtype != dtype or not contiguous:
+                raise ShapeError(f"graph {self.spec.name!r}: output buffer {name!r} is "
+                                 f"{array.dtype} {array.shape} (contiguous={contiguous}). "
+                                 f"Expected: a contiguous {dtype} {want} (the graph's output)")
         for t in self.spec.outputs:
             if t.name not in outputs:
                 outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)

@@ -1,10 +1,12 @@
-"""CUDA memory for the device-resident path: allocation and copies through ``libcudart``.
+"""CUDA memory for the device-resident path: allocation, copies and streams through
+``libcudart``.
 
 Loaded with ctypes when a CUDA backend makes its memory (never at import): ONNX Runtime's
 CUDA provider and TensorRT both link the CUDA runtime, so it is present wherever they run.
 Both backends finish their stream before a run returns; our copies and fills go to the
-legacy default stream, and device-to-device ones (asynchronous there) are waited for
-(``synchronize``) before the next graph runs, so a copy never races a graph.
+legacy default stream, and are waited for (``synchronize``) before the next graph runs,
+so a copy never races a graph. Every call first makes ``device_id`` the thread's current
+device (cheap), so targets on two GPUs can alternate in one thread.
 """
 from __future__ import annotations
 
@@ -16,12 +18,53 @@ import sys
 
 import numpy as np
 
-from ..device import Copier, DeviceMemory
+from ..device import Copier, DeviceMemory, Traffic
 from ..errors import VispecError
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
+MAX_PITCH_ATTRIBUTE = 11  # cudaDevAttrMaxPitch: the largest pitch cudaMemcpy2D accepts
 _SONAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
             "cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll")
+_RESTART = "the CUDA context is unusable after this: restart the process"
+# cudaError_t codes (CUDA 11+) -> what to do; anything else gets the generic hint.
+_HINTS = {
+    1: "a bad size, pointer or pitch reached CUDA: a bug in the device path; report it "
+       "with the command that raised it",
+    2: "out of GPU memory: a smaller --max-len or fewer images, or free the GPU (nvidia-smi "
+       "lists the processes holding it)",
+    3: "CUDA could not initialise: check `nvidia-smi` and the driver installation",
+    12: "a pitch beyond the device's limit: a bug in the device path; report it",
+    17: "a pointer that is not device memory: a bug in the device path; report it",
+    35: "the NVIDIA driver is older than this CUDA runtime: update the driver, or install "
+        "the onnxruntime-gpu / TensorRT build for the driver's CUDA version",
+    46: "the GPU is busy or in exclusive-process mode (nvidia-smi -q | grep 'Compute Mode')",
+    100: "no CUDA GPU is visible: check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use "
+         "`--backend ort` on the CPU",
+    101: "no GPU has this device_id: pick one that `nvidia-smi -L` lists (numbered after "
+         "CUDA_VISIBLE_DEVICES)",
+    209: "no kernel for this GPU's architecture in the installed build: install an "
+         "onnxruntime-gpu / TensorRT build that supports it",
+    214: f"an uncorrectable ECC memory error; {_RESTART} (and check the GPU)",
+    400: "a CUDA stream or handle that was already freed: a bug in the device path; report it",
+    700: f"a kernel read or wrote outside its memory; {_RESTART}",
+    719: f"a kernel failed; {_RESTART}",
+    803: "the NVIDIA driver and its kernel module differ: reboot or reload the driver",
+}
+
+
+class CudaError(VispecError):
+    """A CUDA runtime call failed; ``code`` is its ``cudaError_t``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def cuda_error(code: int, what: str, name: str = "") -> CudaError:
+    """The error for ``what`` failing with ``code`` (``name``: ``cudaGetErrorName``)."""
+    hint = _HINTS.get(code, "check the GPU with nvidia-smi")
+    return CudaError(f"CUDA {what} failed with error {code}{f' ({name})' if name else ''}. "
+                     f"Hint: {hint}", code)
 
 
 def _candidates() -> list[str]:
@@ -35,73 +78,158 @@ def _candidates() -> list[str]:
 
 
 def load_cudart() -> ctypes.CDLL:
-    """The CUDA runtime library, or a :class:`VispecError` saying what to do."""
+    """The CUDA runtime library, or a :class:`VispecError` naming what was tried."""
     errors = []
     for name in _candidates():
         try:
             return ctypes.CDLL(name)
         except OSError as e:
-            errors.append(f"{name}: {e}")
-    raise VispecError("cannot load the CUDA runtime (libcudart) for device-resident buffers. "
-                      "Hint: install the CUDA runtime that your onnxruntime-gpu / TensorRT "
-                      "was built for (e.g. `pip install nvidia-cuda-runtime-cu12`), or use "
-                      "`--backend ort` on the CPU")
+            errors.append(str(e) if name in str(e) else f"{name}: {e}")
+    raise VispecError(f"cannot load the CUDA runtime (libcudart) for device-resident buffers "
+                      f"(tried: {'; '.join(errors[:6]) or 'nothing found'}"
+                      f"{f'; and {len(errors) - 6} more' if len(errors) > 6 else ''}). "
+                      f"Expected: the libcudart that onnxruntime-gpu / TensorRT link. Hint: "
+                      f"install the CUDA runtime they were built for (e.g. `pip install "
+                      f"nvidia-cuda-runtime-cu12`), add its folder to LD_LIBRARY_PATH, or use "
+                      f"`--backend ort` on the CPU")
 
 
 class CudaCopier(Copier):
-    """``cudaMemset`` / ``cudaMemcpy2D`` / ``cudaMemcpy`` on the current device."""
+    """``cudaMemset`` / ``cudaMemcpy2D`` / ``cudaMemcpy`` / streams on GPU ``device_id``."""
 
-    def __init__(self, lib: ctypes.CDLL | None = None):
+    def __init__(self, device_id: int = 0, lib: ctypes.CDLL | None = None):
+        self.device_id = device_id
         self.lib = lib or load_cudart()
-        size, ptr = ctypes.c_size_t, ctypes.c_void_p
-        self.lib.cudaMemset.argtypes = [ptr, ctypes.c_int, size]
-        self.lib.cudaMemcpy.argtypes = [ptr, ptr, size, ctypes.c_int]
-        self.lib.cudaMemcpy2D.argtypes = [ptr, size, ptr, size, size, size, ctypes.c_int]
+        size, ptr, c_int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+        self.lib.cudaSetDevice.argtypes = [c_int]
+        self.lib.cudaGetErrorName.argtypes = [c_int]
+        self.lib.cudaGetErrorName.restype = ctypes.c_char_p
+        self.lib.cudaDeviceGetAttribute.argtypes = [ctypes.POINTER(c_int), c_int, c_int]
+        self.lib.cudaMemset.argtypes = [ptr, c_int, size]
+        self.lib.cudaMemcpy.argtypes = [ptr, ptr, size, c_int]
+        self.lib.cudaMemcpy2D.argtypes = [ptr, size, ptr, size, size, size, c_int]
         self.lib.cudaMalloc.argtypes = [ctypes.POINTER(ptr), size]
         self.lib.cudaFree.argtypes = [ptr]
         self.lib.cudaDeviceSynchronize.argtypes = []
+        self.lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ptr)]
+        self.lib.cudaStreamSynchronize.argtypes = [ptr]
+        self.lib.cudaStreamDestroy.argtypes = [ptr]
+        value = c_int()
+        self.activate()
+        self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(value), MAX_PITCH_ATTRIBUTE,
+                                                    device_id), "cudaDeviceGetAttribute")
+        self.max_pitch = value.value
 
-    def _check(self, status: int, what: str) -> None:
+    def check(self, status: int, what: str) -> None:
         if status != 0:
-            raise VispecError(f"CUDA {what} failed with error {status}. Hint: check the GPU "
-                              f"with nvidia-smi; out of memory means a smaller --max-len")
+            name = self.lib.cudaGetErrorName(status) or b""
+            raise cuda_error(status, what, name.decode(errors="replace"))
+
+    def activate(self) -> None:
+        """Make ``device_id`` the calling thread's current device."""
+        self.check(self.lib.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")
 
     def zero(self, ptr, nbytes):
-        self._check(self.lib.cudaMemset(ptr, 0, nbytes), "cudaMemset")
+        self.activate()
+        self.check(self.lib.cudaMemset(ptr, 0, nbytes), "cudaMemset")
 
     def copy_2d(self, dst, dpitch, src, spitch, width, height):
-        self._check(self.lib.cudaMemcpy2D(dst, dpitch, src, spitch, width, height, D2D),
-                    "cudaMemcpy2D")
+        """One ``cudaMemcpy2D``, or one ``cudaMemcpy`` per row where a pitch exceeds the
+        device's limit (~2 GiB: a KV slab of a long context)."""
+        self.activate()
+        if max(dpitch, spitch) <= self.max_pitch:
+            self.check(self.lib.cudaMemcpy2D(dst, dpitch, src, spitch, width, height, D2D),
+                        "cudaMemcpy2D")
+            return
+        for row in range(height):
+            self.check(self.lib.cudaMemcpy(dst + row * dpitch, src + row * spitch, width, D2D),
+                        "cudaMemcpy")
 
     def to_host(self, out: np.ndarray, src):
-        self._check(self.lib.cudaMemcpy(out.ctypes.data, src, out.nbytes, D2H), "cudaMemcpy")
+        self.activate()
+        self.check(self.lib.cudaMemcpy(out.ctypes.data, src, out.nbytes, D2H), "cudaMemcpy")
 
     def from_host(self, dst, array: np.ndarray):
-        self._check(self.lib.cudaMemcpy(dst, array.ctypes.data, array.nbytes, H2D),
+        self.activate()
+        self.check(self.lib.cudaMemcpy(dst, array.ctypes.data, array.nbytes, H2D),
                     "cudaMemcpy")
 
     def synchronize(self):
-        self._check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+        self.activate()
+        self.check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
     def malloc(self, nbytes: int) -> tuple[int, "CudaAllocation"]:
+        self.activate()
         ptr = ctypes.c_void_p()
-        self._check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), f"cudaMalloc({nbytes})")
-        return ptr.value, CudaAllocation(self.lib, ptr.value)
+        self.check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), f"cudaMalloc({nbytes})")
+        return ptr.value, CudaAllocation(self, ptr.value)
+
+    def free(self, ptr: int) -> None:
+        self.activate()
+        self.check(self.lib.cudaFree(ptr), "cudaFree")
+
+    def stream(self) -> "CudaStream":
+        """A new stream on this device (``cudaStreamCreate``: it waits for the legacy
+        default stream, where our copies go)."""
+        self.activate()
+        ptr = ctypes.c_void_p()
+        self.check(self.lib.cudaStreamCreate(ctypes.byref(ptr)), "cudaStreamCreate")
+        return CudaStream(self, ptr.value)
 
 
 class CudaAllocation:
-    """Frees its ``cudaMalloc`` pointer when collected."""
+    """One ``cudaMalloc`` pointer: freed by ``free()`` or when collected."""
 
-    def __init__(self, lib: ctypes.CDLL, ptr: int):
-        self.lib, self.ptr = lib, ptr
+    def __init__(self, copier: CudaCopier, ptr: int):
+        self.copier, self.ptr = copier, ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            self.copier.free(ptr)
 
     def __del__(self):
+        try:
+            self.free()
+        except Exception:  # at interpreter exit or after a fault: nothing left to free
+            pass
+
+
+class CudaStream:
+    """A CUDA stream: ``ptr`` for the backends, ``synchronize``, ``free``."""
+
+    def __init__(self, copier: CudaCopier, ptr: int):
+        self.copier, self.ptr = copier, ptr
+
+    def synchronize(self) -> None:
+        self.copier.activate()
+        self.copier.check(self.copier.lib.cudaStreamSynchronize(self.ptr),
+                           "cudaStreamSynchronize")
+
+    def free(self) -> None:
         if self.ptr:
-            self.lib.cudaFree(self.ptr)
-            self.ptr = 0
+            ptr, self.ptr = self.ptr, None
+            self.copier.activate()
+            self.copier.check(self.copier.lib.cudaStreamDestroy(ptr), "cudaStreamDestroy")
 
 
-def cuda_memory() -> DeviceMemory:
-    """Device memory from ``cudaMalloc`` (the TensorRT backend's)."""
-    copier = CudaCopier()
-    return DeviceMemory("cuda", copier.malloc, copier)
+def cuda_memory(device_id: int = 0, traffic: Traffic | None = None) -> DeviceMemory:
+    """Device memory from ``cudaMalloc`` on GPU ``device_id`` (the TensorRT backend's)."""
+    copier = CudaCopier(device_id)
+    return DeviceMemory("cuda", copier.malloc, copier, device_id, traffic)
+
+
+def device_count() -> int:
+    """How many CUDA GPUs this process sees (0 without a driver or GPU)."""
+    lib, count = load_cudart(), ctypes.c_int()
+    return count.value if lib.cudaGetDeviceCount(ctypes.byref(count)) == 0 else 0
+
+
+def device_name(device_id: int = 0) -> str:
+    """The GPU's name (``cudaDeviceProp.name``, the struct's first field)."""
+    lib, props = load_cudart(), ctypes.create_string_buffer(1 << 14)  # > any cudaDeviceProp
+    get = getattr(lib, "cudaGetDeviceProperties_v2", None) or lib.cudaGetDeviceProperties
+    status = get(props, device_id)
+    if status != 0:
+        raise cuda_error(status, f"cudaGetDeviceProperties({device_id})")
+    return props.raw[:256].split(b"\0", 1)[0].decode(errors="replace")

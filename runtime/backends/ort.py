@@ -1,6 +1,7 @@
 """ONNX Runtime backend: IO binding by pointer onto caller-owned buffers, host or device."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 import numpy as np
@@ -24,17 +25,47 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def shadowed_gpu_wheel() -> str | None:
+    """Why ONNX Runtime's CUDA provider may be missing though onnxruntime-gpu is installed:
+    beside the CPU wheel (both install the same ``onnxruntime`` package, and the one
+    installed last wins). None when only one is installed."""
+    names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()
+             if (d.metadata["Name"] or "").lower().startswith("onnxruntime")}
+    if {"onnxruntime", "onnxruntime-gpu"} <= names and CUDA not in available_providers():
+        return ("onnxruntime and onnxruntime-gpu are both installed and the CPU wheel "
+                "shadows the GPU one (no CUDAExecutionProvider). Hint: `pip uninstall -y "
+                "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
+    return None
+
+
+def provider_options(providers: list[str], device_id: int = 0) -> list:
+    """``InferenceSession`` providers: CUDA on GPU ``device_id`` with TF32 off (fp32
+    matmuls round like the CPU's: the parity tests' tolerances assume it)."""
+    return [(p, {"device_id": str(device_id), "use_tf32": "0"}) if p == CUDA else p
+            for p in providers]
+
+
+class OrtAllocation:
+    """An ``OrtValue`` held until ``free()``."""
+
+    def __init__(self, value: ort.OrtValue):
+        self.value = value
+
+    def free(self) -> None:
+        self.value = None
+
+
 def ort_memory(device: str = "cuda", device_id: int = 0) -> DeviceMemory:
     """Device memory made of ``OrtValue`` allocations on ``device``: "cuda" for the CUDA
     provider, or "cpu" to run the device-resident path (pointers, explicit copies, traffic
     counts) without a GPU."""
     def allocate(nbytes: int):
         value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, device, device_id)
-        return value.data_ptr(), value
+        return value.data_ptr(), OrtAllocation(value)
 
     if device == "cuda":
         from .cuda import CudaCopier
-        copier = CudaCopier()
+        copier = CudaCopier(device_id)
     else:
         copier = HostCopier()
     return DeviceMemory(device, allocate, copier, device_id)
@@ -50,15 +81,16 @@ class OrtRunner(GraphRunner):
 
     def __init__(self, path: str | os.PathLike, spec: GraphSpec, *,
                  providers: list[str] | None = None, threads: int | None = None,
-                 traffic: Traffic | None = None):
+                 traffic: Traffic | None = None, device_id: int = 0):
         super().__init__(spec)
         self.traffic = traffic
         providers = providers or [CPU]
         missing = [p for p in providers if p not in available_providers()]
         if missing:
             raise VispecError(f"ONNX Runtime providers {missing} are not available (have "
-                              f"{available_providers()}). Hint: install onnxruntime-gpu for "
-                              f"CUDA, or use the CPU provider")
+                              f"{available_providers()}). Hint: "
+                              f"{shadowed_gpu_wheel() or 'install onnxruntime-gpu for CUDA'}"
+                              f", or use the CPU provider")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -68,7 +100,8 @@ class OrtRunner(GraphRunner):
         # spinning pools of one session would steal the cores the next one needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=provider_options(providers, device_id))
         except LOAD_ERRORS as e:
             raise ManifestError(f"cannot load graph {path}: {str(e).strip()[:300]}. Hint: the "
                                 f"file is truncated or corrupt; copy it again or re-export") from e

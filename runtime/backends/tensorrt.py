@@ -1,10 +1,12 @@
 """TensorRT backend: a serialized engine run through the name-based API of TensorRT 10+.
 
-``tensorrt`` and ``polygraphy.cuda`` are imported when a runner is made, so importing this
+``tensorrt`` and ``polygraphy`` are imported when a runner is made, so importing this
 module never fails. ``DeviceTensor`` feeds and outputs (a device KV cache's row views,
-step scratch) are bound by address with ``set_tensor_address``: nothing is copied. Host
-numpy feeds are copied to the runner's device buffers and host outputs copied back into the
-caller's arrays; their bytes go to ``traffic`` when one is given.
+step scratch) are bound by address with ``set_tensor_address``: nothing is copied, unless
+an address is not 256-byte aligned (TensorRT's rule), which ``device.AlignedIO`` stages
+through an aligned buffer on the device. Host numpy feeds are copied to the runner's device
+buffers and host outputs copied back into the caller's arrays; their bytes go to
+``traffic``. Every TensorRT call that reports failure raises, naming the tensor.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import DeviceTensor, Traffic
+from ..device import AlignedIO, Traffic
 from ..errors import ShapeError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -38,18 +40,22 @@ def import_tensorrt():
 
 
 class TrtRunner(GraphRunner):
-    """One engine, one execution context, one CUDA stream; device buffers grow on demand.
+    """One engine, one execution context, one CUDA stream, on GPU ``device_id``; host IO
+    and staging buffers grow on demand.
 
     With several optimization profiles, each call uses the first one whose ranges hold
     every input shape (the builder makes them disjoint in ``new``).
     """
 
-    def __init__(self, path: str | os.PathLike, spec: GraphSpec, traffic: Traffic | None = None):
+    def __init__(self, path: str | os.PathLike, spec: GraphSpec, traffic: Traffic | None = None,
+                 device_id: int = 0):
         super().__init__(spec)
         self.traffic = traffic if traffic is not None else Traffic()
         trt = import_tensorrt()
-        from polygraphy import cuda
+        from .cuda import cuda_memory
 
+        self.memory = cuda_memory(device_id, self.traffic)  # activates device_id
+        self.io = AlignedIO(self.memory)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
@@ -59,10 +65,7 @@ class TrtRunner(GraphRunner):
                               f"version and GPU that built it: rebuild it on this device")
         self._check_io()
         self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
-        # One device buffer per tensor for host-bound IO, reused and grown across calls.
-        self.buffers = {name: cuda.DeviceArray(dtype=self.spec.tensor(name).np_dtype)
-                        for name in self.spec.input_names + self.spec.output_names}
+        self.stream = self.memory.copier.stream()
         self.ranges = [{name: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(
                             name, p)) for name in self.spec.input_names}
                        for p in range(self.engine.num_optimization_profiles)]
@@ -99,42 +102,45 @@ class TrtRunner(GraphRunner):
                          f"the engine with profiles covering the manifest's dim ranges")
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        ctx, stream = self.context, self.stream
-        profile = self.select_profile(feeds)
+        self.memory.copier.activate()
+        self._set_shapes(feeds, outputs)
+        bound = {**self.io.inputs(feeds), **self.io.outputs(outputs)}
+        for name, tensor in bound.items():
+            if not self.context.set_tensor_address(name, tensor.ptr):
+                raise VispecError(f"graph {self.spec.name!r}: tensor {name!r} | address "
+                                  f"{tensor.ptr:#x} refused by TensorRT. Expected: a "
+                                  f"256-byte aligned device address. Hint: see the TensorRT "
+                                  f"log above")
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise VispecError(f"graph {self.spec.name!r}: TensorRT execution failed (see the "
+                              f"TensorRT log above)")
+        self.stream.synchronize()
+        self.io.finish()
+
+    def _set_shapes(self, feeds: dict, outputs: dict) -> None:
+        """Select the profile of the feeds' shapes, set them, and check the outputs'."""
+        ctx, profile = self.context, self.select_profile(feeds)
         if profile != self.profile:
-            ctx.set_optimization_profile_async(profile, stream.ptr)
+            if not ctx.set_optimization_profile_async(profile, self.stream.ptr):
+                raise VispecError(f"graph {self.spec.name!r}: TensorRT refused optimization "
+                                  f"profile {profile} of {len(self.ranges)}. Hint: see the "
+                                  f"TensorRT log above; rebuild the engine")
             self.profile = profile
         for name, array in feeds.items():
             if not ctx.set_input_shape(name, array.shape):
                 raise ShapeError(f"graph {self.spec.name!r}: input {name!r} | shape "
                                  f"{array.shape} refused by optimization profile {profile}")
-            if isinstance(array, DeviceTensor):
-                ctx.set_tensor_address(name, array.ptr)
-                continue
-            array = np.ascontiguousarray(array)
-            buffer = self.buffers[name].resize(array.shape).copy_from(array, stream)
-            self.traffic.h2d += array.nbytes
-            ctx.set_tensor_address(name, buffer.ptr)
         for name, array in outputs.items():
             if tuple(ctx.get_tensor_shape(name)) != array.shape:
                 raise ShapeError(f"graph {self.spec.name!r}: output {name!r} | engine shape "
                                  f"{tuple(ctx.get_tensor_shape(name))}. Expected: "
                                  f"{array.shape} from the manifest. Hint: rebuild the engine")
-            ptr = (array.ptr if isinstance(array, DeviceTensor)
-                   else self.buffers[name].resize(array.shape).ptr)
-            ctx.set_tensor_address(name, ptr)
-        if not ctx.execute_async_v3(stream.ptr):
-            raise VispecError(f"graph {self.spec.name!r}: TensorRT execution failed (see the "
-                              f"TensorRT log above)")
-        for name, array in outputs.items():
-            if not isinstance(array, DeviceTensor):
-                self.buffers[name].copy_to(array, stream)
-                self.traffic.d2h += array.nbytes
-        stream.synchronize()
 
     def close(self) -> None:
-        for buffer in self.buffers.values():
-            buffer.free()
-        if self.stream is not None:
-            self.stream.free()
-        self.buffers, self.stream, self.context, self.engine = {}, None, None, None
+        """Free the context, engine, stream and this runner's device buffers."""
+        if self.stream is None:
+            return
+        self.context = self.engine = None
+        self.stream.free()
+        self.memory.close()
+        self.stream = None
