@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..device import DeviceMemory, DeviceTensor, HostCopier, Traffic
+from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, Traffic
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -58,10 +58,12 @@ class OrtAllocation:
 def ort_memory(device: str = "cuda", device_id: int = 0) -> DeviceMemory:
     """Device memory made of ``OrtValue`` allocations on ``device``: "cuda" for the CUDA
     provider, or "cpu" to run the device-resident path (pointers, explicit copies, traffic
-    counts) without a GPU."""
+    counts, alignment) without a GPU. Allocations start at ``ALIGNMENT`` bytes, as
+    ``cudaMalloc``'s do (ORT's CPU allocator gives 64)."""
     def allocate(nbytes: int):
-        value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, device, device_id)
-        return value.data_ptr(), OrtAllocation(value)
+        value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes + ALIGNMENT - 1], np.uint8,
+                                                          device, device_id)
+        return value.data_ptr() + -value.data_ptr() % ALIGNMENT, OrtAllocation(value)
 
     if device == "cuda":
         from .cuda import CudaCopier

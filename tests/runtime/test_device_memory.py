@@ -1,15 +1,18 @@
 """The device-resident path (KV caches and step tensors in device allocations bound by
 pointer, explicit counted copies) run on the CPU through ORT CPU ``OrtValue`` s: the same
 code the CUDA provider runs, checked against the host numpy path."""
+import weakref
+
 import numpy as np
 import pytest
 
 from vispec.runtime.backends.ort import ort_memory
-from vispec.runtime.device import DeviceTensor, HostMemory
+from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor, HostCopier, HostMemory
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.generate import generate_plain, prefill
 from vispec.runtime.kv_cache import KVCache
 from vispec.runtime.masks import causal_mask
+from vispec.runtime.specs import ATTENTION_MASK, HIDDEN_STATES, INPUTS_EMBEDS, LOGITS, POSITION_IDS
 from vispec.runtime.speculative import generate_speculative
 from vispec.runtime.target import TargetModel
 from vispec.runtime.tree import TreeConfig
@@ -98,6 +101,103 @@ def test_a_speculative_round_moves_far_less_than_the_cache(device_pair):
     f = device.facts
     kv_bytes = cache.length * f["num_layers"] * 2 * f["kv_heads"] * f["head_dim"] * 4
     assert per_round < kv_bytes / 4  # a host cache would send all of it, twice, per pass
+
+
+def test_aligned_io_stages_misaligned_kv_rows_and_the_step_equals_the_host_step(device_pair):
+    """TensorRT binds only 256-byte aligned addresses. A tiny cache row is 2 kv heads x 16
+    x 4 = 128 bytes, so the rows of a present view at an odd cache length start misaligned:
+    AlignedIO binds those through aligned stand-ins (copied out after the call) and the past
+    (row 0 of each 32 KiB slab) in place. The LM run on exactly the bound addresses writes
+    what the host path writes."""
+    host, device, _ = device_pair("llava", "eagle")
+    prompt = host.prepare("Tell me a long story about a red boat and the sea.")
+    caches = [t.new_cache() for t in (host, device)]
+    for target, cache in zip((host, device), caches):
+        state = prefill(target, cache, prompt)
+    past, n = caches[0].length, 3
+    if past % 2 == 0:  # an odd length puts the present rows off the 256-byte grid
+        for cache in caches:
+            cache.truncate(past - 1)
+        past -= 1
+    embeds = host.embed(np.array([5, 6, 7]))
+    positions = host.glue.step_position_ids(state.next_position, np.arange(n))
+    mask = causal_mask(past, n)
+    want = host.step(caches[0], embeds, positions, mask)
+
+    feeds = {INPUTS_EMBEDS: embeds[None], POSITION_IDS: positions, ATTENTION_MASK: mask,
+             **caches[1].past()}
+    outputs = {**caches[1].present(n), LOGITS: np.empty((1, n, want.logits.shape[-1]), np.float32),
+               HIDDEN_STATES: np.empty((1, n, want.hidden.shape[-1]), np.float32)}
+    io = AlignedIO(device.memory)
+    bound_in, bound_out = io.inputs(feeds), io.outputs(outputs)
+    views = {name: t for name, t in {**feeds, **outputs}.items() if isinstance(t, DeviceTensor)}
+    misaligned = {name for name, t in views.items() if t.ptr % ALIGNMENT}
+    assert misaligned and set(views) - misaligned  # both kinds are exercised
+    assert all(name.startswith("present") for name in misaligned)
+    for name, tensor in {**bound_in, **bound_out}.items():
+        assert tensor.ptr and tensor.ptr % ALIGNMENT == 0, name
+        assert (tensor is views.get(name)) == (name in views and name not in misaligned), name
+    device.runners["lm"].infer(bound_in, bound_out)
+    io.finish()
+
+    assert io.staged == sum(views[name].nbytes for name in misaligned)
+    np.testing.assert_allclose(outputs[LOGITS][0], want.logits, atol=1e-5)
+    np.testing.assert_allclose(outputs[HIDDEN_STATES][0], want.hidden, atol=1e-5)
+    written = caches[1].to_host()[:, :, :past + n]
+    np.testing.assert_allclose(written, caches[0].buffer[:, :, :past + n], atol=1e-6)
+
+
+def test_aligned_io_gives_empty_and_host_tensors_aligned_nonnull_buffers():
+    memory = ort_memory("cpu")
+    io = AlignedIO(memory)
+    empty = np.zeros((1, 0, 4), np.float32)
+    bound = io.inputs({"ids": np.arange(3, dtype=np.int64)[None], "none": empty})
+    for tensor in bound.values():
+        assert tensor.ptr and tensor.ptr % ALIGNMENT == 0
+    np.testing.assert_array_equal(memory.to_host(bound["ids"]), [[0, 1, 2]])
+    assert bound["none"].shape == (1, 0, 4)
+    out = np.zeros((2, 3), np.float32)
+    (written,) = io.outputs({"y": out}).values()
+    memory.from_host(written, np.arange(6, dtype=np.float32).reshape(2, 3))  # the graph's write
+    io.finish()
+    np.testing.assert_array_equal(out, np.arange(6).reshape(2, 3))
+    assert memory.traffic.h2d == 24 + 24 and memory.traffic.d2h == 24 + 24
+
+
+def test_outgrown_scratch_stays_valid_while_viewed_and_close_frees_everything():
+    memory = ort_memory("cpu")
+    first = memory.scratch("logits", (4,), np.float32)
+    memory.from_host(first, np.arange(4))
+    owner = weakref.ref(first.owner)
+    grown = memory.scratch("logits", (4096,), np.float32)  # a longer step: a new allocation
+    assert grown.owner is not first.owner and owner() is not None
+    np.testing.assert_array_equal(memory.to_host(first), np.arange(4))  # not a dangling view
+    del first
+    assert owner() is None  # freed with its last view
+    cache = memory.empty((2, 8), np.float32)
+    memory.close()
+    assert grown.owner.value is None and cache.owner.value is None  # OrtValues dropped
+
+
+def test_from_host_returns_only_once_the_copy_is_done():
+    """``cudaMemcpy`` from pageable memory may return before the device holds the data; a
+    graph on another stream must not read it early."""
+    calls = []
+
+    class Recording(HostCopier):
+        def from_host(self, dst, array):
+            calls.append("from_host")
+            super().from_host(dst, array)
+
+        def synchronize(self):
+            calls.append("synchronize")
+
+    memory = ort_memory("cpu")
+    memory.copier = Recording()
+    tensor = memory.empty((3,), np.float32)
+    calls.clear()
+    memory.from_host(tensor, np.ones(3))
+    assert calls == ["from_host", "synchronize"]
 
 
 def test_gpu_benchmark_runs_its_whole_flow_on_the_cpu(tmp_path):
