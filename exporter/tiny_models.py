@@ -255,15 +255,26 @@ def _init_weights(model: torch.nn.Module, gain: float) -> None:
                 param.normal_(0.0, std)
 
 
+@torch.no_grad()
+def _twin_head_rows(model: torch.nn.Module, gap: float) -> None:
+    """Near-ties: in the first half of the vocabulary every odd LM-head row becomes its even
+    neighbour scaled by ``1 + gap``, so those token pairs' logits differ by ``gap`` of their
+    size, within reach of a kernel's rounding."""
+    head = model.get_output_embeddings().weight  # [V, H]
+    pairs = head.shape[0] // 4 * 2
+    head[1:pairs:2] = head[0:pairs:2] * (1 + gap)
+
+
 def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, preset: str = "tiny",
                      text: Mapping[str, Any] | None = None,
-                     dtype: torch.dtype = torch.float32) -> pathlib.Path:
+                     dtype: torch.dtype = torch.float32, tie_gap: float | None = None) -> pathlib.Path:
     """Build a random-initialised model of ``family`` and save it as a local HF directory.
 
     ``text`` overrides text-config fields of the preset (``hidden_size``, ``head_dim``,
     ``num_key_value_heads``, ``vocab_size`` >= the tokenizer's, ``tie_word_embeddings``, ...):
     models of any shape for property tests and benchmarks at real sizes (saved in ``dtype``).
-    Returns the directory. Deterministic for a given
+    ``tie_gap``: make token pairs whose logits nearly tie (``_twin_head_rows``), for tests of
+    the exactness contract's tie clause. Returns the directory. Deterministic for a given
     ``seed``; "tiny" weights are < 1 MB.
     """
     if family not in _BUILDERS:
@@ -277,6 +288,8 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _init_weights(model, _INIT_GAIN)
+    if tie_gap is not None:
+        _twin_head_rows(model, tie_gap)
     model.to(dtype)
     model.generation_config = GenerationConfig(do_sample=False, **_token_ids(tokenizer, spec))
     out = pathlib.Path(out_dir)

@@ -131,9 +131,10 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
         policy.observe(config, len(verification.accepted) - 1)
         used, r3 = config, time.perf_counter()
         if not done:
-            config = fitting(policy.choose(), cache, drafter)
+            config = policy.choose()
             if config is not None:
                 topk = drafter.advance(out.hidden_rows(verification.accepted), new)
+                config = fitting(config, cache, drafter)
         r4 = time.perf_counter()
         stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
                                        (r3 - r2) * 1e3, len(tokens) - before))
@@ -144,11 +145,12 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
     return finish(target, tokens, stats)
 
 
-def fitting(tree: TreeConfig | None, cache: KVCache, drafter: Drafter) -> TreeConfig | None:
+def fitting(tree: TreeConfig, cache: KVCache, drafter: Drafter) -> TreeConfig | None:
     """``tree`` when one round of it fits both caches (its nodes after the target's valid
-    rows, its rows after the drafter's committed ones), else None: the generation ends
-    plainly, which needs one row per token, as the budget check guaranteed."""
-    if tree is None or cache.length + tree.total_tokens > cache.max_len:
+    rows, its rows after the drafter's committed ones, once the drafter has taken the last
+    round's rows), else None: the generation ends plainly, which needs one row per token,
+    as the budget check guaranteed."""
+    if cache.length + tree.total_tokens > cache.max_len:
         return None
     return tree if tree.drafter_rows <= drafter.room() else None
 

@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: any download attemp
 TEST_MAX_LEN = 256
 
 
+def pytest_addoption(parser):
+    parser.addoption("--stress", action="store_true",
+                     help="run property tests on their full case sets (minutes), not CI's sample")
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test runs offline: a connection attempt fails the test."""
