@@ -18,31 +18,35 @@ Random weights accept ~nothing, so speedups are projected from the measured cost
 
     python benchmarks/gpu.py [--models 1b,7b] [--layers-7b 8] [--past 512] [--json FILE]
     python benchmarks/gpu.py --smoke     # tiny shapes on the CPU provider: checks the script
+    python benchmarks/gpu.py --probe FILE    # which GPU backends this machine has (exit 2: no GPU)
+    python benchmarks/gpu.py --summary DIR   # one table of gpu_check.sh's results in DIR
 
-One prepared run (build, export, measure) takes ~5-8 minutes on one H100/H200 with the
-defaults; ``--layers-7b 32`` measures the whole 7B stack (about 3 minutes more). The 7B
-stack is cut to ``--layers-7b`` layers by default: every layer has the real shape, and the
-floor is computed for the same bytes, so the step / floor ratio holds.
+Needs onnxruntime-gpu and a CPU torch (to build and export the models); the bandwidth copy
+uses the runtime's own libcudart binding, so no CUDA torch. One prepared run (build,
+export, measure) takes ~5-8 minutes on one H100/H200 with the defaults; ``--layers-7b 32``
+measures the whole 7B stack (about 3 minutes more). Stacks are cut to ``--layers-7b`` /
+``--layers-1b`` layers: every layer has the real shape, and the floor is computed for the
+same bytes, so the step / floor ratio holds.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vispec.exporter.drafters.checkpoint import build_tiny_drafter
-from vispec.exporter.drafters.export import export_drafter
-from vispec.exporter.export import export_target
-from vispec.exporter.tiny_models import build_tiny_model
-from vispec.runtime.backends.ort import available_providers, ort_memory
+from vispec.runtime.backends.ort import CUDA, available_providers, ort_memory, shadowed_gpu_wheel
 from vispec.runtime.drafters import open_drafter
+from vispec.runtime.errors import VispecError
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.masks import causal_mask, tree_mask
 from vispec.runtime.speculative import generate_speculative
@@ -78,22 +82,20 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def bandwidth_gbs(device: str) -> float:
-    """Device memory bandwidth (bytes read + written per second) of a 1 GiB copy."""
+    """Device memory bandwidth (bytes read + written per second) of a 1 GiB copy (256 MiB
+    on the CPU), through the runtime's libcudart binding on a GPU."""
     if device == "cuda":
-        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
+        from vispec.runtime.backends.cuda import cuda_memory
 
-        def copy():
-            dst.copy_(src)
-            torch.cuda.synchronize()
-        ms = median_ms(copy, 10)
-        del src, dst
-        torch.cuda.empty_cache()
+        memory, n = cuda_memory(), 1 << 30
+        src, dst = memory.empty((n,), np.uint8), memory.empty((n,), np.uint8)
+        ms = median_ms(lambda: memory.copy(dst, src), 10)  # cudaMemcpy2D + synchronize
+        memory.close()
     else:
-        src = np.ones(1 << 28, np.uint8)
-        dst = np.empty_like(src)
+        n = 1 << 28
+        src, dst = np.ones(n, np.uint8), np.empty(n, np.uint8)
         ms = median_ms(lambda: np.copyto(dst, src), 5)
-    return 2 * (1 << (30 if device == "cuda" else 28)) / ms / 1e6
+    return 2 * n / ms / 1e6
 
 
 def weight_bytes(text: dict) -> int:
@@ -107,7 +109,15 @@ def weight_bytes(text: dict) -> int:
 
 
 def build(name: str, text: dict, work: Path, max_len: int) -> tuple[Path, Path, Path]:
-    """Model dir, target artifacts, drafter artifacts of one shape (fp16 target)."""
+    """Model dir, target artifacts, drafter artifacts of one shape (fp16 target; a CPU torch
+    builds and exports them)."""
+    import torch
+
+    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
+    from vispec.exporter.drafters.export import export_drafter
+    from vispec.exporter.export import export_target
+    from vispec.exporter.tiny_models import build_tiny_model
+
     model_dir = build_tiny_model("llava", work / f"{name}-model", text=text, dtype=torch.float16)
     log(f"{name}: built the random fp16 target")
     target = work / f"{name}-target"
@@ -184,36 +194,152 @@ def report(results: list[dict], device: str, bandwidth: float) -> None:
                   f"({x['host_share']:.1%}) | {x['bytes_per_round'] / 1024:.1f} | {speed} |")
 
 
+def probe() -> dict:
+    """What this machine offers the GPU path: GPUs (through libcudart, and nvidia-smi's
+    list), ONNX Runtime's CUDA provider (or the CPU wheel shadowing it), TensorRT, torch."""
+    from vispec.runtime.backends import cuda
+
+    found = {"gpus": [], "cudart_error": None, "nvidia_smi": None, "tensorrt": None,
+             "ort_cuda": CUDA in available_providers(), "ort_shadowed": shadowed_gpu_wheel(),
+             "torch": None}
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        found["nvidia_smi"] = (listed.stdout or listed.stderr).strip()
+    try:
+        found["gpus"] = [cuda.device_name(i) for i in range(cuda.device_count())]
+    except VispecError as e:
+        found["cudart_error"] = str(e)
+    if importlib.util.find_spec("tensorrt"):
+        try:
+            import tensorrt
+            found["tensorrt"] = tensorrt.__version__
+        except (ImportError, OSError) as e:
+            found["tensorrt"] = f"installed, import failed: {e}"
+    if importlib.util.find_spec("torch"):
+        import torch
+        found["torch"] = f"{torch.__version__} ({'CUDA' if torch.cuda.is_available() else 'CPU'})"
+    return found
+
+
+def probe_rows(found: dict) -> list[tuple[str, str]]:
+    ort_cuda = "yes" if found["ort_cuda"] else f"no ({found['ort_shadowed'] or 'install onnxruntime-gpu'})"
+    return [("GPU", ", ".join(found["gpus"]) or "none found"),
+            ("ONNX Runtime CUDA provider", ort_cuda),
+            ("TensorRT", found["tensorrt"] or "not installed"),
+            ("torch (builds the benchmark models)", found["torch"] or "not installed")]
+
+
+def no_gpu_message(found: dict) -> str:
+    why = (f"nvidia-smi: {found['nvidia_smi'] or 'not installed'}; libcudart: "
+           f"{found['cudart_error'] or 'loaded, 0 devices'}")
+    return (f"no GPU found ({why}). Nothing to check on this machine. Hint: run it on a "
+            f"machine with an NVIDIA GPU and its driver; `python benchmarks/gpu.py --smoke` "
+            f"checks the benchmark script on a CPU")
+
+
+def _status(folder: Path, name: str) -> str:
+    """What ``gpu_check.sh`` recorded for a stage: ok, failed (rc), timed out or skipped."""
+    path = folder / f"{name}.rc"
+    text = path.read_text().strip() if path.exists() else "not run"
+    return {"0": "ok", "124": "timed out"}.get(text, text if not text.isdigit() else
+                                               f"failed (exit {text})")
+
+
+def test_row(folder: Path) -> str:
+    status, xml = _status(folder, "tests"), folder / "tests.xml"
+    if not xml.exists():
+        return status
+    suite = ET.parse(xml).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    failed = [c.get("name") for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    return (f"{status}: {passed} passed, {counts['failures'] + counts['errors']} failed, "
+            f"{counts['skipped']} skipped" + (f" ({', '.join(failed[:4])})" if failed else ""))
+
+
+def bench_rows(folder: Path) -> list[tuple[str, str]]:
+    status, path = _status(folder, "bench"), folder / "gpu.json"
+    if not path.exists():
+        return [("benchmarks/gpu.py", status)]
+    rows = []
+    for r in json.loads(path.read_text())["results"]:
+        trees = "; ".join(f"{tuple(x['tree'])} identical={x['identical_to_plain']} "
+                          f"x{x['projected_speedup']['3.0']:.2f} at tau 3"
+                          for x in r["rounds"].values())
+        rows.append((f"gpu.py {r['model']} ({r['layers']} layers)",
+                     f"step {r['step_ms']:.2f} ms = {r['step_over_floor']:.2f}x floor; "
+                     f"T=30 verify {r['verify_over_step']['30']:.2f}x step; {trees}"))
+    return rows
+
+
+def summary(folder: Path) -> None:
+    """One table of a ``gpu_check.sh`` run: backends found, GPU tests, benchmark."""
+    rows = probe_rows(json.loads((folder / "probe.json").read_text()))
+    rows += [("GPU-marked tests", test_row(folder)), *bench_rows(folder)]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n| {'check'.ljust(width)} | result |\n|{'-' * (width + 2)}|---|")
+    for name, result in rows:
+        print(f"| {name.ljust(width)} | {result} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="1b,7b")
     parser.add_argument("--layers-7b", type=int, default=8)
+    parser.add_argument("--layers-1b", type=int, default=22)
     parser.add_argument("--past", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU provider (checks the script, no GPU)")
+    parser.add_argument("--probe", type=Path, metavar="FILE",
+                        help="write which GPU backends this machine has to FILE; exit 2 "
+                             "without a GPU")
+    parser.add_argument("--summary", type=Path, metavar="DIR",
+                        help="print the table of a gpu_check.sh run kept in DIR")
     args = parser.parse_args(argv)
+    if args.probe:
+        found = probe()
+        args.probe.write_text(json.dumps(found, indent=1))
+        if not found["gpus"]:
+            print(f"gpu_check: {no_gpu_message(found)}", file=sys.stderr)
+            return 2
+        for name, value in probe_rows(found):
+            print(f"{name}: {value}")
+        return 0
+    if args.summary:
+        if not (args.summary / "probe.json").exists():
+            print(f"error: {args.summary} holds no probe.json. Expected: the folder of a "
+                  f"gpu_check.sh run", file=sys.stderr)
+            return 2
+        summary(args.summary)
+        return 0
     if args.smoke:
         backend, device, models = "ort", "cpu", ["smoke"]
     else:
         backend, device, models = "ort-cuda", "cuda", args.models.split(",")
-        if "CUDAExecutionProvider" not in available_providers() or not torch.cuda.is_available():
-            print(f"error: needs torch with CUDA and onnxruntime-gpu (providers: "
-                  f"{available_providers()}). Hint: run on a GPU machine, or --smoke",
-                  file=sys.stderr)
+        if CUDA not in available_providers():
+            print(f"error: needs onnxruntime-gpu with a CUDA device (providers: "
+                  f"{available_providers()}). Hint: {shadowed_gpu_wheel() or 'run on a GPU machine'}"
+                  f", or --smoke", file=sys.stderr)
             return 2
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    if device == "cuda":
+        from vispec.runtime.backends.cuda import device_name
+        name = device_name()
+    else:
+        name = platform.processor() or "cpu"
     log(f"device: {name}")
     bandwidth = bandwidth_gbs(device)
     results = []
+    layers = {"7b": args.layers_7b, "1b": args.layers_1b}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         for model in models:
             text = dict(SHAPES[model])
-            if model == "7b":
-                text["num_hidden_layers"] = args.layers_7b
+            text["num_hidden_layers"] = min(text["num_hidden_layers"], layers.get(model, 99))
             _, artifacts, drafter = build(model, text, work, max_len=args.past + 128)
             results.append(measure(model, text, artifacts, drafter, backend, args.past,
                                    args.repeats, bandwidth))

@@ -22,6 +22,7 @@ from ..device import Copier, DeviceMemory, Traffic
 from ..errors import VispecError
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
+NO_DEVICE = 100  # cudaErrorNoDevice
 MAX_PITCH_ATTRIBUTE = 11  # cudaDevAttrMaxPitch: the largest pitch cudaMemcpy2D accepts
 _SONAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
             "cudart64_13.dll", "cudart64_12.dll", "cudart64_110.dll")
@@ -35,10 +36,10 @@ _HINTS = {
     3: "CUDA could not initialise: check `nvidia-smi` and the driver installation",
     12: "a pitch beyond the device's limit: a bug in the device path; report it",
     17: "a pointer that is not device memory: a bug in the device path; report it",
-    35: "the NVIDIA driver is older than this CUDA runtime: update the driver, or install "
-        "the onnxruntime-gpu / TensorRT build for the driver's CUDA version",
+    35: "the NVIDIA driver is missing or older than this CUDA runtime: install or update "
+        "the driver, or the onnxruntime-gpu / TensorRT build for the driver's CUDA version",
     46: "the GPU is busy or in exclusive-process mode (nvidia-smi -q | grep 'Compute Mode')",
-    100: "no CUDA GPU is visible: check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use "
+    NO_DEVICE: "no CUDA GPU is visible: check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use "
          "`--backend ort` on the CPU",
     101: "no GPU has this device_id: pick one that `nvidia-smi -L` lists (numbered after "
          "CUDA_VISIBLE_DEVICES)",
@@ -60,11 +61,12 @@ class CudaError(VispecError):
         self.code = code
 
 
-def cuda_error(code: int, what: str, name: str = "") -> CudaError:
-    """The error for ``what`` failing with ``code`` (``name``: ``cudaGetErrorName``)."""
+def cuda_error(code: int, what: str, lib: ctypes.CDLL | None = None) -> CudaError:
+    """The error for ``what`` failing with ``code``, named by ``lib``'s ``cudaGetErrorName``."""
+    name = lib.cudaGetErrorName(code) if lib is not None else None
+    named = f" ({name.decode(errors='replace')})" if name else ""
     hint = _HINTS.get(code, "check the GPU with nvidia-smi")
-    return CudaError(f"CUDA {what} failed with error {code}{f' ({name})' if name else ''}. "
-                     f"Hint: {hint}", code)
+    return CudaError(f"CUDA {what} failed with error {code}{named}. Hint: {hint}", code)
 
 
 def _candidates() -> list[str]:
@@ -122,8 +124,7 @@ class CudaCopier(Copier):
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
-            name = self.lib.cudaGetErrorName(status) or b""
-            raise cuda_error(status, what, name.decode(errors="replace"))
+            raise cuda_error(status, what, self.lib)
 
     def activate(self) -> None:
         """Make ``device_id`` the calling thread's current device."""
@@ -219,17 +220,27 @@ def cuda_memory(device_id: int = 0, traffic: Traffic | None = None) -> DeviceMem
     return DeviceMemory("cuda", copier.malloc, copier, device_id, traffic)
 
 
+def _cudart() -> ctypes.CDLL:
+    lib = load_cudart()
+    lib.cudaGetErrorName.restype = ctypes.c_char_p
+    return lib
+
+
 def device_count() -> int:
-    """How many CUDA GPUs this process sees (0 without a driver or GPU)."""
-    lib, count = load_cudart(), ctypes.c_int()
-    return count.value if lib.cudaGetDeviceCount(ctypes.byref(count)) == 0 else 0
+    """How many CUDA GPUs this process sees; a :class:`CudaError` when the driver cannot
+    say (none installed, or too old)."""
+    lib, count = _cudart(), ctypes.c_int()
+    status = lib.cudaGetDeviceCount(ctypes.byref(count))
+    if status not in (0, NO_DEVICE):
+        raise cuda_error(status, "cudaGetDeviceCount", lib)
+    return count.value
 
 
 def device_name(device_id: int = 0) -> str:
     """The GPU's name (``cudaDeviceProp.name``, the struct's first field)."""
-    lib, props = load_cudart(), ctypes.create_string_buffer(1 << 14)  # > any cudaDeviceProp
+    lib, props = _cudart(), ctypes.create_string_buffer(1 << 14)  # > any cudaDeviceProp
     get = getattr(lib, "cudaGetDeviceProperties_v2", None) or lib.cudaGetDeviceProperties
     status = get(props, device_id)
     if status != 0:
-        raise cuda_error(status, f"cudaGetDeviceProperties({device_id})")
+        raise cuda_error(status, f"cudaGetDeviceProperties({device_id})", lib)
     return props.raw[:256].split(b"\0", 1)[0].decode(errors="replace")

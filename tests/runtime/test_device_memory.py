@@ -1,6 +1,7 @@
 """The device-resident path (KV caches and step tensors in device allocations bound by
 pointer, explicit counted copies) run on the CPU through ORT CPU ``OrtValue`` s: the same
 code the CUDA provider runs, checked against the host numpy path."""
+import re
 import weakref
 
 import numpy as np
@@ -216,3 +217,32 @@ def test_gpu_benchmark_runs_its_whole_flow_on_the_cpu(tmp_path):
     for tree in result["rounds"].values():
         assert tree["identical_to_plain"]
         assert 0 < tree["bytes_per_round"] < 64 * 1024  # hidden 128: rows, masks, ids only
+    # gpu_check.sh's table from what its stages leave (here: tests timed out)
+    subprocess.run([sys.executable, str(script), "--probe", str(tmp_path / "probe.json")],
+                   capture_output=True, timeout=120)
+    (tmp_path / "tests.rc").write_text("124\n")
+    (tmp_path / "bench.rc").write_text("0\n")
+    table = subprocess.run([sys.executable, str(script), "--summary", str(tmp_path)],
+                           check=True, capture_output=True, text=True, timeout=120).stdout
+    assert "| ONNX Runtime CUDA provider" in table and "| GPU-marked tests" in table
+    assert "timed out" in table
+    assert re.search(r"\| gpu\.py smoke \(2 layers\) +\| step [0-9.]+ ms", table), table
+    assert "identical=True" in table
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    probe = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--probe",
+                            str(tmp_path / "probe.json")], capture_output=True, timeout=120)
+    if probe.returncode == 0:
+        pytest.skip("a GPU is here: gpu_check.sh would run the whole GPU check")
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 2
+    assert "gpu_check: no GPU found (" in run.stderr and "Hint:" in run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
