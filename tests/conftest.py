@@ -106,19 +106,60 @@ def assert_greedy_exact(noise_image):
     return check
 
 
-def gpu_stack_available() -> bool:
-    """onnxruntime's CUDA provider or TensorRT is importable (each gpu test checks its own)."""
+def gpu_skip_reason(stack: str) -> str | None:
+    """Why the GPU tests of ``stack`` ("ort-cuda" or "tensorrt") cannot run here; None when
+    they can. Names a CPU onnxruntime wheel shadowing onnxruntime-gpu (then every CUDA test
+    would otherwise skip without saying why)."""
     import importlib.util
 
-    import onnxruntime
-    return ("CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            or importlib.util.find_spec("tensorrt") is not None)
+    from vispec.runtime.backends.ort import CUDA, available_providers, shadowed_gpu_wheel
+    from vispec.runtime.errors import VispecError
+
+    if stack == "ort-cuda":
+        if CUDA in available_providers():
+            return None
+        return shadowed_gpu_wheel() or "onnxruntime-gpu with a CUDA device is not installed"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (`pip install vispec-export[tensorrt]` on a GPU machine)"
+    from vispec.runtime.backends.cuda import device_count
+    try:
+        return None if device_count() else "TensorRT is installed but CUDA sees no GPU"
+    except VispecError as e:
+        return f"TensorRT is installed but CUDA sees no GPU: {e}"
+
+
+@pytest.fixture
+def ort_cuda():
+    """Skip (saying why) unless ONNX Runtime's CUDA provider can run."""
+    reason = gpu_skip_reason("ort-cuda")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def tensorrt_gpu():
+    """Skip (saying why) unless TensorRT and a CUDA GPU are here."""
+    reason = gpu_skip_reason("tensorrt")
+    if reason:
+        pytest.skip(reason)
+
+
+def _gpu_status() -> tuple[bool, str]:
+    """(any GPU stack usable, one line saying which)."""
+    reasons = {stack: gpu_skip_reason(stack) for stack in ("ort-cuda", "tensorrt")}
+    line = "; ".join(f"{stack}: {reason or 'available'}" for stack, reason in reasons.items())
+    return any(r is None for r in reasons.values()), line
+
+
+def pytest_report_header(config):
+    return f"gpu tests: {_gpu_status()[1]}"
 
 
 def pytest_collection_modifyitems(config, items):
-    if gpu_stack_available():
+    usable, line = _gpu_status()
+    if usable:
         return
-    skip = pytest.mark.skip(reason="needs a GPU stack (onnxruntime-gpu or TensorRT)")
+    skip = pytest.mark.skip(reason=f"needs a GPU stack ({line})")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
