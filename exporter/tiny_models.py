@@ -4,7 +4,7 @@ Each directory holds config.json, model.safetensors, generation_config.json, a l
 byte-level BPE tokenizer and the family's processor files with a chat template, so that
 ``from_pretrained(dir)`` is exactly the code path real checkpoints take.
 
-Pitfalls built in on purpose (see shared/PITFALLS.md):
+Pitfalls of real checkpoints built in on purpose:
 - every text config states ``head_dim``; for "llava_next" (Mistral-style) it differs from
   hidden_size / num_attention_heads;
 - "llava_next" and "qwen2_5_vl" have a config vocab larger than the tokenizer's (padded rows),

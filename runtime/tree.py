@@ -126,11 +126,6 @@ def build_draft_tree(
     )
 
 
-def tree_position_offsets(tree: DraftTree) -> np.ndarray:
-    """Position of each node relative to the root's position: its depth. # [T]"""
-    return tree.depths
-
-
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n best scores, ties going to the smaller index (so parents first)."""
     return np.argsort(-scores, kind="stable")[:n]

@@ -155,24 +155,14 @@ class AutoTree:
     round_ms: dict[TreeConfig, float]
     plain_ms: float
     optimism: float = 0.5   # standard deviations of E[tokens] added to its posterior mean
-    memory: float = 0.9     # weight of past generations' rounds at each new one
-    forget: float = 0.95    # weight of the rounds seen at each new round (image answers and
-                            # text ones accept differently: the model follows the latest)
-    margin: float = 0.1     # share by which a tree must beat plain decoding: round costs
-                            # measured on a busy CPU are off by about as much
+    memory: float = 0.9     # weight of past generations' rounds at each new generation
+    forget: float = 0.95    # weight of the rounds seen at each new round
+    margin: float = 0.1     # share by which a tree must beat plain decoding
     prior_rounds: float = 2.0  # weight, in rounds, of the model's prediction for one tree
-    misfit: float = 0.1     # the model's error for one tree (its trees are average-case
-                            # shapes; the loop's adapt to the drafter's confidence each round)
-    tie: float = 0.02       # trees within this share of the best rate count as tied and the
-                            # cheapest of them is verified: after a first round the rates of
-                            # all trees can lie within 1%, and the tree taken then gathers the
-                            # rounds that keep it (a wide one was kept at 0.8x of 8,2,3)
-    explore: float = 0.9    # once per generation, when the tree in use has a round of its
-                            # own, a tree with less whose rate is within this share of the
-                            # best is verified: the model prices untried trees from the
-                            # others' rounds, and where it errs (acceptance that depends on
-                            # the answer's words, not on the tree) the tree in use would
-                            # keep its lead unchecked
+    misfit: float = 0.1     # the model's relative error for one tree
+    tie: float = 0.02       # trees within this share of the best rate: the cheapest is verified
+    explore: float = 0.9    # a hardly tried tree within this share of the best gets one round
+                            # per generation, once the tree in use has a round of its own
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
     explored: bool = False  # this generation's exploring round is spent

@@ -1,4 +1,4 @@
-"""Full-sequence PyTorch reference of each drafter's prefill, per shared/DRAFTERS.md.
+"""Full-sequence PyTorch reference of each drafter's prefill (ViSpec, HiViS, EAGLE-2).
 
 Written the way the official code computes it (whole prompt at once, masks over the
 sequence, the drafter's own ``embed_tokens`` for x_L); the runtime's incremental
