@@ -128,7 +128,7 @@ def gpu_skip_reason(stack: str) -> str | None:
         return f"TensorRT is installed but CUDA sees no GPU: {e}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ort_cuda():
     """Skip (saying why) unless ONNX Runtime's CUDA provider can run."""
     reason = gpu_skip_reason("ort-cuda")
@@ -136,7 +136,7 @@ def ort_cuda():
         pytest.skip(reason)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tensorrt_gpu():
     """Skip (saying why) unless TensorRT and a CUDA GPU are here."""
     reason = gpu_skip_reason("tensorrt")
