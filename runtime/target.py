@@ -85,7 +85,7 @@ class TargetModel:
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.processor = load_processor(self.dir / PROCESSOR_DIR)
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads,
-                                          self.io_traffic)
+                                          self.io_traffic, self.memory.device_id)
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
@@ -158,3 +158,16 @@ class TargetModel:
         tensors = {name: self.memory.scratch(name, spec.shape(name, {NEW: new}),
                                              spec.tensor(name).np_dtype) for name in names}
         return {k: v for k, v in tensors.items() if v is not None}
+
+    def close(self) -> None:
+        """Free the graphs' sessions or engines and every buffer of ``memory`` (the caches
+        and step tensors, drafters' included); the model is unusable afterwards."""
+        for runner in self.runners.values():
+            runner.close()
+        self.memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

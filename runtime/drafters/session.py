@@ -104,7 +104,7 @@ class DrafterSession:
                                 f"{sorted(manifest.graphs)}, no {DRAFT!r}). Hint: export the "
                                 f"drafter again with `vispec-export export-drafter`")
         self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads,
-                                          target.io_traffic)
+                                          target.io_traffic, target.memory.device_id)
                         for name, g in manifest.graphs.items()}
         self.draft_runner = self.runners[DRAFT]
         self.top_k: int = int(self.facts["top_k"])
@@ -237,8 +237,12 @@ class DrafterSession:
         self.cache.truncate(self.committed)
 
     def close(self) -> None:
+        """Free the graphs' sessions or engines; hand this drafter's buffers back to the
+        target's memory (freed once nothing views them)."""
         for runner in self.runners.values():
             runner.close()
+        for tensor in (self.cache.buffer, self._rows, self._no_embeds):
+            self.cache.memory.release(tensor)
 
     def __enter__(self):
         return self

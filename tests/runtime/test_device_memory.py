@@ -180,6 +180,21 @@ def test_outgrown_scratch_stays_valid_while_viewed_and_close_frees_everything():
     assert grown.owner.value is None and cache.owner.value is None  # OrtValues dropped
 
 
+def test_closing_frees_the_device_memory_of_a_target_and_its_drafter(tiny_target, tiny_drafter):
+    target = TargetModel(tiny_target("llava")[1], memory=ort_memory("cpu"))
+    drafter = open_drafter(tiny_drafter("eagle", "llava")[1], target)
+    prompt = target.prepare("Tell me a story.")
+    generate_speculative(target, drafter, prompt, 8, tree=TreeConfig(8, 2, 3))
+    drafter_buffers = [weakref.ref(drafter.cache.buffer.owner), weakref.ref(drafter._rows.owner)]
+    drafter.close()
+    del drafter
+    assert all(owner() is None for owner in drafter_buffers)  # handed back and dropped
+    cache = target.new_cache()
+    target.close()
+    assert cache.buffer.owner.value is None  # freed though still referenced
+    assert all(runner.session is None for runner in target.runners.values())
+
+
 def test_from_host_returns_only_once_the_copy_is_done():
     """``cudaMemcpy`` from pageable memory may return before the device holds the data; a
     graph on another stream must not read it early."""
