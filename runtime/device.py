@@ -49,7 +49,8 @@ class DeviceTensor:
     def view(self, offset_bytes: int, shape: tuple[int, ...], dtype=None) -> "DeviceTensor":
         """The contiguous sub-tensor ``shape`` (of ``dtype``, by default this one's) starting
         ``offset_bytes`` into this one."""
-        view = DeviceTensor(self.ptr + offset_bytes, tuple(shape), np.dtype(dtype or self.dtype),
+        view = DeviceTensor(self.ptr + offset_bytes, tuple(shape),
+                            self.dtype if dtype is None else np.dtype(dtype),
                             self.device, self.device_id, self.owner)
         if offset_bytes < 0 or offset_bytes + view.nbytes > self.nbytes:
             raise ValueError(f"view of {view.nbytes} bytes at {offset_bytes} is outside a "
@@ -336,6 +337,9 @@ class Copier:
     def to_host(self, out: np.ndarray, src: int) -> None: ...
     def from_host(self, dst: int, array: np.ndarray) -> None: ...
     def synchronize(self) -> None: ...
+
+    def activate(self) -> None:
+        """Make this copier's device the calling thread's current one (a GPU's only)."""
 
 
 class HostCopier(Copier):

@@ -29,11 +29,11 @@ def shadowed_gpu_wheel() -> str | None:
     """Why ONNX Runtime's CUDA provider may be missing though onnxruntime-gpu is installed:
     beside the CPU wheel (both install the same ``onnxruntime`` package, and the one
     installed last wins). None when only one is installed."""
-    names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()
-             if (d.metadata["Name"] or "").lower().startswith("onnxruntime")}
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-")
+             for d in importlib.metadata.distributions()}
     if {"onnxruntime", "onnxruntime-gpu"} <= names and CUDA not in available_providers():
         return ("onnxruntime and onnxruntime-gpu are both installed and the CPU wheel "
-                "shadows the GPU one (no CUDAExecutionProvider). Hint: `pip uninstall -y "
+                "shadows the GPU one (no CUDAExecutionProvider): `pip uninstall -y "
                 "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
     return None
 

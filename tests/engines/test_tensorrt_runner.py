@@ -1,14 +1,19 @@
-"""The TensorRT runner: a clear error without TensorRT; parity with ONNX Runtime on a GPU."""
+"""The TensorRT runner: a clear error without TensorRT; its binding logic on an emulated
+execution context (CPU); parity with ONNX Runtime on a GPU."""
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from tiny_block import SPEC, block_artifacts, feeds
 
 from vispec.runtime.backends import make_runner
-from vispec.runtime.backends.ort import OrtRunner
-from vispec.runtime.backends.tensorrt import TensorRTMissingError
+from vispec.runtime.backends.base import GraphRunner
+from vispec.runtime.backends.ort import OrtRunner, ort_memory
+from vispec.runtime.backends.tensorrt import TensorRTMissingError, TrtRunner
+from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor, Traffic
+from vispec.runtime.errors import VispecError
 
 
 def test_module_imports_without_tensorrt_or_torch():
@@ -21,6 +26,96 @@ def test_runner_without_tensorrt_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTMissingError, match="JetPack.*--backend ort"):
         make_runner("tensorrt", tmp_path / "block.engine", SPEC)
+
+
+class EmulatedContext:
+    """TensorRT's name-based execution-context calls over an ONNX Runtime session on the
+    CPU: the runner's profile, shape, alignment and address handling run without TensorRT.
+    Addresses TensorRT would refuse (null, not 256-byte aligned, ``refuse``d names) are
+    refused, as are profiles past ``profiles``; ``execute_async_v3`` runs the graph on the
+    bound addresses."""
+
+    def __init__(self, onnx_path, profiles=2, refuse=()):
+        self.runner = OrtRunner(onnx_path, SPEC)
+        self.profiles, self.refuse = profiles, set(refuse)
+        self.shapes, self.addresses, self.switched = {}, {}, []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.switched.append(index)
+        return index < self.profiles
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]  # y is shaped like x
+
+    def set_tensor_address(self, name, ptr):
+        if name in self.refuse or not ptr or ptr % ALIGNMENT:
+            return False
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        x, y = (DeviceTensor(self.addresses[n], self.shapes["x"], np.dtype(np.float32), "cpu")
+                for n in "xy")
+        self.runner.infer({"x": x}, {"y": y})
+        return True
+
+
+def emulated_runner(context: EmulatedContext) -> TrtRunner:
+    """A TrtRunner whose engine is ``context`` and whose device is ORT CPU memory."""
+    runner = TrtRunner.__new__(TrtRunner)
+    GraphRunner.__init__(runner, SPEC)
+    runner.traffic = Traffic()
+    runner.memory = ort_memory("cpu")
+    runner.memory.traffic = runner.traffic
+    runner.io, runner.context = AlignedIO(runner.memory), context
+    runner.stream = SimpleNamespace(ptr=1, synchronize=lambda: None)
+    runner.ranges = [{"x": ((1, 1, 32), (1, 8, 32), (1, 64, 32))},
+                     {"x": ((1, 65, 32), (1, 100, 32), (1, 128, 32))}]
+    runner.profile = 0
+    return runner
+
+
+@pytest.fixture(scope="module")
+def block_onnx(tmp_path_factory):
+    return block_artifacts(tmp_path_factory.mktemp("block") / "artifacts") / "block.onnx"
+
+
+def test_runner_flow_on_an_emulated_context(block_onnx):
+    """Host and device IO, aligned and misaligned (a view 128 bytes into its allocation,
+    as an odd row of a tiny KV cache), across a profile switch: what the graph computes
+    lands in the caller's buffers, and only host IO crosses."""
+    context = EmulatedContext(block_onnx)
+    runner, memory = emulated_runner(context), ort_memory("cpu")
+    reference = OrtRunner(block_onnx, SPEC)
+    for new, offset in ((4, 0), (100, 128), (1, 128)):
+        feed = feeds(new, seed=new)
+        want = reference.infer(feed)["y"]
+        mine = {"y": np.empty((1, new, 32), np.float32)}
+        runner.infer(feed, mine)  # host in, host out
+        np.testing.assert_allclose(mine["y"], want, atol=1e-6)
+        x, y = (memory.empty((offset + feed["x"].nbytes,), np.uint8).view(
+            offset, (1, new, 32), np.float32) for _ in "xy")
+        memory.from_host(x, feed["x"])
+        before, staged = runner.traffic.snapshot(), runner.io.staged
+        runner.infer({"x": x}, {"y": y})
+        assert runner.traffic.since(before).total == 0
+        assert runner.io.staged - staged == (2 * feed["x"].nbytes if offset else 0)
+        np.testing.assert_allclose(memory.to_host(y), want, atol=1e-6)
+    assert context.switched == [1, 0]  # switched only when the shapes needed another profile
+
+
+@pytest.mark.parametrize("refuse,profiles,match", [
+    ({"y"}, 2, "tensor 'y' \\| address 0x[0-9a-f]+ refused by TensorRT"),
+    (set(), 1, "TensorRT refused optimization profile 1 of 2"),
+])
+def test_refusals_raise_instead_of_keeping_a_stale_binding(block_onnx, refuse, profiles, match):
+    runner = emulated_runner(EmulatedContext(block_onnx, profiles, refuse))
+    with pytest.raises(VispecError, match=match):
+        runner.infer(feeds(100, seed=0), {"y": np.empty((1, 100, 32), np.float32)})
 
 
 @pytest.mark.gpu

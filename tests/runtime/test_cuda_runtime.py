@@ -144,7 +144,7 @@ def test_cpu_wheel_shadowing_the_gpu_wheel_is_named(monkeypatch):
         dists = [SimpleNamespace(metadata={"Name": n}) for n in (*names, "numpy")]
         monkeypatch.setattr(ort.importlib.metadata, "distributions", lambda: dists)
 
-    installed("onnxruntime", "onnxruntime-gpu")
+    installed("onnxruntime", "onnxruntime_gpu")
     assert "both installed" in ort.shadowed_gpu_wheel()
     installed("onnxruntime")
     assert ort.shadowed_gpu_wheel() is None
