@@ -22,7 +22,6 @@ from vispec.runtime.drafter_specs import (
     adaptor_spec,
     draft_spec,
 )
-from vispec.runtime.drafters.session import require_int8_weights_runtime
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
@@ -37,17 +36,19 @@ from vispec.runtime.specs import (
     GraphSpec,
     past_names,
 )
+from vispec.runtime.weights import BITS, FLOAT, require_weights_runtime
 
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
 from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree, tolerance
+from ..weight_quant import quantize_matmuls
 from .checkpoint import load_drafter
 from .draft_vocab import DRAFT_VOCAB_FILE, select_draft_vocab
-from .int8 import WEIGHTS, quantize_weights_int8
 from .modules import AdaptorGraph, Drafter, DraftGraph
 
 DEFAULT_MAX_IMAGE_TOKENS = 4096
+WEIGHTS = (FLOAT, "int8")  # int8: the draft graph's MatMuls as 8-bit MatMulNBits (CPU)
 EXAMPLE_IMAGE_TOKENS = 8
 
 
@@ -114,13 +115,12 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
     and ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
     head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies).
     ``weights="int8"``: the draft graph's MatMul weights in int8, for ONNX Runtime on CPU
-    (``int8.quantize_weights_int8``)."""
+    (``weight_quant.quantize_matmuls``, blocks of 32)."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
     if weights not in WEIGHTS:
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
-    if weights == "int8":
-        require_int8_weights_runtime("ort", "export-drafter --weights int8")
+    require_weights_runtime(weights, "ort", f"export-drafter --weights {weights}")
     drafter = load_drafter(drafter_dir, target_model_dir)
     head_size = draft_vocab or drafter.config.vocab_size
     if not 1 <= top_k <= head_size:
@@ -144,9 +144,9 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
             feeds = example_feeds(spec, sizes, rng,
                                   **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW))
             export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
-            if name == DRAFT and weights == "int8":
-                progress(f"[{i}/{len(graphs)}] quantizing the draft graph's weights to int8")
-                quantize_weights_int8(tmp / f"{name}.onnx")
+            if name == DRAFT and weights != FLOAT:
+                progress(f"[{i}/{len(graphs)}] quantizing the draft graph's weights to {weights}")
+                quantize_matmuls(tmp / f"{name}.onnx", BITS[weights])
             entries[name] = GraphEntry(f"{name}.onnx", spec)
         if draft_ids is not None:
             np.save(tmp / DRAFT_VOCAB_FILE, draft_ids)

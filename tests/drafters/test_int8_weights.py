@@ -8,16 +8,16 @@ from click.testing import CliRunner
 from engines.build import BuildConfig, plan_build
 from vispec.exporter.cli import cli
 from vispec.exporter.drafters.export import _compare_all, export_drafter, validate_drafter
-from vispec.exporter.drafters.int8 import quantize_weights_int8
 from vispec.exporter.onnx_io import example_feeds
+from vispec.exporter.weight_quant import quantize_matmuls
 from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import DRAFT
 from vispec.runtime.drafters import open_drafter
-from vispec.runtime.drafters.session import require_int8_weights_runtime
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.specs import INPUT_IDS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
 from vispec.runtime.target import TargetModel
+from vispec.runtime.weights import require_weights_runtime
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_int8_weights_need_ort_cpu_1_22(int8_drafter, tiny_target, monkeypatch):
     _, _, int8 = int8_drafter("eagle", "llava_next")
     target = TargetModel(tiny_target("llava_next")[1])
     with pytest.raises(VispecError, match="CPU provider only.*Hint: export the drafter again"):
-        require_int8_weights_runtime("ort-cuda", f"the drafter in {int8}")
+        require_weights_runtime("int8", "ort-cuda", f"the drafter in {int8}",
+                                hint="export the drafter again without --weights")
     monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
     with pytest.raises(VispecError, match=r"onnxruntime >= 1\.22 \(installed: 1\.21\.1\)"):
         open_drafter(int8, target)
@@ -120,7 +121,7 @@ def test_int8_keeps_external_data_of_a_large_graph(tiny_drafter, tmp_path):
                         size_threshold=0)
     assert len(list(external.parent.iterdir())) > 5
     for path in (inline, external):
-        quantize_weights_int8(path)
+        quantize_matmuls(path, 8)
     assert sorted(p.name for p in external.parent.iterdir()) == ["draft.onnx", "draft.onnx.data"]
     feeds = example_feeds(entry.spec, {NEW: 3, PAST: 5}, np.random.default_rng(0),
                           **{INPUT_IDS: np.array([[1, 2, 3]])})
