@@ -67,6 +67,7 @@ class GraphSpec:
     # Parsed once (the runtime checks every call): name -> spec, name -> parsed shape.
     _tensors: dict = field(init=False, repr=False, compare=False)
     _parsed: dict = field(init=False, repr=False, compare=False)
+    _dim_sources: dict = field(init=False, repr=False, compare=False)  # dim -> (input, axis)
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -86,6 +87,12 @@ class GraphSpec:
                                          f"undeclared dim {term!r}")
         object.__setattr__(self, "_tensors", {t.name: t for t in self.inputs + self.outputs})
         object.__setattr__(self, "_parsed", parsed)
+        sources = {}
+        for t in self.inputs:
+            for axis, entry in enumerate(parsed[t.name]):
+                if isinstance(entry, tuple) and len(entry) == 1:
+                    sources.setdefault(entry[0], (t.name, axis))
+        object.__setattr__(self, "_dim_sources", sources)
 
     # -- lookups -------------------------------------------------------------------------
     @property
@@ -168,6 +175,22 @@ class GraphSpec:
             if a.shape != want:
                 problems.append(f"input {t.name!r} | shape {a.shape}. Expected {want} "
                                 f"from {t.shape}")
+        problems += self._out_of_range(sizes)
+        if problems:
+            raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
+        return sizes
+
+    def dim_sizes(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """The dim sizes read off one input per dim, checked against the profile only: for
+        feeds whose names, dtypes and ranks ``check_inputs`` has already passed."""
+        sizes = {dim: feeds[name].shape[axis] for dim, (name, axis) in self._dim_sources.items()}
+        problems = self._out_of_range(sizes)
+        if problems:
+            raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
+        return sizes
+
+    def _out_of_range(self, sizes: dict[str, int]) -> list[str]:
+        problems = []
         for name, size in sizes.items():
             d = self.dim(name)
             if not d.min <= size <= d.max:
@@ -175,9 +198,7 @@ class GraphSpec:
                                 f"[{d.min}, {d.max}]. Hint: shorten the input, or re-export "
                                 f"with a larger range (--max-len for tokens, --max-images "
                                 f"for images)")
-        if problems:
-            raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
-        return sizes
+        return problems
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

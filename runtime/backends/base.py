@@ -1,6 +1,8 @@
 """Backend-neutral graph runner: checks inputs against the spec, then runs ``_infer_impl``."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..device import is_device
@@ -18,11 +20,31 @@ class GraphRunner:
 
     def __init__(self, spec: GraphSpec):
         self.spec = spec
+        # Full checks of every call (VISPEC_FULL_CHECKS=1), else once per layout of the
+        # feeds and output buffers (names, dtypes, ranks) and the profile ranges every call.
+        self.full_checks = os.environ.get("VISPEC_FULL_CHECKS") == "1"
+        self._checked: set[tuple] = set()
 
     def infer(self, feeds: dict[str, np.ndarray],
               outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        sizes = self.spec.check_inputs(feeds)
         outputs = dict(outputs or {})
+        layout = (tuple((k, v.dtype, v.ndim) for k, v in feeds.items()),
+                  tuple((k, v.dtype, v.ndim) for k, v in outputs.items()))
+        if self.full_checks or layout not in self._checked:
+            sizes = self._check(feeds, outputs)
+            self._checked.add(layout)
+        else:
+            sizes = self.spec.dim_sizes(feeds)
+        for t in self.spec.outputs:
+            if t.name not in outputs:
+                outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)
+        self._infer_impl(feeds, outputs)
+        return outputs
+
+    def _check(self, feeds: dict, outputs: dict) -> dict[str, int]:
+        """Every input against the spec and every output buffer against the shapes it
+        implies; returns the dim sizes."""
+        sizes = self.spec.check_inputs(feeds)
         for name, array in outputs.items():
             want, dtype = self.spec.shape(name, sizes), self.spec.tensor(name).np_dtype
             contiguous = is_device(array) or array.flags.c_contiguous
@@ -30,11 +52,7 @@ class GraphRunner:
                 raise ShapeError(f"graph {self.spec.name!r}: output buffer {name!r} is "
                                  f"{array.dtype} {array.shape} (contiguous={contiguous}). "
                                  f"Expected: a contiguous {dtype} {want} (the graph's output)")
-        for t in self.spec.outputs:
-            if t.name not in outputs:
-                outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)
-        self._infer_impl(feeds, outputs)
-        return outputs
+        return sizes
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         raise NotImplementedError

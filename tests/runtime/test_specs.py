@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from vispec.runtime.backends.base import GraphRunner
 from vispec.runtime.errors import ShapeError
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.specs import Dim, GraphSpec, TensorSpec, lm_step_spec, past_names
@@ -72,3 +73,37 @@ def test_undeclared_dim_and_bad_ranges_are_refused():
         Dim("n", 4, 2, 8)
     with pytest.raises(ValueError, match="dtype"):
         TensorSpec("x", "float64", (1,))
+
+
+class Recorder(GraphRunner):
+    """A runner whose graph only records that it ran (the checks are what is tested)."""
+
+    calls = 0
+
+    def _infer_impl(self, feeds, outputs):
+        self.calls += 1
+
+
+def test_runner_checks_a_layout_fully_once_then_the_profile_every_call(monkeypatch):
+    monkeypatch.delenv("VISPEC_FULL_CHECKS", raising=False)
+    runner = Recorder(spec())
+    runner.infer(feeds(spec(), past=5))
+    assert runner.infer(feeds(spec(), past=9))["logits"].shape == (1, 3, 11)  # sizes per call
+    with pytest.raises(ShapeError, match=r"dim 'past' = 70 is outside"):
+        runner.infer(feeds(spec(), past=70))
+    with pytest.raises(ShapeError, match="dtype float16"):  # a new layout: checked in full
+        runner.infer(feeds(spec(), dtype=np.float16))
+    bad = feeds(spec())
+    bad["past_key.1"] = np.zeros((1, 4, 2, 4), np.float32)  # same layout, wrong past length
+    runner.infer(bad)  # not re-checked
+    assert runner.calls == 3
+
+
+def test_full_checks_switch_checks_every_call(monkeypatch):
+    monkeypatch.setenv("VISPEC_FULL_CHECKS", "1")
+    runner = Recorder(spec())
+    runner.infer(feeds(spec()))
+    bad = feeds(spec())
+    bad["past_key.1"] = np.zeros((1, 4, 2, 4), np.float32)
+    with pytest.raises(ShapeError, match="past_key.1"):
+        runner.infer(bad)
