@@ -1,7 +1,6 @@
 """Plain greedy decoding through the runtime (the baseline the speculative loop must equal)."""
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -12,7 +11,7 @@ from .errors import PromptTooLongError, VispecError
 from .families import Prompt
 from .kv_cache import KVCache
 from .masks import causal_mask
-from .sampling import Sampling, TokenChooser
+from .sampling import Sampling
 from .target import StepOutput, TargetModel
 from .tree import TreeConfig, tree_name
 
@@ -46,6 +45,8 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
+    reused_tokens: int = 0   # prompt rows whose K/V a session's cache held already
+    dropped_tokens: int = 0  # cached rows the prompt did not start with (prefilled anew)
     target_passes: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -73,6 +74,7 @@ class GenerationStats:
     def to_dict(self, rounds: bool = True) -> dict:
         """JSON-ready summary (and, with ``rounds``, the per-round profile)."""
         out = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+               "reused_tokens": self.reused_tokens, "dropped_tokens": self.dropped_tokens,
                "target_passes": self.target_passes,
                "time_to_first_token_s": round(self.prefill_seconds, 6),
                "decode_seconds": round(self.decode_seconds, 6),
@@ -95,7 +97,7 @@ class Prefilled:
     """State after the prompt's pass: the first new token comes from ``out.logits_row(-1)``."""
 
     out: StepOutput
-    embeds: np.ndarray  # [L, H] the prompt's LM-input embeddings (image features placed)
+    embeds: np.ndarray  # [S, H] LM-input embeddings of the rows run (image features placed)
     next_position: int  # text position of the next token (M-RoPE offset included)
 
 
@@ -113,12 +115,14 @@ def check_fits(prompt: Prompt, max_new_tokens: int, max_len: int) -> None:
             f"re-export with a larger --max-len")
 
 
-def prefill(target: TargetModel, cache: KVCache, prompt: Prompt) -> Prefilled:
-    """Run the whole prompt (images merged) through the LM and commit its K/V."""
-    embeds = target.prompt_embeds(prompt)
+def prefill(target: TargetModel, cache: KVCache, prompt: Prompt, keep: int = 0) -> Prefilled:
+    """Run the prompt (images merged) through the LM from token ``keep`` on, after the
+    cache's first ``keep`` rows (which must hold the prompt's first ``keep`` tokens, not cut
+    into an image), and commit its K/V. ``embeds``: the rows that ran."""
+    embeds = target.prompt_embeds(target.glue.tail(prompt, keep) if keep else prompt)
     positions, next_position = target.glue.position_ids(prompt)
-    cache.reset()
-    out = target.step(cache, embeds, positions, causal_mask(0, len(embeds)))
+    cache.truncate(keep)
+    out = target.step(cache, embeds, positions[..., keep:], causal_mask(keep, len(embeds)))
     cache.commit(len(embeds))
     return Prefilled(out, embeds, next_position)
 
@@ -138,68 +142,13 @@ def emit(tokens: list[int], new: list[int], max_new_tokens: int, eos: set[int],
     return done
 
 
-def finish(target: TargetModel, tokens: list[int], stats: GenerationStats) -> GenerationResult:
-    stats.new_tokens = len(tokens)
-    text = target.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    return GenerationResult(tokens, text, stats)
-
-
-@dataclass
-class Started:
-    """A generation after its prefill pass and first token."""
-
-    state: Prefilled
-    tokens: list[int]
-    done: bool
-    stats: GenerationStats
-
-
-def start(target: TargetModel, cache: KVCache, prompt: Prompt, max_new_tokens: int,
-          chooser: TokenChooser, on_tokens: OnTokens | None = None) -> Started:
-    """Check the budget, prefill, choose the first token."""
-    check_fits(prompt, max_new_tokens, target.max_len)
-    stats = GenerationStats(prompt_tokens=len(prompt.input_ids), target_passes=1)
-    t0 = time.perf_counter()
-    state = prefill(target, cache, prompt)
-    stats.prefill_seconds = time.perf_counter() - t0
-    tokens: list[int] = []
-    done = emit(tokens, [chooser.choose(state.out.logits_row(-1))], max_new_tokens,
-                target.eos_token_ids, on_tokens)
-    return Started(state, tokens, done, stats)
-
-
-def decode_plain(target: TargetModel, cache: KVCache, tokens: list[int], position: int,
-                 chooser: TokenChooser, max_new_tokens: int, stats: GenerationStats,
-                 on_tokens: OnTokens | None = None) -> None:
-    """One token per target pass from ``position`` (the text position of ``tokens[-1]``)
-    until EOS or the budget; appends to ``tokens`` and ``stats.rounds``."""
-    done = False
-    while not done:
-        t0 = time.perf_counter()
-        out = target.step_tokens(cache, tokens[-1:],
-                                 target.glue.step_position_ids(position, np.zeros(1, np.int64)),
-                                 causal_mask(cache.length, 1))
-        t1 = time.perf_counter()
-        cache.commit(1)
-        position += 1
-        done = emit(tokens, [chooser.choose_next(out)], max_new_tokens,
-                    target.eos_token_ids, on_tokens)
-        stats.target_passes += 1
-        stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,
-                                       (time.perf_counter() - t1) * 1e3, 1))
-
-
 def generate_plain(target: TargetModel, prompt: Prompt, max_new_tokens: int,
                    cache: KVCache | None = None, sampling: Sampling = Sampling(),
                    on_tokens: OnTokens | None = None) -> GenerationResult:
     """One token per target pass (greedy unless ``sampling`` says otherwise); stops at EOS
-    (which is kept) or after ``max_new_tokens``. ``on_tokens`` streams each new token."""
-    cache = cache or target.new_cache()
-    chooser = TokenChooser(sampling)
-    run = start(target, cache, prompt, max_new_tokens, chooser, on_tokens=on_tokens)
-    t0 = time.perf_counter()
-    if not run.done:
-        decode_plain(target, cache, run.tokens, run.state.next_position, chooser,
-                     max_new_tokens, run.stats, on_tokens)
-    run.stats.decode_seconds = time.perf_counter() - t0
-    return finish(target, run.tokens, run.stats)
+    (which is kept) or after ``max_new_tokens``. ``on_tokens`` streams each new token.
+    A one-generation ``session.Session``."""
+    from .session import Session
+
+    return Session(target, cache=cache).generate_plain(prompt, max_new_tokens,
+                                                        sampling=sampling, on_tokens=on_tokens)

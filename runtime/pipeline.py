@@ -9,10 +9,11 @@ from PIL import Image
 
 from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
-from .generate import GenerationResult, OnTokens, check_fits, generate_plain
+from .families import Prompt
+from .generate import GenerationResult, OnTokens, check_fits
 from .manifest import MANIFEST_NAME
 from .sampling import Sampling
-from .speculative import generate_speculative
+from .session import Cancel, Session
 from .target import TargetModel
 from .tree import TreeConfig
 from .tree_policy import AutoTree
@@ -39,8 +40,10 @@ def _check_artifacts(path: Path, what: str) -> Path:
 
 class Pipeline:
     """Target (and optional drafter) artifacts plus one preallocated KV cache, loaded once;
-    ``generate`` reuses them for every request. ``drafter_image_input``: see
-    ``drafters.open_drafter`` ("adaptor" or "official-llava15")."""
+    ``generate`` and ``chat`` reuse them for every request, in one ``Session`` (a request
+    that extends the conversation replied to last prefills only its new rows).
+    ``drafter_image_input``: see ``drafters.open_drafter`` ("adaptor" or "official-llava15").
+    """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
                  drafter_dir: str | os.PathLike | None = None, backend: str = "ort",
@@ -67,24 +70,46 @@ class Pipeline:
         self._auto: AutoTree | None = None  # measured once, learns acceptance across calls
         self.sampling = sampling
         self.cache = self.target.new_cache()
+        self.session = Session(self.target, self.drafter, self.cache)  # the conversation held
 
     def generate(self, prompt: str, images: list | None = None, max_new_tokens: int = 64,
-                 draft: bool = True, on_tokens: OnTokens | None = None) -> GenerationResult:
+                 draft: bool = True, on_tokens: OnTokens | None = None, *,
+                 sampling: Sampling | None = None, cancel: Cancel | None = None
+                 ) -> GenerationResult:
         """Reply to one user turn (text + optional images: paths or PIL images).
 
         Speculative when a drafter is loaded and ``draft`` is True; plain otherwise.
-        ``on_tokens`` is called with each pass's new token ids (streaming).
+        ``on_tokens`` is called with each pass's new token ids (streaming); ``sampling``
+        overrides the pipeline's for this call; ``cancel`` ends it at the next pass.
         """
         if not prompt.strip():
             raise VispecError("the prompt is empty. Hint: pass the user message as --prompt")
         prepared = self.target.prepare(prompt, [load_image(i) for i in images or []])
-        check_fits(prepared, max_new_tokens, self.target.max_len)  # before `auto` measures
+        return self.reply(prepared, max_new_tokens, draft, on_tokens, sampling=sampling,
+                          cancel=cancel)
+
+    def chat(self, messages: list[dict], images: list | None = None, max_new_tokens: int = 64,
+             draft: bool = True, on_tokens: OnTokens | None = None, *,
+             sampling: Sampling | None = None, cancel: Cancel | None = None
+             ) -> GenerationResult:
+        """The assistant's next reply to a conversation (HF chat messages; ``{"type":
+        "image"}`` parts take ``images`` in order). A conversation that extends the one
+        replied to last reuses its cached rows: only the new turn is prefilled."""
+        prepared = self.target.glue.prepare_chat(self.target.processor, messages,
+                                                 [load_image(i) for i in images or []])
+        return self.reply(prepared, max_new_tokens, draft, on_tokens, sampling=sampling,
+                          cancel=cancel)
+
+    def reply(self, prompt: Prompt, max_new_tokens: int = 64, draft: bool = True,
+              on_tokens: OnTokens | None = None, *, sampling: Sampling | None = None,
+              cancel: Cancel | None = None) -> GenerationResult:
+        """Generate after a prepared prompt in this pipeline's session."""
+        check_fits(prompt, max_new_tokens, self.target.max_len)  # before `auto` measures
+        options = dict(sampling=sampling or self.sampling, on_tokens=on_tokens, cancel=cancel)
         if self.drafter is not None and draft:
-            return generate_speculative(self.target, self.drafter, prepared, max_new_tokens,
-                                        tree=self.tree_policy(), sampling=self.sampling,
-                                        cache=self.cache, on_tokens=on_tokens)
-        return generate_plain(self.target, prepared, max_new_tokens, cache=self.cache,
-                              sampling=self.sampling, on_tokens=on_tokens)
+            return self.session.generate_speculative(prompt, max_new_tokens,
+                                                     tree=self.tree_policy(), **options)
+        return self.session.generate_plain(prompt, max_new_tokens, **options)
 
     def tree_policy(self) -> TreeConfig | AutoTree | None:
         """The tree setting of speculative calls; ``"auto"`` is measured on first use."""

@@ -9,19 +9,20 @@
       drafter.advance(out.hidden_rows(accepted), accepted drafted tokens + bonus)
 
 Greedy verification keeps exactly the target's own argmax chain; sampling verification
-keeps the target's distribution (``acceptance.accept_sampling``).
+keeps the target's distribution (``acceptance.accept_sampling``). The loop is
+``session.Session.generate_speculative`` (a conversation's state); its steps and the tree
+settings are here.
 """
 from __future__ import annotations
 
-import time
 from typing import Protocol
 
 import numpy as np
 
-from .acceptance import Verification, accepted_tokens
+from .acceptance import Verification
 from .errors import VispecError
 from .families import Prompt
-from .generate import GenerationResult, OnTokens, RoundStats, decode_plain, emit, finish, start
+from .generate import GenerationResult, OnTokens
 from .kv_cache import KVCache
 from .masks import tree_mask
 from .sampling import Sampling, TokenChooser
@@ -59,9 +60,11 @@ class Drafter(Protocol):
 
     kind: str
     top_k: int
+    prompt_end: int  # its prompt rows before this one are kept when a prefill continues
+    prefills: int    # prefills so far (whose rows the cache holds: the latest's)
 
     def prefill(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,
-                next_token: int) -> tuple[np.ndarray, np.ndarray]: ...
+                next_token: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]: ...
 
     def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
                   level: int) -> tuple[np.ndarray, np.ndarray]: ...
@@ -101,48 +104,11 @@ def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
                          sampling: Sampling = Sampling(), cache: KVCache | None = None,
                          on_tokens: OnTokens | None = None) -> GenerationResult:
     """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling.
+    A one-generation ``session.Session`` (``Session.generate_speculative``)."""
+    from .session import Session
 
-    ``tree``: one tree for every round, or a policy choosing each round's tree (``AutoTree``),
-    which may switch to plain decoding for the rest of the generation.
-    """
-    policy = _policy(tree, drafter, target)
-    policy.start()
-    cache = cache or target.new_cache()
-    chooser = TokenChooser(sampling)
-    run = start(target, cache, prompt, max_new_tokens, chooser, on_tokens)
-    tokens, done, stats, state = run.tokens, run.done, run.stats, run.state
-    t0 = time.perf_counter()
-    position = state.next_position
-    config = None if done else policy.choose()
-    if config is not None:
-        topk = drafter.prefill(prompt.input_ids, state.embeds, state.out.hidden, tokens[-1])
-        config = fitting(config, cache, drafter)
-    while not done and config is not None:
-        r0 = time.perf_counter()
-        draft_tree = draft(drafter, tokens[-1], topk, config)
-        r1 = time.perf_counter()
-        verification, out = verify(target, cache, draft_tree, position, chooser)
-        r2 = time.perf_counter()
-        new = accepted_tokens(draft_tree, verification)
-        before = len(tokens)
-        done = emit(tokens, new.tolist(), max_new_tokens, target.eos_token_ids, on_tokens)
-        stats.target_passes += 1
-        position += len(verification.accepted)
-        policy.observe(config, len(verification.accepted) - 1)
-        used, r3 = config, time.perf_counter()
-        if not done:
-            config = policy.choose()
-            if config is not None:
-                topk = drafter.advance(out.hidden_rows(verification.accepted), new)
-                config = fitting(config, cache, drafter)
-        r4 = time.perf_counter()
-        stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
-                                       (r3 - r2) * 1e3, len(tokens) - before))
-    if not done:  # plain decoding is faster, or no tree fits the caches any more
-        decode_plain(target, cache, tokens, position, chooser, max_new_tokens, stats,
-                     on_tokens)
-    stats.decode_seconds = time.perf_counter() - t0
-    return finish(target, tokens, stats)
+    return Session(target, drafter, cache).generate_speculative(
+        prompt, max_new_tokens, tree=tree, sampling=sampling, on_tokens=on_tokens)
 
 
 def fitting(tree: TreeConfig, cache: KVCache, drafter: Drafter) -> TreeConfig | None:
@@ -155,8 +121,8 @@ def fitting(tree: TreeConfig, cache: KVCache, drafter: Drafter) -> TreeConfig | 
     return tree if tree.drafter_rows <= drafter.room() else None
 
 
-def _policy(tree: TreeConfig | TreePolicy | None, drafter: Drafter,
-            target: TargetModel) -> TreePolicy:
+def policy_for(tree: TreeConfig | TreePolicy | None, drafter: Drafter,
+               target: TargetModel) -> TreePolicy:
     """``tree`` as a policy (the backend's default tree when None), checked against the
     drafter graph's top-k width and the caches."""
     if tree is None or isinstance(tree, TreeConfig):

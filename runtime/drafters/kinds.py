@@ -53,35 +53,35 @@ class VispecSession(DrafterSession):
     def _fuse_inputs(self, level: int) -> dict[str, np.ndarray]:
         return {GLOBAL_FEATURE: self.global_feature}
 
-    def _prefill_chunks(self, input_ids, embeds, features, next_token):
+    def _prefill_chunks(self, input_ids, embeds, features, next_token, start):
         """Text rows keep their positions; an image run (rows whose next token is an image
         token) becomes ``num_q - 1`` adaptor rows (``FUSED_ROW``) at the run's last
         positions. One chunk per image (ending with its adaptor rows) and one for the text
         after the last: text rows see the global feature of the latest image before them."""
+        positions = np.arange(start, len(input_ids), dtype=np.int64)
         if self.image_input == OFFICIAL_LLAVA15:  # EAGLE rows of token embeddings, g = 0
-            ids = np.append(input_ids[1:], next_token).astype(np.int64)
-            yield ids, np.zeros_like(embeds), features, np.arange(len(ids), dtype=np.int64)
+            ids = np.append(input_ids[start + 1:], next_token).astype(np.int64)
+            yield ids, np.zeros_like(embeds), features, positions
             return
-        ids, shifted = shifted_rows(input_ids, embeds, next_token)
-        positions = np.arange(len(ids), dtype=np.int64)
-        is_image = np.append(input_ids[1:] == self.target.glue.image_token_id, False)
+        ids, shifted = shifted_rows(input_ids[start:], embeds, next_token)
+        is_image = np.append(input_ids[start + 1:] == self.target.glue.image_token_id, False)
         num_q = int(self.facts["num_q"])
-        start = 0
+        begin = 0  # first row of the next chunk
         for run_start, run_end in image_runs(is_image):
             if run_end - run_start < num_q - 1:
                 raise VispecError(f"an image of {run_end - run_start} tokens is shorter than "
                                   f"the ViSpec adaptor's {num_q - 1} rows")
             image = {IMAGE_EMBEDS: np.ascontiguousarray(shifted[run_start:run_end], np.float32)}
             adapted = self.runners["adaptor"].infer(image)[ADAPTOR_ROWS]  # [num_q, H]
-            rows = np.r_[start:run_start, run_end - num_q + 1:run_end]  # text, then adaptor
+            rows = np.r_[begin:run_start, run_end - num_q + 1:run_end]  # text, then adaptor
             chunk = shifted[rows]
-            chunk[run_start - start:] = adapted[:-1]
+            chunk[run_start - begin:] = adapted[:-1]
             chunk_ids = ids[rows]
-            chunk_ids[run_start - start:] = FUSED_ROW
+            chunk_ids[run_start - begin:] = FUSED_ROW
             if len(rows):
                 yield chunk_ids, chunk, features[rows], positions[rows]
-            self.global_feature, start = adapted[-1:].copy(), run_end
-        yield ids[start:], shifted[start:], features[start:], positions[start:]
+            self.global_feature, begin = adapted[-1:].copy(), run_end
+        yield ids[begin:], shifted[begin:], features[begin:], positions[begin:]
 
 
 @register
@@ -95,6 +95,8 @@ class HivisSession(DrafterSession):
         index = min(level, int(self.facts["residual_rows"]) - 1)
         return {RESIDUAL_INDEX: np.array([index], np.int64)}
 
-    def _prefill_chunks(self, input_ids, embeds, features, next_token):
+    def _prefill_chunks(self, input_ids, embeds, features, next_token, start):
         kept, positions = hivis_text_rows(self.target.glue, input_ids)
-        yield shifted_rows(kept, embeds[kept], next_token) + (features[kept], positions)
+        tail = kept >= start
+        rows = kept[tail] - start
+        yield shifted_rows(rows, embeds[rows], next_token) + (features[rows], positions[tail])

@@ -112,6 +112,8 @@ class DrafterSession:
                              memory=target.memory)  # on the target's device
         self.next_position = 0
         self.committed = 0                   # cache rows kept across rounds
+        self.prompt_end = self.prompt_rows = 0  # prompt rows [0, prompt_end) = cache rows
+        self.prefills = 0                    # [0, prompt_rows) of the latest of prefills
         width = self.facts["hidden_size"]
         # Drafter hidden states that feed the next tree level, where the graph runs: row 0 is
         # the last committed row's, then each tree level's rows of this round (grown on use).
@@ -121,12 +123,25 @@ class DrafterSession:
 
     # -- the loop's interface ------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, embeds: np.ndarray, features: np.ndarray,
-                next_token: int) -> tuple[np.ndarray, np.ndarray]:
-        """Start a generation from the prompt; returns the last row's (logp [k], ids [k])."""
-        self.cache.reset()
-        self._reset_state()
-        for chunk in self._prefill_chunks(np.asarray(input_ids), embeds, features, next_token):
+                next_token: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Start a generation from the prompt ``input_ids [L]``; returns the last row's
+        (logp [k], ids [k]). ``embeds`` and ``features`` hold the prompt's rows from
+        ``start`` on. ``start > 0`` continues the previous prefill, of a prompt this one
+        extends: its rows before ``prompt_end`` (= ``start``) are kept, the rest replaced."""
+        if start == 0:
+            self.cache.reset()
+            self._reset_state()
+        elif start != self.prompt_end:
+            raise ValueError(f"drafter prefill from row {start}, but its previous prompt rows "
+                             f"end at {self.prompt_end}")
+        else:
+            self.cache.truncate(self.prompt_rows)
+        for chunk in self._prefill_chunks(np.asarray(input_ids), embeds, features, next_token,
+                                          start):
             top = self._commit(*chunk)
+        # The last row embeds x_L by token id: a longer prompt replaces it (and what followed).
+        self.prompt_end, self.prompt_rows = len(input_ids) - 1, self.cache.length - 1
+        self.prefills += 1
         return top
 
     def tree_step(self, tokens: np.ndarray, parent_rows: np.ndarray, mask: np.ndarray,
@@ -196,13 +211,13 @@ class DrafterSession:
         """The draft graph's extra input for rows of tree ``level`` (0 = committed rows)."""
         return {}
 
-    def _prefill_chunks(self, input_ids, embeds, features, next_token):
-        """The prompt rows, in one or more draft calls (kind state may change between
-        them): each chunk is ids ``[N]`` (``drafter_specs`` row codes), embeddings and
-        features ``[N, H]`` and positions ``[N]``. EAGLE's shift: row i <- (f_i, e_{i+1}),
-        the last row embeds x_L with the drafter's table."""
-        yield shifted_rows(input_ids, embeds, next_token) + (
-            features, np.arange(len(input_ids), dtype=np.int64))
+    def _prefill_chunks(self, input_ids, embeds, features, next_token, start):
+        """The prompt rows from ``start`` on, in one or more draft calls (kind state may
+        change between them): each chunk is ids ``[N]`` (``drafter_specs`` row codes),
+        embeddings and features ``[N, H]`` and positions ``[N]``. EAGLE's shift: row i <-
+        (f_i, e_{i+1}), the last row embeds x_L with the drafter's table."""
+        yield shifted_rows(input_ids[start:], embeds, next_token) + (
+            features, np.arange(start, len(input_ids), dtype=np.int64))
 
     # -- graph calls ---------------------------------------------------------------------------
     def _draft(self, ids, embeds, features, positions: np.ndarray, mask: np.ndarray,

@@ -6,6 +6,7 @@ No torch here: the runtime must run without it.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -50,10 +51,18 @@ class Prompt:
 
     input_ids: np.ndarray                 # [L] int64
     processed: dict = field(default_factory=dict)  # the processor's other outputs (np)
+    images: tuple[str, ...] = ()          # fingerprints of the images, in placeholder order
 
     @property
     def has_images(self) -> bool:
         return "pixel_values" in self.processed
+
+
+def image_key(image) -> str:
+    """A fingerprint of a PIL image's pixels (what tells two images with equal tokens apart)."""
+    digest = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 class FamilyGlue:
@@ -93,12 +102,39 @@ class FamilyGlue:
         """Apply the chat template and the processor to one user turn with images."""
         images = list(images or [])
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        chat = processor.apply_chat_template([{"role": "user", "content": content}],
-                                             add_generation_prompt=True, tokenize=False)
+        return self.prepare_chat(processor, [{"role": "user", "content": content}], images)
+
+    def prepare_chat(self, processor, messages: list[dict], images: list | None = None) -> Prompt:
+        """Apply the chat template and the processor to a conversation (HF message dicts;
+        ``{"type": "image"}`` parts take ``images`` in order), ready for the reply."""
+        images = list(images or [])
+        chat = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
         out = dict(processor(text=[chat], images=images or None, return_tensors="np"))
         input_ids = np.asarray(out.pop("input_ids"))[0].astype(np.int64)
         out.pop("attention_mask", None)
-        return Prompt(input_ids=input_ids, processed=out)
+        return Prompt(input_ids=input_ids, processed=out,
+                      images=tuple(image_key(i) for i in images))
+
+    def image_slots(self, prompt: Prompt) -> list[int]:
+        """The first placeholder slot of each run of image tokens (one run per image where
+        the template separates images, as every supported family's does)."""
+        return [start for value, start, _ in runs(prompt.input_ids == self.image_token_id)
+                if value]
+
+    def tail(self, prompt: Prompt, start: int) -> Prompt:
+        """The prompt from token ``start`` on with the inputs of the images placed there
+        (``start`` must not cut an image's placeholders)."""
+        first = sum(slot < start for slot in self.image_slots(prompt))
+        images = self.images_from(prompt.processed, first) if prompt.has_images else {}
+        return Prompt(prompt.input_ids[start:], images, prompt.images[first:])
+
+    def images_from(self, processed: dict, first: int) -> dict:
+        """The processor outputs of images ``first, first+1, ...`` (none left: {}); every
+        output has one entry per image here."""
+        if first >= len(processed["pixel_values"]):
+            return {}
+        return {name: value[first:] for name, value in processed.items()}
 
     # -- vision ---------------------------------------------------------------------------
     @classmethod

@@ -172,6 +172,15 @@ class Qwen25VLGlue(FamilyGlue):
             FULL_ATTENTION_MASK: _block_mask(image_ids),
         }
 
+    def images_from(self, processed: dict, first: int) -> dict:
+        """Image ``first`` on: its ``image_grid_thw`` rows and their patch rows of pixels."""
+        grids = np.asarray(processed["image_grid_thw"])
+        if first >= len(grids):
+            return {}
+        skip = int(np.prod(grids[:first], axis=1).sum())
+        return {**processed, PIXEL_VALUES: processed[PIXEL_VALUES][skip:],
+                "image_grid_thw": grids[first:]}
+
     # -- positions (numpy port of Qwen2_5_VLModel.get_rope_index, images only) ----------------
     def mm_token_type_ids(self, prompt: Prompt) -> np.ndarray:
         """Per token 0 (text) or 1 (image), as the processor's ``mm_token_type_ids``."""

@@ -1,0 +1,236 @@
+"""One conversation's decoding state: its caches, the tokens in them, positions, sampling.
+
+    session = Session(target, drafter)
+    session.generate_speculative(turn_1, 64)   # prefill the prompt, decode the reply
+    session.generate_speculative(turn_2, 64)   # turn_2 = turn 1, its reply, a new user turn:
+                                               # only the rows after the cached ones run
+A prompt is compared with the cached rows token by token (images by their pixels): the
+rows up to the first difference are kept, the others dropped, and the prompt's rest is
+prefilled (new images through the vision graph). Kept rows hold exactly what a fresh
+prefill would compute, so the output equals generating on the whole prompt from scratch.
+The drafter's prompt rows continue from where its previous prompt ended (its last row,
+which embedded x_L by id, and the rows drafted after it are replaced); when they cannot
+(another prompt since, or an image among the rows to re-embed) the turn starts afresh.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .acceptance import accepted_tokens
+from .families import Prompt
+from .generate import (
+    GenerationResult,
+    GenerationStats,
+    OnTokens,
+    Prefilled,
+    RoundStats,
+    check_fits,
+    emit,
+    prefill,
+)
+from .kv_cache import KVCache
+from .masks import causal_mask
+from .sampling import Sampling, TokenChooser
+from .speculative import Drafter, draft, fitting, policy_for, verify
+from .target import StepOutput, TargetModel
+from .tree import TreeConfig
+from .tree_policy import TreePolicy
+
+Cancel = Callable[[], bool]  # polled after every target pass: True ends the generation
+
+
+@dataclass
+class Turn:
+    """One generation's running state."""
+
+    max_new_tokens: int
+    chooser: TokenChooser
+    stats: GenerationStats
+    on_tokens: OnTokens | None = None
+    cancel: Cancel | None = None
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def emit(self, new: list[int], eos: set[int]) -> None:
+        """Append a pass's tokens (streamed); done at EOS, the budget or a cancel."""
+        self.done = emit(self.tokens, new, self.max_new_tokens, eos, self.on_tokens)
+        self.done = self.done or (self.cancel is not None and self.cancel())
+
+
+class Session:
+    """The target's KV cache and the token of every valid row (``rows``), the images among
+    them, the text position of the next row, and, with a drafter, the target's features of
+    every row (what a later turn's drafter rows read). The last token a generation emits is
+    not in the cache yet: a next turn's prompt feeds it."""
+
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None,
+                 cache: KVCache | None = None):
+        self.target, self.drafter = target, drafter
+        self.cache = cache or target.new_cache()
+        self.cache.reset()
+        self.rows: list[int] = []
+        self.images: tuple[str, ...] = ()
+        self.position = 0
+        self.features = (None if drafter is None else  # [max_len, H] host, row-aligned
+                         np.empty((target.max_len, target.glue.hidden_size), np.float32))
+        self._drafter_mark = None  # drafter.prefills when its prompt rows were this session's
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate_plain(self, prompt: Prompt, max_new_tokens: int, *,
+                       sampling: Sampling = Sampling(), on_tokens: OnTokens | None = None,
+                       cancel: Cancel | None = None) -> GenerationResult:
+        """One token per target pass; stops at EOS (kept), the budget or ``cancel``."""
+        turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
+        self._start(prompt, turn, drafted=False)
+        t0 = time.perf_counter()
+        self._decode_plain(turn)
+        return self._finish(turn, t0)
+
+    def generate_speculative(self, prompt: Prompt, max_new_tokens: int, *,
+                             tree: TreeConfig | TreePolicy | None = None,
+                             sampling: Sampling = Sampling(), on_tokens: OnTokens | None = None,
+                             cancel: Cancel | None = None) -> GenerationResult:
+        """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling.
+
+        ``tree``: one tree for every round, or a policy choosing each round's tree
+        (``AutoTree``), which may switch to plain decoding for the rest of the generation.
+        """
+        policy = policy_for(tree, self.drafter, self.target)
+        policy.start()
+        turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
+        state, drafter_start = self._start(prompt, turn, drafted=True)
+        t0 = time.perf_counter()
+        config = None if turn.done else policy.choose()
+        if config is not None:
+            topk = self._draft_prompt(prompt, state, drafter_start, turn.tokens[-1])
+            config = fitting(config, self.cache, self.drafter)
+        while not turn.done and config is not None:
+            r0 = time.perf_counter()
+            draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
+            r1 = time.perf_counter()
+            verification, out = verify(self.target, self.cache, draft_tree, self.position,
+                                       turn.chooser)
+            r2 = time.perf_counter()
+            new = accepted_tokens(draft_tree, verification)
+            before = len(turn.tokens)
+            features = self._commit(draft_tree.tokens[verification.accepted], out,
+                                    verification.accepted)
+            turn.emit(new.tolist(), self.target.eos_token_ids)
+            turn.stats.target_passes += 1
+            policy.observe(config, len(verification.accepted) - 1)
+            used, r3 = config, time.perf_counter()
+            if not turn.done:
+                config = policy.choose()
+                if config is not None:
+                    topk = self.drafter.advance(features, new)
+                    config = fitting(config, self.cache, self.drafter)
+            r4 = time.perf_counter()
+            turn.stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
+                                                (r3 - r2) * 1e3, len(turn.tokens) - before))
+        self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
+        return self._finish(turn, t0)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _start(self, prompt: Prompt, turn: Turn, drafted: bool) -> tuple[Prefilled, int]:
+        """Check the budget, prefill what the cache lacks, choose the first token. Returns
+        the prefill and where the drafter's rows for this prompt start (``drafted``: the
+        turn may draft, so a prompt the drafter cannot continue is prefilled afresh)."""
+        check_fits(prompt, turn.max_new_tokens, self.target.max_len)
+        keep = self.reusable(prompt)
+        drafter_start = self._drafter_start(prompt, keep)
+        if drafter_start is None:
+            self._drafter_mark = None
+            keep = 0 if drafted else keep
+        stats = turn.stats
+        stats.prompt_tokens, stats.target_passes = len(prompt.input_ids), 1
+        stats.reused_tokens, stats.dropped_tokens = keep, len(self.rows) - keep
+        t0 = time.perf_counter()
+        state = prefill(self.target, self.cache, prompt, keep)
+        del self.rows[keep:]
+        self.rows.extend(prompt.input_ids[keep:].tolist())
+        self.images, self.position = prompt.images, state.next_position
+        if self.features is not None:
+            self.features[keep:len(self.rows)] = state.out.hidden
+        stats.prefill_seconds = time.perf_counter() - t0
+        turn.emit([turn.chooser.choose(state.out.logits_row(-1))], self.target.eos_token_ids)
+        return state, drafter_start or 0
+
+    def reusable(self, prompt: Prompt) -> int:
+        """Cached rows ``prompt`` starts with: the common prefix of its tokens and the
+        cached ones, cut before the first image whose pixels differ from the cached one's,
+        and short of the whole prompt (the last row's logits give the first token)."""
+        ids = prompt.input_ids
+        n = min(len(self.rows), len(ids) - 1)
+        differ = np.flatnonzero(np.asarray(self.rows[:n], np.int64) != ids[:n])
+        keep = int(differ[0]) if len(differ) else n
+        slots = self.target.glue.image_slots(prompt)
+        same = 0  # leading images known to equal the cached ones
+        if len(slots) == len(prompt.images):
+            while (same < min(len(self.images), len(prompt.images))
+                   and self.images[same] == prompt.images[same]):
+                same += 1
+        unmatched = [slot for slot in slots[same:] if slot < keep]
+        return unmatched[0] if unmatched else keep
+
+    def _drafter_start(self, prompt: Prompt, keep: int) -> int | None:
+        """Where the drafter's rows of ``prompt`` can continue its previous prompt rows:
+        their end, when they are this session's, lie within the ``keep`` rows and the rows
+        between hold no image (they are re-embedded from their ids); else None."""
+        d = self.drafter
+        if self._drafter_mark is None or self._drafter_mark != d.prefills or d.prompt_end > keep:
+            return None
+        between = prompt.input_ids[d.prompt_end + 1:keep]
+        return None if np.any(between == self.target.glue.image_token_id) else d.prompt_end
+
+    def _draft_prompt(self, prompt: Prompt, state: Prefilled, start: int,
+                      next_token: int) -> tuple[np.ndarray, np.ndarray]:
+        """The drafter's prompt rows from ``start``: target embeddings of the tokens from
+        ``start`` (the cached ones re-embedded, the prefilled ones as they ran) and the
+        target's features of those rows."""
+        ids, embeds = prompt.input_ids, state.embeds
+        keep = len(ids) - len(embeds)
+        if start < keep:
+            embeds = np.concatenate([self.target.embed(ids[start:keep]), embeds])
+        topk = self.drafter.prefill(ids, embeds, self.features[start:len(ids)], next_token,
+                                    *([start] if start else []))
+        self._drafter_mark = self.drafter.prefills
+        return topk
+
+    def _decode_plain(self, turn: Turn) -> None:
+        """One token per target pass from the last emitted token until the turn is done."""
+        target, cache = self.target, self.cache
+        while not turn.done:
+            t0 = time.perf_counter()
+            out = target.step_tokens(cache, turn.tokens[-1:],
+                                     target.glue.step_position_ids(self.position,
+                                                                   np.zeros(1, np.int64)),
+                                     causal_mask(cache.length, 1))
+            t1 = time.perf_counter()
+            cache.commit(1)
+            self._commit(turn.tokens[-1:], out, [0])
+            turn.emit([turn.chooser.choose_next(out)], target.eos_token_ids)
+            turn.stats.target_passes += 1
+            turn.stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,
+                                                (time.perf_counter() - t1) * 1e3, 1))
+
+    def _commit(self, tokens, out: StepOutput, out_rows) -> np.ndarray | None:
+        """Book rows just committed to the cache: their tokens, the next position, and with
+        a drafter their features (``out``'s rows ``out_rows``, returned)."""
+        start = len(self.rows)
+        self.rows.extend(int(t) for t in tokens)
+        self.position += len(self.rows) - start
+        if self.features is None:
+            return None
+        features = out.hidden_rows(out_rows)
+        self.features[start:len(self.rows)] = features
+        return features
+
+    def _finish(self, turn: Turn, t0: float) -> GenerationResult:
+        turn.stats.decode_seconds = time.perf_counter() - t0
+        turn.stats.new_tokens = len(turn.tokens)
+        text = self.target.processor.tokenizer.decode(turn.tokens, skip_special_tokens=True)
+        return GenerationResult(turn.tokens, text, turn.stats)
