@@ -1,8 +1,10 @@
 """Atomic artifact folders: written under a temporary name, swapped into place on success.
 
-A run writes ``.NAME.partial-PID-XXXX`` beside ``NAME``; on success the old ``NAME`` (if
-any) is renamed to ``.NAME.old-PID-XXXX``, the new folder renamed into place, and the old
-one deleted. Temporary folders of dead processes (a killed run) are swept on the next run.
+A run writes ``.NAME.partial-PID-XXXX`` beside ``NAME``; on success its modes are set as
+the umask asks (``mkdtemp`` and some writers make them private), the old ``NAME`` (if any)
+is renamed to ``.NAME.old-PID-XXXX``, the new folder renamed into place, and the old one
+deleted. Temporary folders of dead processes (a killed run) beside any output are swept by
+the next run writing into the same folder.
 """
 from __future__ import annotations
 
@@ -19,6 +21,34 @@ from .errors import VispecError
 from .manifest import MANIFEST_NAME
 
 MARKER = ".vispec-artifact"  # marks an output folder without a manifest as ours
+_TEMPORARY = re.compile(r"\.(.+)\.(partial|old)-(\d+)-\w+")  # .NAME.partial-PID-XXXX
+
+
+def check_writable(path: Path, what: str | os.PathLike) -> None:
+    """Refuse to start a run whose output ``what`` could not be written: into ``path``, a
+    folder, or over ``path``, an existing file."""
+    if not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+        raise VispecError(f"cannot write {what}: {path} is not writable for this user. "
+                          f"Hint: pick a location you can write to")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open`` /
+    ``mkdir`` would have: ``mkstemp`` / ``mkdtemp`` (and writers built on them) make files
+    private, which other users (a service, a container) then cannot read."""
+    mask = _umask()
+    path = Path(path)
+    tree = [path] if not path.is_dir() else [path, *path.rglob("*")]
+    for p in tree:
+        if not p.is_symlink():
+            full = 0o777 if p.is_dir() or p.stat().st_mode & 0o111 else 0o666
+            os.chmod(p, full & ~mask)
 
 
 def is_ours(path: Path) -> bool:
@@ -44,6 +74,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
     if not parent.is_dir():
         raise VispecError(f"cannot create {out_dir}: {parent} is a file. Hint: pick an output "
                           f"path under a folder")
+    check_writable(parent, out_dir)
     if out.exists() and not overwrite:
         raise VispecError(f"{out_dir} already exists. Hint: pick a new folder or pass "
                           f"--overwrite")
@@ -64,17 +95,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(out: Path) -> None:
-    """Remove temporary siblings of ``out`` left by dead runs; an old output whose swap was
-    cut short (``out`` missing) is put back instead."""
-    if not out.parent.is_dir():
+def sweep_stale(folder: Path) -> None:
+    """Remove the temporary folders that dead runs left in ``folder``, whatever output they
+    were for; an old output whose swap was cut short (its ``NAME`` missing) is put back."""
+    if not folder.is_dir():
         return
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-\w+")
-    for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match is None or _alive(int(match[2])):
+    for path in folder.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or _alive(int(match[3])):
             continue
-        if match[1] == "old" and not out.exists():
+        out = folder / match[1]
+        if match[2] == "old" and not out.exists():
             os.replace(path, out)
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -105,7 +136,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
     (see :func:`check_output_dir`); on any error or interruption the temporary folder is
     removed and an existing ``out_dir`` is left as it was.
     """
-    sweep_stale(Path(out_dir).resolve())
+    sweep_stale(Path(out_dir).resolve().parent)
     out = check_output_dir(out_dir, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -113,6 +144,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
         yield tmp
         if not (tmp / MANIFEST_NAME).exists():
             (tmp / MARKER).write_text("written by vispec-export\n")
+        apply_umask(tmp)
         _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .atomic import apply_umask
 from .families import Prompt
 from .generate import generate_plain
 from .speculative import Drafter, generate_speculative
@@ -151,4 +152,5 @@ def _save(path: Path, costs: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(raw, f, indent=1)
+    apply_umask(tmp)  # mkstemp makes it private
     os.replace(tmp, path)

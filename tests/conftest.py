@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -85,6 +87,25 @@ def noise_image():
         rng = np.random.default_rng(seed)
         return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     return make
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write into: mode 0555 and, for root (whom modes do not
+    stop), the immutable attribute; the test is skipped where neither holds."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    chattr = shutil.which("chattr")
+    if os.access(folder, os.W_OK) and chattr:
+        subprocess.run([chattr, "+i", str(folder)], capture_output=True)
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip("no way to make a folder read-only for this user here")
+    yield folder
+    if chattr:
+        subprocess.run([chattr, "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
 """Atomic output folders: refused targets stay untouched, a failed swap keeps the old
 output, and debris of killed runs is swept (SIGTERM cleans up at once)."""
 import os
+import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from vispec.runtime import atomic
 from vispec.runtime.atomic import MARKER, atomic_output_dir
@@ -125,11 +128,22 @@ def test_debris_of_dead_runs_is_swept(tmp_path):
     pid = dead_pid()
     write(tmp_path / f".out.partial-{pid}-abc123")
     write(tmp_path / f".out.old-{pid}-deadbeef")
+    write(tmp_path / f".other.partial-{pid}-abc")  # another output's
     live = write(tmp_path / f".out.partial-{os.getpid()}-xyz")  # a run in progress
-    other = write(tmp_path / f".other.partial-{pid}-abc")  # another output's
+    live_other = write(tmp_path / f".other.partial-{os.getpid()}-uvw")
     ours(tmp_path / "out")
     produce(tmp_path / "out", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, live_other.name,
+                                                                 "out"])
+
+
+def test_any_output_sweeps_the_debris_of_dead_runs_beside_it(tmp_path):
+    pid = dead_pid()
+    write(tmp_path / f".export.partial-{pid}-abc123")  # a killed `export` to another name
+    (tmp_path / f".export.old-{pid}-0a1b2c3d").mkdir()  # its swap cut short
+    (tmp_path / "export").mkdir()  # ... after the new output was in place
+    produce(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]
 
 
 def test_an_interrupted_swap_puts_the_old_output_back(tmp_path):
@@ -137,3 +151,29 @@ def test_an_interrupted_swap_puts_the_old_output_back(tmp_path):
     with pytest.raises(VispecError, match="already exists"):
         produce(tmp_path / "out")
     assert (tmp_path / "out" / "a.txt").read_text() == "old" and not old.exists()
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask, folder, file", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_outputs_follow_the_umask(tmp_path, umask, folder, file):
+    """mkdtemp makes the output folder 0700 and safetensors writes 0600 files; once in place,
+    both are as readable as the umask lets any file be."""
+    old = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "weights").mkdir()
+            save_file({"w": np.zeros(4, np.float32)}, str(tmp / "weights" / "model.safetensors"))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert mode(out / "weights" / "model.safetensors") == file and mode(out / MARKER) == file
+    assert mode(out) == folder and mode(out / "weights") == folder
+
+
+def test_an_output_in_a_read_only_folder_is_refused_up_front(read_only_dir):
+    with pytest.raises(VispecError, match="not writable.*Hint:"):
+        produce(read_only_dir / "out")
+    assert list(read_only_dir.iterdir()) == []
