@@ -13,10 +13,12 @@ import click
 
 from vispec.runtime.atomic import check_output_dir
 from vispec.runtime.errors import VispecError
+from vispec.runtime.manifest import OPSETS
 
 from .cli_runtime import bench, generate
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as a shell reports it
 POSITIVE = click.IntRange(min=1)
 
 
@@ -65,9 +67,9 @@ class VispecGroup(click.Group):
         except click.ClickException as e:
             click.echo(_error_line(e, prog_name or self.name), err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
+        except click.Abort as e:  # click's wrapper of Ctrl-C (and of EOF at a prompt)
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_INTERRUPTED if isinstance(e.__cause__, KeyboardInterrupt) else 1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -91,6 +93,8 @@ cli.add_command(bench)
 
 OVERWRITE = click.option("--overwrite", is_flag=True,
                          help="Replace OUT_DIR if it is an earlier output of vispec-export.")
+OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 1), default=17,
+                     show_default=True, help="ONNX opset of the graphs.")
 
 
 @cli.command()
@@ -100,7 +104,7 @@ OVERWRITE = click.option("--overwrite", is_flag=True,
               help="KV-cache length the graphs (and engine profiles) are sized for.")
 @click.option("--max-images", type=POSITIVE, default=4, show_default=True,
               help="Images per prompt.")
-@click.option("--opset", default=17, show_default=True)
+@OPSET
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision of the embed/LM graphs and the KV cache.")
 @OVERWRITE
@@ -121,7 +125,7 @@ def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
 @click.option("--top-k", type=POSITIVE, default=10, show_default=True,
               help="Width of the fused top-k output (>= the tree's top_k at run time).")
 @click.option("--max-len", type=POSITIVE, default=1024, show_default=True)
-@click.option("--opset", default=17, show_default=True)
+@OPSET
 @click.option("--draft-vocab", type=POSITIVE, default=None,
               help="Keep only this many target tokens in the drafter's head (the most frequent "
                    "of --vocab-corpus, else of the drafter's token_counts.json from "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from vispec.runtime.atomic import check_writable
 from vispec.runtime.drafter_specs import ADAPTOR, IMAGE_INPUTS
 from vispec.runtime.errors import VispecError
 
@@ -41,10 +42,25 @@ def _tree_fields(total_tokens, depth, top_k):
     return total_tokens, depth, top_k
 
 
-def _writable_file(path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
+def _writable_file(path: Path | None, suffix: str | None = None) -> None:
+    """Refuse, before any work, an output file (named ``*suffix``) the command could not
+    write at the end."""
+    if path is None:
+        return
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise VispecError(f"cannot write {path}: the file is written as {suffix}, so its name "
+                          f"must end in {suffix}. Hint: pass e.g. {path.with_suffix(suffix)}")
+    if not path.parent.is_dir():
         raise VispecError(f"cannot write {path}: {path.parent} is not a folder. Hint: "
                           f"create it or pass another path")
+    check_writable(path if path.exists() else path.parent, path)
+
+
+def _images(paths) -> list:
+    """The images as RGB, read before any model is loaded (a bad file fails at once)."""
+    hide_torch()
+    from vispec.runtime.pipeline import load_image
+    return [load_image(p) for p in paths]
 
 
 def _pipeline(model, drafter, backend, threads, sampling=None, image_input=ADAPTOR,
@@ -126,6 +142,7 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    pictures = _images(images)
     pipe = _pipeline(model, drafter, backend, threads, sampling, drafter_image_input,
                      _tree_fields(total_tokens, depth, top_k))
     streamer = None
@@ -133,7 +150,7 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
         from vispec.runtime.streaming import TextStreamer
         streamer = TextStreamer(pipe.target.processor.tokenizer,
                                 lambda piece: click.echo(piece, nl=False))
-    result = pipe.generate(prompt, images=list(images), max_new_tokens=max_new_tokens,
+    result = pipe.generate(prompt, images=pictures, max_new_tokens=max_new_tokens,
                            on_tokens=streamer)
     mode = _mode(pipe, result)
     stats = {"mode": mode, **result.stats.to_dict()}
@@ -185,11 +202,10 @@ def bench(model, drafter, prompts, images, trees, max_new_tokens, repeats, backe
     interleaved in one warm process with a warm-up pass and repeats; greedy outputs are
     checked against plain decoding."""
     trees = _parse_trees(trees)
-    _writable_file(png)
+    _writable_file(png, ".png")
+    pictures = _images(images)
     pipe = _pipeline(model, drafter, backend, threads)
     from vispec.runtime.bench import format_table, plot, run_bench
-    from vispec.runtime.pipeline import load_image
-    pictures = [load_image(i) for i in images]
     rows = run_bench(pipe, [(p, pictures) for p in prompts or BENCH_PROMPTS], trees,
                      max_new_tokens=max_new_tokens, repeats=repeats, progress=_progress)
     if as_json:

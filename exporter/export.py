@@ -17,7 +17,7 @@ from PIL import Image
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import FamilyGlue, glue_for
-from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest, config_hash
+from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
 from vispec.runtime.specs import NEW, PAST, argmax_spec, embed_spec, lm_step_spec
@@ -89,6 +89,14 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"<= {window}")
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an ONNX opset the graphs cannot be exported in."""
+    if opset not in OPSETS:
+        raise VispecError(f"opset {opset}. Expected {OPSETS.start}..{OPSETS.stop - 1} (attention "
+                          f"needs {OPSETS.start}). Hint: leave --opset at its default, "
+                          f"{DEFAULT_OPSET}")
+
+
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
                   dtype: str = "float32", overwrite: bool = False,
@@ -104,10 +112,11 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
     model_dir = Path(model_dir)
     start = time.perf_counter()
+    check_opset(opset)
     glue = glue_for(read_config(model_dir))
     check_max_len(glue, max_len)
+    processor = load_processor(model_dir)  # before the weights: a missing tokenizer is cheap
     adapter, glue = load_target(model_dir, dtype)
-    processor = load_processor(model_dir)
     facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype}
     lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                            vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],

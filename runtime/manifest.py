@@ -8,11 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
+from .model_dir import not_a_folder
 from .specs import LOGITS, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vispec-manifest/1"
 PROCESSOR_DIR = "processor"  # tokenizer, processor and config.json copied from the model
+EXPORT_COMMAND = {"target": "export", "drafter": "export-drafter"}  # writes each kind
+OPSETS = range(14, 21)  # exportable: SDPA needs 14; 20 is the TorchScript exporter's newest
+# The model facts the runtime reads, per kind.
+REQUIRED_FACTS = {"target": ("num_layers", "hidden_size", "vocab_size", "head_dim", "kv_heads",
+                             "eos_token_ids"),
+                  "drafter": ("drafter_type", "hidden_size", "vocab_size", "head_dim", "kv_heads",
+                              "top_k", "num_q", "residual_rows")}
 
 
 @dataclass(frozen=True)
@@ -59,18 +67,22 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Manifest":
-        """Read and check ``directory/manifest.json`` and that every file it names exists."""
+    def load(cls, directory: str | os.PathLike, kind: str | None = None) -> "Manifest":
+        """Read and check ``directory/manifest.json`` and that every file it names exists;
+        with ``kind``, also that it is of that kind with every model fact the runtime reads."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not directory.is_dir():
-            raise ManifestError(f"artifact folder {directory} does not exist. Hint: pass the "
-                                f"output folder of `vispec-export export` (or export-drafter)")
+            raise ManifestError(f"artifact folder {directory} {not_a_folder(directory)}. Hint: "
+                                f"pass the output folder of `vispec-export export` (or "
+                                f"export-drafter)")
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_NAME} in {directory}. Hint: point at a folder "
                                 f"written by `vispec-export export`")
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, expected an object")
             if d.get("format") != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
             m = cls(kind=d["kind"], family=d["family"], config_hash=d["config_hash"],
@@ -79,9 +91,11 @@ class Manifest:
                     extra_files=dict(d.get("extra_files", {})),
                     graphs={k: GraphEntry(g["file"], GraphSpec.from_dict(g["spec"]))
                             for k, g in d["graphs"].items()})
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{path} is corrupt ({type(e).__name__}: {e}). Hint: "
                                 f"re-run `vispec-export export` into a fresh folder") from e
+        if kind is not None:
+            m._check_kind(kind, path)
         missing = [f for f in [g.file for g in m.graphs.values()] + list(m.extra_files.values())
                    if not (directory / f).exists()]
         if missing:
@@ -89,6 +103,18 @@ class Manifest:
                                 f"the whole artifact folder, or re-export")
         m._check_vocab(path)
         return m
+
+    def _check_kind(self, kind: str, path: Path) -> None:
+        """This is a ``kind`` export whose ``model`` holds every fact the runtime reads."""
+        if self.kind != kind:
+            raise ManifestError(f"{path.parent} holds a {self.kind!r} export, not a {kind}. "
+                                f"Hint: pass the folder written by `vispec-export "
+                                f"{EXPORT_COMMAND[kind]}`")
+        missing = [k for k in REQUIRED_FACTS[kind] if k not in self.model]
+        if missing:
+            raise ManifestError(f"{path}: the model facts lack {missing}. Hint: the manifest "
+                                f"was edited or is from another version; re-run `vispec-export "
+                                f"{EXPORT_COMMAND[kind]}` into a fresh folder")
 
     def _check_vocab(self, path: Path) -> None:
         """The model's ``vocab_size`` must be the width of every graph's logits."""

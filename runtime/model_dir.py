@@ -12,12 +12,18 @@ from .errors import ModelDirError
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` is no folder: ``"does not exist"`` or ``"is a file, not a folder"``."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def read_config(model_dir: str | os.PathLike) -> dict:
     """``config.json`` of a local model directory, with errors a user can act on."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ModelDirError(f"model directory {model_dir} does not exist. Hint: pass a local "
-                            f"folder holding config.json and weights (no hub downloads here)")
+        raise ModelDirError(f"model directory {model_dir} {not_a_folder(model_dir)}. Hint: pass "
+                            f"a local folder holding config.json and weights (no hub downloads "
+                            f"here)")
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelDirError(f"{model_dir} has no config.json: not a Hugging Face model folder. "

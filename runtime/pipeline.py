@@ -11,7 +11,7 @@ from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
 from .families import Prompt
 from .generate import GenerationResult, OnTokens, check_fits
-from .manifest import MANIFEST_NAME
+from .manifest import EXPORT_COMMAND, MANIFEST_NAME
 from .sampling import Sampling
 from .session import Cancel, Session
 from .target import TargetModel
@@ -27,6 +27,9 @@ def load_image(image) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise VispecError(f"image {path} is too large to open safely ({e}). Hint: downscale it "
+                          f"first; the model's processor shrinks images anyway") from e
     except (OSError, ValueError) as e:
         raise VispecError(f"cannot read image {path}: {e}. Hint: pass a PNG/JPEG file") from e
 
@@ -34,7 +37,8 @@ def load_image(image) -> Image.Image:
 def _check_artifacts(path: Path, what: str) -> Path:
     if not (path / MANIFEST_NAME).exists() and (path / "config.json").exists():
         raise ManifestError(f"{path} is a checkpoint folder, not exported {what} artifacts. "
-                            f"Hint: run `vispec-export export` on it first and pass the output")
+                            f"Hint: run `vispec-export {EXPORT_COMMAND[what]}` on it first and "
+                            f"pass the output")
     return path
 
 

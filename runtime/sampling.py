@@ -1,6 +1,7 @@
 """Token choice: greedy, or temperature/top-p sampling with a seeded generator."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,12 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature | {self.temperature}. Expected: >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature | {self.temperature}. Expected: a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p | {self.top_p}. Expected: 0 < top_p <= 1")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed | {self.seed}. Expected: an integer >= 0")
 
     @property
     def greedy(self) -> bool:

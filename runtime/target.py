@@ -13,8 +13,8 @@ from .device import DeviceMemory, DeviceTensor, HostMemory, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
-from .manifest import PROCESSOR_DIR, Manifest
-from .processors import load_processor
+from .manifest import Manifest
+from .processors import load_artifact_processor
 from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW, POSITION_IDS, TOKEN_IDS
 
 ARGMAX = "argmax"  # optional graph: the greedy choice on the device
@@ -74,16 +74,12 @@ class TargetModel:
         self.traffic = self.memory.traffic
         # Host arrays bound to a graph cross only when the graph's tensors live on a device.
         self.io_traffic = self.traffic if isinstance(self.memory, DeviceMemory) else None
-        self.manifest = Manifest.load(self.dir)
-        if self.manifest.kind != "target":
-            raise ManifestError(f"{self.dir} holds a {self.manifest.kind!r} export, not a "
-                                f"target. Hint: pass the folder of `vispec-export export`")
-        config = json.loads((self.dir / PROCESSOR_DIR / "config.json").read_text())
+        self.manifest = Manifest.load(self.dir, kind="target")
+        config, self.processor = load_artifact_processor(self.dir)
         self.glue: FamilyGlue = glue_for(config)
         if self.glue.model_type != self.manifest.family:
             raise ManifestError(f"manifest family {self.manifest.family!r} does not match "
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
-        self.processor = load_processor(self.dir / PROCESSOR_DIR)
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads,
                                           self.io_traffic, self.memory.device_id)
                         for name, g in self.manifest.graphs.items()}

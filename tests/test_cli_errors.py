@@ -5,11 +5,14 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from vispec.exporter.cli import cli
 from vispec.runtime.atomic import MARKER, atomic_output_dir
@@ -37,9 +40,10 @@ def snapshot(folder):
 def env(tiny_target, tiny_drafter, tmp_path):
     """Copies of a tiny llava model and its artifacts (to break), and its drafter's."""
     model_dir, artifacts = tiny_target("llava")
-    _, drafter = tiny_drafter("eagle", "llava")
+    checkpoint, drafter = tiny_drafter("eagle", "llava")
     return {"tmp": tmp_path, "model": shutil.copytree(model_dir, tmp_path / "model"),
-            "art": shutil.copytree(artifacts, tmp_path / "art"), "drafter": drafter}
+            "art": shutil.copytree(artifacts, tmp_path / "art"), "drafter": drafter,
+            "checkpoint": checkpoint}
 
 
 def edit_manifest(art, change):
@@ -95,6 +99,64 @@ def replaced_graph(e):
     return generate(e)
 
 
+def image(e):
+    path = e["tmp"] / "image.png"
+    Image.new("RGB", (56, 56)).save(path)
+    return path
+
+
+def pixel_bomb(e):
+    """A PNG whose header claims 20000 x 20000 pixels, over PIL's decompression-bomb limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    path = e["tmp"] / "bomb.png"
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return generate(e, "--image", path)
+
+
+def manifest_list(e):
+    (e["art"] / "manifest.json").write_text("[]")
+    return generate(e)
+
+
+def without_fact(fact):
+    def make(e):
+        edit_manifest(e["art"], lambda d: d["model"].pop(fact))
+        return generate(e)
+    return make
+
+
+def drafter_without_top_k(e):
+    drafter = shutil.copytree(e["drafter"], e["tmp"] / "drafter")
+    edit_manifest(drafter, lambda d: d["model"].pop("top_k"))
+    return generate(e, "--drafter", drafter)
+
+
+def broken_processor(damage):
+    def make(e):
+        damage(e["art"] / "processor")
+        return generate(e)
+    return make
+
+
+def export_without_tokenizer(e):
+    (e["model"] / "tokenizer.json").unlink()
+    return ["export", e["model"], e["tmp"] / "out"]
+
+
+def truncated_drafter_checkpoint(e):
+    checkpoint = shutil.copytree(e["checkpoint"], e["tmp"] / "checkpoint")
+    truncate(checkpoint / "model.safetensors")
+    return ["export-drafter", checkpoint, e["tmp"] / "out", "--target", e["model"]]
+
+
+def bench(e, *args):
+    return ["bench", "--model", e["art"], "--drafter", e["drafter"], *args]
+
+
 BAD = {  # case -> (invocation, text the error line holds)
     "truncated safetensors": (truncated_weights, "truncated or corrupt"),
     "output under a file": (output_under_a_file, "is a file"),
@@ -125,6 +187,37 @@ BAD = {  # case -> (invocation, text the error line holds)
                                         "hi"], "does not exist"),
     "unknown option": (lambda e: generate(e, "--bogus"), "--bogus"),
     "missing argument": (lambda e: ["export", e["model"]], "OUT_DIR"),
+    "<image> in the prompt": (lambda e: generate(e, prompt="What is <image> here?"),
+                              "image placeholder"),
+    "<image> in the prompt with an image": (
+        lambda e: generate(e, "--image", image(e), prompt="<image> What is it?"),
+        "image placeholder"),
+    "image over the pixel limit": (pixel_bomb, "too large"),
+    "manifest a JSON list": (manifest_list, "a JSON list, expected an object"),
+    "manifest without num_layers": (without_fact("num_layers"), "lack ['num_layers']"),
+    "manifest without eos_token_ids": (without_fact("eos_token_ids"), "lack ['eos_token_ids']"),
+    "drafter manifest without top_k": (drafter_without_top_k, "lack ['top_k']"),
+    "processor folder missing": (broken_processor(shutil.rmtree), "processor does not exist"),
+    "processor config.json corrupt": (
+        broken_processor(lambda p: (p / "config.json").write_text("{")), "not valid JSON"),
+    "tokenizer corrupt": (broken_processor(lambda p: truncate(p / "tokenizer.json")),
+                          "cannot load the tokenizer"),
+    "no chat template": (broken_processor(lambda p: (p / "chat_template.jinja").unlink()),
+                         "no chat template"),
+    "temperature nan": (lambda e: generate(e, "--temperature", "nan"), "temperature"),
+    "temperature inf": (lambda e: generate(e, "--temperature", "inf"), "temperature"),
+    "seed -5": (lambda e: generate(e, "--temperature", 1, "--seed", -5), "seed"),
+    "export opset 0": (lambda e: ["export", e["model"], e["tmp"] / "out", "--opset", 0],
+                       "--opset"),
+    "model folder without tokenizer.json": (export_without_tokenizer, "no tokenizer"),
+    "truncated drafter checkpoint": (truncated_drafter_checkpoint, "truncated or corrupt"),
+    "bench --png not a .png": (lambda e: bench(e, "--png", e["tmp"] / "b.txt"), "end in .png"),
+    "--model a file": (lambda e: ["generate", "--model", e["art"] / "manifest.json",
+                                  "--prompt", "hi"], "is a file, not a folder"),
+    "export model a file": (lambda e: ["export", e["model"] / "config.json", e["tmp"] / "out"],
+                            "is a file, not a folder"),
+    "--drafter a checkpoint folder": (lambda e: generate(e, "--drafter", e["checkpoint"]),
+                                      "`vispec-export export-drafter`"),
 }
 
 
@@ -135,6 +228,18 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(env, case):
     before = sorted(p.name for p in env["tmp"].iterdir())
     assert_bad_input(run(*args), expected)
     assert sorted(p.name for p in env["tmp"].iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["export", "generate --stats-json", "bench --png"])
+def test_an_output_in_a_read_only_folder_is_refused_before_any_work(env, read_only_dir,
+                                                                      command):
+    args = {"export": ["export", env["model"], read_only_dir / "out"],
+            "generate --stats-json": generate(env, "--stats-json", read_only_dir / "s.json"),
+            "bench --png": bench(env, "--png", read_only_dir / "b.png")}[command]
+    result = run(*args)
+    assert_bad_input(result, "not writable")
+    assert result.output.startswith("error: ")  # nothing ran before: no reply, no table
+    assert list(read_only_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize("field", ["total_tokens", "depth", "top_k"])
@@ -193,7 +298,7 @@ with atomic_output_dir(sys.argv[1]) as tmp:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_run_leaves_nothing_behind(tmp_path, sig):
     """SIGTERM: the CLI's handler removes the temporary folder at once; SIGKILL: the next
-    run sweeps it."""
+    run into the same folder sweeps it, whatever output it writes."""
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "out")],
                              stdout=subprocess.PIPE, text=True)
     partial = child.stdout.readline().strip()
@@ -203,6 +308,18 @@ def test_a_killed_run_leaves_nothing_behind(tmp_path, sig):
     if sig == signal.SIGTERM:
         assert child.returncode == 128 + signal.SIGTERM
         assert list(tmp_path.iterdir()) == []
-    with atomic_output_dir(tmp_path / "out"):
+    with atomic_output_dir(tmp_path / "other"):
         pass
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
+    child = subprocess.Popen([sys.executable, "-m", "vispec.exporter.cli", "demo", "--tiny",
+                              str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:  # the demo has started writing its output
+        if line.startswith("building a tiny"):
+            break
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vispec.runtime.errors import ModelDirError
@@ -72,11 +73,16 @@ def detect_kind(keys) -> str:
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a weight file, without reading tensors of safetensors files."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
+    """Key -> shape of a weight file, without reading tensors of safetensors files; a clear
+    error for a truncated or corrupt file."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+        raise DrafterCheckpointError(f"{path} is truncated or corrupt ({e}). Hint: copy or "
+                                     f"download the drafter checkpoint again") from e
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from vispec.runtime.specs import (
 )
 from vispec.runtime.weights import BITS, FLOAT, require_weights_runtime
 
-from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, versions
+from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, check_opset, versions
 from ..loading import read_text_weight
 from ..onnx_io import example_feeds, export_graph
 from ..parity import ParityRow, compare, random_tree, tolerance
@@ -121,6 +121,7 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
     if weights not in WEIGHTS:
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
     require_weights_runtime(weights, "ort", f"export-drafter --weights {weights}")
+    check_opset(opset)
     drafter = load_drafter(drafter_dir, target_model_dir)
     head_size = draft_vocab or drafter.config.vocab_size
     if not 1 <= top_k <= head_size:

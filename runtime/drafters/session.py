@@ -59,10 +59,7 @@ def open_drafter(artifact_dir: str | os.PathLike, target: TargetModel, backend: 
     ``"adaptor"`` (default) or ``"official-llava15"`` (ViSpec on a LLaVA-1.5 target only).
     """
     artifact_dir = Path(artifact_dir)
-    manifest = Manifest.load(artifact_dir)
-    if manifest.kind != "drafter":
-        raise ManifestError(f"{artifact_dir} holds a {manifest.kind!r} export, not a drafter. "
-                            f"Hint: pass the folder written by the drafter export")
+    manifest = Manifest.load(artifact_dir, kind="drafter")
     if manifest.family not in _SESSIONS:
         raise ManifestError(f"{artifact_dir}: unknown drafter type {manifest.family!r} "
                             f"(known: {sorted(_SESSIONS)}). Hint: re-export the drafter")
@@ -272,4 +269,3 @@ def shifted_rows(input_ids, embeds: np.ndarray, next_token: int) -> tuple[np.nda
     ids = np.full(len(input_ids), EMBEDDED, np.int64)
     ids[-1] = next_token
     return ids, np.concatenate([embeds[1:], embeds[:1]])  # the last row's is not read
-

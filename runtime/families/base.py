@@ -100,6 +100,11 @@ class FamilyGlue:
 
     def prepare(self, processor, text: str, images: list | None = None) -> Prompt:
         """Apply the chat template and the processor to one user turn with images."""
+        placeholder = processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if placeholder in text:
+            raise VispecError(f"the prompt contains {placeholder!r}, the model's image "
+                              f"placeholder. Hint: leave it out of the text and pass each "
+                              f"picture as an image (--image); the chat template places it")
         images = list(images or [])
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         return self.prepare_chat(processor, [{"role": "user", "content": content}], images)

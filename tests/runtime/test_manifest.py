@@ -37,3 +37,29 @@ def test_corrupt_manifests(tiny_target, tmp_path, edit, message):
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=message):
         Manifest.load(copy)
+
+
+def test_a_manifest_that_is_not_an_object(tiny_target, tmp_path):
+    _, artifacts = tiny_target("llava")
+    copy = shutil.copytree(artifacts, tmp_path / "a")
+    (copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ManifestError, match="corrupt.*a JSON list, expected an object"):
+        Manifest.load(copy)
+
+
+@pytest.mark.parametrize("kind, fact", [("target", "num_layers"), ("target", "eos_token_ids"),
+                                        ("drafter", "top_k")])
+def test_a_fact_the_runtime_reads_is_missing(tiny_target, tiny_drafter, tmp_path, kind, fact):
+    artifacts = tiny_target("llava")[1] if kind == "target" else tiny_drafter("eagle", "llava")[1]
+    copy = shutil.copytree(artifacts, tmp_path / "a")
+    data = json.loads((copy / "manifest.json").read_text())
+    del data["model"][fact]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=rf"lack \['{fact}'\].*Hint:"):
+        Manifest.load(copy, kind=kind)
+
+
+def test_a_file_is_not_an_artifact_folder(tiny_target):
+    _, artifacts = tiny_target("llava")
+    with pytest.raises(ManifestError, match="is a file, not a folder"):
+        Manifest.load(artifacts / "manifest.json")
