@@ -1,7 +1,6 @@
 """The exported target VLM behind a backend: embeddings, vision, and the LM step."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -269,3 +269,4 @@ def shifted_rows(input_ids, embeds: np.ndarray, next_token: int) -> tuple[np.nda
     ids = np.full(len(input_ids), EMBEDDED, np.int64)
     ids[-1] = next_token
     return ids, np.concatenate([embeds[1:], embeds[:1]])  # the last row's is not read
+
