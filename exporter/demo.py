@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.pipeline import Pipeline
@@ -71,7 +72,7 @@ def _run(out: Path, family: str, drafter_kind: str, max_new_tokens: int,
                       f"(bonus included)")
     same = plain.tokens == spec.tokens
     console.print(f"speculative output identical to plain greedy: {same}")
-    console.print(f"generated text (a random model: noise): {spec.text!r}")
+    console.print(f"generated text (a random model: noise): {escape(repr(spec.text))}")
     console.print("On a tiny model a target step (~0.3 ms) costs less than a draft round, so "
                   "speculation is slower here; benchmarks/RESULTS.md shows where it pays.")
     return ok and same

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vispec.runtime.bench import BenchRow
@@ -82,9 +83,8 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
         results[group][0].add(plain)
         if scene is not None:
             correct.append(all(score(plain.text, scene).values()))
-            console.print(f"[image: {scene.answer()}] -> {plain.text!r}")
-        else:
-            console.print(f"[{text}] -> {plain.text!r}")
+        print_answer(console, f"image: {scene.answer()}" if scene is not None else text,
+                     plain.text)
         for row, (kind, pipe) in zip(results[group][1:], pipes.items()):
             spec = pipe.generate(text, images, max_new_tokens, draft=True)
             row.add(spec)
@@ -94,6 +94,11 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
         console.print(f"target named every attribute right on {sum(correct)}/{len(correct)} "
                       f"held-out images")
     return results
+
+
+def print_answer(console: Console, label: str, reply: str) -> None:
+    """``[label] -> 'reply'`` as written (rich would take ``[...]`` for markup and drop it)."""
+    console.print(escape(f"[{label}] -> {reply!r}"))
 
 
 def print_speed(results: dict[str, list[BenchRow]], console: Console) -> None:

@@ -1,6 +1,7 @@
 """PyTorch references: the HF model's own image features, LM forward and greedy decoding."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from itertools import chain
 from typing import Iterator
@@ -46,9 +47,11 @@ def hf_lm(adapter: FamilyExport, embeds: torch.Tensor, position_ids: np.ndarray,
     Returns ``(logits [S, V], hidden [S, H], cache)``; the cache then holds the new K/V.
     """
     cache = cache if cache is not None else DynamicCache(config=adapter.model.config)
-    out = adapter.language_model(inputs_embeds=embeds[None],
-                                 position_ids=torch.from_numpy(position_ids),
-                                 past_key_values=cache, use_cache=True)
+    with warnings.catch_warnings():  # newer transformers call it `cache`; >= 5.0 takes this
+        warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+        out = adapter.language_model(inputs_embeds=embeds[None],
+                                     position_ids=torch.from_numpy(position_ids),
+                                     past_key_values=cache, use_cache=True)
     hidden = out.last_hidden_state
     return adapter.lm_head(hidden)[0], hidden[0], cache
 

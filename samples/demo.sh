@@ -4,17 +4,19 @@
 # (cached) -> generate plain and speculative, speed table and chart (demo_out/speedup.png).
 # First run ~17 min on 2 CPU cores (training included), later runs ~2 min (cached).
 # `vispec-export demo --tiny` runs the same flow on a tiny random model in seconds.
-# Usage: bash samples/demo.sh [OUT_DIR]   (default: demo_out/ in the repository, replaced
-# on every run; an OUT_DIR you name must not exist yet)
+# Usage: bash samples/demo.sh [OUT_DIR [DEMO_OPTIONS...]]   (default: demo_out/ in the
+# repository, replaced on every run; an OUT_DIR you name must not exist yet, unless you add
+# --overwrite to replace an earlier demo output there; options go to `vispec-export demo`)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ $# -gt 0 ]; then
     case "$1" in /*) out="$1" ;; *) out="$PWD/$1" ;; esac  # relative to the caller's folder
-    replace=()
+    shift
+    options=("$@")
 else
     out="$root/demo_out"
-    replace=(--overwrite)
+    options=(--overwrite)
 fi
 cd "$root"
 bash samples/setup.sh
-vispec-export demo "$out" ${replace[@]+"${replace[@]}"}
+vispec-export demo "$out" ${options[@]+"${options[@]}"}

@@ -2,7 +2,8 @@
 
     python samples/python_api.py [WORKDIR]
 
-Builds a tiny LLaVA model and a random HiViS drafter in WORKDIR (no hub needed), exports
+Builds a tiny LLaVA model and a random HiViS drafter in WORKDIR (no hub needed; without
+WORKDIR in a temporary folder, removed at the end), exports
 both, checks parity, and generates with and without drafting through one Pipeline.
 """
 import sys
@@ -45,4 +46,8 @@ def main(workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()))
+    if len(sys.argv) > 1:
+        main(Path(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            main(Path(workdir))
