@@ -64,7 +64,8 @@ def test_window_plan_matches_hf(tiny):
     feeds = glue.vision_feeds(prompt)
     vc = model.config.vision_config
     grid = torch.from_numpy(prompt.processed["image_grid_thw"])
-    index, cu_windows = transformers.vision_utils.get_vision_window_index(
+    from transformers.vision_utils import get_vision_window_index  # not loaded by the package
+    index, cu_windows = get_vision_window_index(
         grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
     np.testing.assert_array_equal(feeds[WINDOW_INDEX], index.numpy())
     assert not np.array_equal(feeds[WINDOW_INDEX], np.sort(feeds[WINDOW_INDEX]))  # reordered
