@@ -15,7 +15,7 @@ from vispec.runtime.atomic import check_output_dir
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import OPSETS
 
-from .cli_runtime import bench, generate
+from .cli_runtime import bench, generate, serve, triton_repo
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as a shell reports it
@@ -89,6 +89,8 @@ def cli():
 
 cli.add_command(generate)
 cli.add_command(bench)
+cli.add_command(serve)
+cli.add_command(triton_repo)
 
 
 OVERWRITE = click.option("--overwrite", is_flag=True,

@@ -215,3 +215,79 @@ def bench(model, drafter, prompts, images, trees, max_new_tokens, repeats, backe
     if png is not None:
         click.echo(f"chart: {plot(rows, png, title=f'{pipe.drafter.kind} on {model}')}",
                    err=True)
+
+
+def _extra(module: str, extra: str) -> None:
+    """Refuse, with the install line, a command whose optional extra is missing."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise VispecError(f"this command needs {module!r}, which is not installed. Hint: "
+                          f"pip install 'vispec-export[{extra}]'")
+
+
+@click.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--drafter", type=click.Path(path_type=Path), default=None,
+              help="Drafter artifact folder: speculative decoding (per request: "
+                   "\"speculative\": false decodes plainly).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback by default; put a proxy with TLS in front "
+                   "before binding others).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=POSITIVE, default=1, show_default=True,
+              help="Pipelines (each its own KV caches) generating in parallel.")
+@click.option("--queue", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests that may wait for a worker; one more gets 429.")
+@click.option("--api-key", envvar="VISPEC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (or set VISPEC_API_KEY).")
+@click.option("--allow-local-images", is_flag=True,
+              help="Accept image_url parts naming files on this machine.")
+@click.option("--model-name", default=None, help="Model id clients send (default: the "
+                                                 "ARTIFACTS folder's name).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, help="Seconds requests in flight get after SIGTERM.")
+@click.option("--total-tokens", type=POSITIVE, default=None,
+              help="Fixed draft tree (with --depth, --top-k); default 'auto'.")
+@click.option("--depth", type=POSITIVE, default=None)
+@click.option("--top-k", type=POSITIVE, default=None)
+@click.option("--backend", type=click.Choice(["ort", "ort-cuda", "tensorrt"]), default="ort",
+              show_default=True)
+@click.option("--threads", type=POSITIVE, default=None, help="CPU threads per graph.")
+def serve(artifacts, drafter, host, port, workers, queue, api_key, allow_local_images,
+          model_name, shutdown_timeout, total_tokens, depth, top_k, backend, threads):
+    """Serve ARTIFACTS over an OpenAI-compatible HTTP API (POST /v1/chat/completions,
+    streamed or not, images as data: URIs; GET /v1/models, GET /health) until SIGTERM."""
+    _extra("fastapi", "serve")
+    _extra("uvicorn", "serve")
+    tree = _tree_fields(total_tokens, depth, top_k)
+    pipes = []
+    for _ in range(workers):
+        pipes.append(_pipeline(artifacts, drafter, backend, threads, tree=tree))
+        if pipes[-1].drafter is not None:
+            pipes[-1].tree_policy()  # `auto` measures once, before any request
+    from vispec.serve.app import Settings
+    from vispec.serve.server import serve as run
+    settings = Settings(model_name or Path(artifacts).resolve().name, queue, api_key,
+                        allow_local_images)
+    click.echo(f"serving {settings.model!r} on http://{host}:{port}/v1 with {workers} "
+               f"worker(s){', speculative' if drafter else ''}", err=True)
+    run(pipes, settings, host, port, shutdown_timeout)
+
+
+@click.command("triton-repo")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--drafter", type=click.Path(path_type=Path), default=None,
+              help="Drafter artifact folder: speculative decoding in the model.")
+@click.option("--instances", type=POSITIVE, default=1, show_default=True,
+              help="Model instances (each one Pipeline with its own KV caches).")
+@click.option("--model-name", default="vispec", show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT_DIR if it is an earlier output of vispec-export.")
+def triton_repo(artifacts, out_dir, drafter, instances, model_name, overwrite):
+    """Write a Triton Inference Server model repository for ARTIFACTS (Python backend,
+    decoupled streaming model) that `tritonserver --model-repository OUT_DIR` loads."""
+    from vispec.serve.triton import write_repository
+    path = write_repository(artifacts, out_dir, drafter=drafter, instances=instances,
+                            model_name=model_name, overwrite=overwrite)
+    click.echo(f"wrote {path}", err=True)

@@ -14,6 +14,7 @@ which embedded x_L by id, and the rows drafted after it are replaced); when they
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -71,23 +72,27 @@ class Session:
                  cache: KVCache | None = None):
         self.target, self.drafter = target, drafter
         self.cache = cache or target.new_cache()
-        self.cache.reset()
-        self.rows: list[int] = []
-        self.images: tuple[str, ...] = ()
-        self.position = 0
+        self.reset()
         self.features = (None if drafter is None else  # [max_len, H] host, row-aligned
                          np.empty((target.max_len, target.glue.hidden_size), np.float32))
         self._drafter_mark = None  # drafter.prefills when its prompt rows were this session's
+
+    def reset(self) -> None:
+        """Forget the conversation (the next prompt is prefilled afresh)."""
+        self.cache.reset()
+        self.rows, self.images, self.position, self._drafter_mark = [], (), 0, None
 
     # -- generation ----------------------------------------------------------------------------
     def generate_plain(self, prompt: Prompt, max_new_tokens: int, *,
                        sampling: Sampling = Sampling(), on_tokens: OnTokens | None = None,
                        cancel: Cancel | None = None) -> GenerationResult:
         """One token per target pass; stops at EOS (kept), the budget or ``cancel``."""
+        check_fits(prompt, max_new_tokens, self.target.max_len)
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
-        self._start(prompt, turn, drafted=False)
-        t0 = time.perf_counter()
-        self._decode_plain(turn)
+        with self._consistent():
+            self._start(prompt, turn, drafted=False)
+            t0 = time.perf_counter()
+            self._decode_plain(turn)
         return self._finish(turn, t0)
 
     def generate_speculative(self, prompt: Prompt, max_new_tokens: int, *,
@@ -99,47 +104,34 @@ class Session:
         ``tree``: one tree for every round, or a policy choosing each round's tree
         (``AutoTree``), which may switch to plain decoding for the rest of the generation.
         """
+        check_fits(prompt, max_new_tokens, self.target.max_len)
         policy = policy_for(tree, self.drafter, self.target)
         policy.start()
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
-        state, drafter_start = self._start(prompt, turn, drafted=True)
-        t0 = time.perf_counter()
-        config = None if turn.done else policy.choose()
-        if config is not None:
-            topk = self._draft_prompt(prompt, state, drafter_start, turn.tokens[-1])
-            config = fitting(config, self.cache, self.drafter)
-        while not turn.done and config is not None:
-            r0 = time.perf_counter()
-            draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
-            r1 = time.perf_counter()
-            verification, out = verify(self.target, self.cache, draft_tree, self.position,
-                                       turn.chooser)
-            r2 = time.perf_counter()
-            new = accepted_tokens(draft_tree, verification)
-            before = len(turn.tokens)
-            features = self._commit(draft_tree.tokens[verification.accepted], out,
-                                    verification.accepted)
-            turn.emit(new.tolist(), self.target.eos_token_ids)
-            turn.stats.target_passes += 1
-            policy.observe(config, len(verification.accepted) - 1)
-            used, r3 = config, time.perf_counter()
-            if not turn.done:
-                config = policy.choose()
-                if config is not None:
-                    topk = self.drafter.advance(features, new)
-                    config = fitting(config, self.cache, self.drafter)
-            r4 = time.perf_counter()
-            turn.stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
-                                                (r3 - r2) * 1e3, len(turn.tokens) - before))
-        self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
+        with self._consistent():
+            state, drafter_start = self._start(prompt, turn, drafted=True)
+            t0 = time.perf_counter()
+            config = None if turn.done else policy.choose()
+            if config is not None:
+                topk = self._draft_prompt(prompt, state, drafter_start, turn.tokens[-1])
+                self._speculate(turn, policy, fitting(config, self.cache, self.drafter), topk)
+            self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
         return self._finish(turn, t0)
 
     # -- steps ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _consistent(self):
+        """On any failure mid-generation forget the conversation (rows and cache may differ)."""
+        try:
+            yield
+        except BaseException:
+            self.reset()
+            raise
+
     def _start(self, prompt: Prompt, turn: Turn, drafted: bool) -> tuple[Prefilled, int]:
-        """Check the budget, prefill what the cache lacks, choose the first token. Returns
+        """Prefill what the cache lacks of the prompt, choose the first token. Returns
         the prefill and where the drafter's rows for this prompt start (``drafted``: the
         turn may draft, so a prompt the drafter cannot continue is prefilled afresh)."""
-        check_fits(prompt, turn.max_new_tokens, self.target.max_len)
         keep = self.reusable(prompt)
         drafter_start = self._drafter_start(prompt, keep)
         if drafter_start is None:
@@ -199,6 +191,33 @@ class Session:
                                     *([start] if start else []))
         self._drafter_mark = self.drafter.prefills
         return topk
+
+    def _speculate(self, turn: Turn, policy: TreePolicy, config: TreeConfig | None,
+                   topk: tuple[np.ndarray, np.ndarray]) -> None:
+        """Rounds of draft, verify, accept while the policy picks a tree that fits."""
+        while not turn.done and config is not None:
+            r0 = time.perf_counter()
+            draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
+            r1 = time.perf_counter()
+            verification, out = verify(self.target, self.cache, draft_tree, self.position,
+                                       turn.chooser)
+            r2 = time.perf_counter()
+            new = accepted_tokens(draft_tree, verification)
+            before = len(turn.tokens)
+            features = self._commit(draft_tree.tokens[verification.accepted], out,
+                                    verification.accepted)
+            turn.emit(new.tolist(), self.target.eos_token_ids)
+            turn.stats.target_passes += 1
+            policy.observe(config, len(verification.accepted) - 1)
+            used, r3 = config, time.perf_counter()
+            if not turn.done:
+                config = policy.choose()
+                if config is not None:
+                    topk = self.drafter.advance(features, new)
+                    config = fitting(config, self.cache, self.drafter)
+            r4 = time.perf_counter()
+            turn.stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
+                                                (r3 - r2) * 1e3, len(turn.tokens) - before))
 
     def _decode_plain(self, turn: Turn) -> None:
         """One token per target pass from the last emitted token until the turn is done."""
