@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Collection, Iterable, Mapping
 
 import numpy as np
+import onnx
 import polygraphy
 from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
 from polygraphy.exception import PolygraphyException
@@ -24,9 +25,11 @@ from vispec.runtime.backends.tensorrt import import_tensorrt
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest
 from vispec.runtime.specs import Dim, GraphSpec
+from vispec.runtime.weights import FLOAT, weight_graphs
 
 from .profiles import DEFAULT_SPLITS, ProfileShapes, graph_profiles, split_dim, to_polygraphy
 from .quantize import DEFAULT_PROMPTS, lm_calibration_feeds, quantize_qdq
+from .weights_dq import check_int4_blocks, to_dequantize_linear
 
 PRECISIONS = ("fp16", "int8", "fp32")
 Feeds = Iterable[dict[str, np.ndarray]]
@@ -131,11 +134,7 @@ def plan_build(manifest: Manifest, artifact_dir: str | os.PathLike, config: Buil
     ``quantized`` names the graphs that get Q/DQ (the ones with calibration data); it is
     ignored unless the precision is int8.
     """
-    if manifest.model.get("weights", "float32") != "float32":
-        raise VispecError(f"{artifact_dir} holds {manifest.model['weights']} drafter weights "
-                          f"(ONNX Runtime CPU ops TensorRT cannot parse). Hint: export the "
-                          f"drafter again without --weights; TensorRT builds fp16/int8 from "
-                          f"float32 graphs")
+    check_weights(manifest, Path(artifact_dir), config)
     quantized = set(quantized) if config.precision == "int8" else set()
     unknown = set(quantized) - set(manifest.graphs)
     if unknown:
@@ -154,10 +153,35 @@ def plan_build(manifest: Manifest, artifact_dir: str | os.PathLike, config: Buil
                               f"quantize to int8. Hint: re-export in float32")
         precision, strongly_typed, flags = precision_options(config.precision,
                                                              name in quantized, dtype, major)
+        if name == "lm" and name in weight_graphs(manifest.model):
+            precision = "int4"  # weight-only: the activations as the flags above say
         plans.append(GraphPlan(name, Path(artifact_dir) / entry.file, entry.spec, precision,
                                graph_profiles(entry.spec, config.profiles), strongly_typed,
                                flags))
     return plans
+
+
+def check_weights(manifest: Manifest, artifact_dir: Path, config: BuildConfig) -> None:
+    """Quantized weights (``export --weights``) build only as TensorRT's INT4 weight-only
+    form (``weights_dq``): a target's int4 weights in blocks of 64 or 128, the activations
+    not quantized on top."""
+    weights = manifest.model.get("weights", FLOAT)
+    if weights == FLOAT:
+        return
+    if manifest.kind != "target":
+        raise VispecError(f"{artifact_dir} holds {weights} drafter weights (ONNX Runtime CPU "
+                          f"ops TensorRT cannot parse). Hint: export the drafter again without "
+                          f"--weights; TensorRT builds fp16/int8 from float32 graphs")
+    if config.precision == "int8":
+        raise VispecError(f"{artifact_dir} holds {weights} weights; build --precision int8 "
+                          f"quantizes the activations of float graphs. Hint: build "
+                          f"--precision fp16 or fp32 (INT4 weight-only engines), or export "
+                          f"without --weights for int8")
+    graph = onnx.load(str(artifact_dir / manifest.graph("lm").file), load_external_data=False)
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            check_int4_blocks(a["bits"], a["block_size"], a["K"], f"{artifact_dir}: {weights} weights")
 
 
 def create_config(plan: GraphPlan, config: BuildConfig) -> CreateConfig:
@@ -219,6 +243,10 @@ def build_engines(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike,
         work = tmp / ".qdq"
         for i, plan in enumerate(plans, 1):
             source = plan.onnx
+            if plan.name in weight_graphs(manifest.model):
+                progress(f"[{i}/{len(plans)}] {plan.name}: weights as INT4 DequantizeLinear")
+                work.mkdir(exist_ok=True)
+                source = to_dequantize_linear(plan.onnx, work / f"{plan.name}.onnx")
             if plan.precision == "int8":
                 progress(f"[{i}/{len(plans)}] {plan.name}: calibrating, writing Q/DQ ONNX")
                 work.mkdir(exist_ok=True)

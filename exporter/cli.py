@@ -109,14 +109,26 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
 @OPSET
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision of the embed/LM graphs and the KV cache.")
+@click.option("--weights", type=click.Choice(["float32", "int8", "int4"]), default="float32",
+              show_default=True,
+              help="Weight-only blockwise quantization of the LM (ONNX Runtime CPU; `build` "
+                   "takes int4 with --weights-block 64/128 for TensorRT).")
+@click.option("--weights-block", type=click.Choice(["32", "64", "128"]), default="32",
+              show_default=True, help="Weights per quantization scale (along the input).")
+@click.option("--weights-exclude", default="embed", show_default=True,
+              help="Parts kept float, comma-separated: head (the LM head), embed (the token "
+                   "embedding); 'none' quantizes both.")
 @OVERWRITE
-def export(model_dir, out_dir, max_len, max_images, opset, dtype, overwrite):
+def export(model_dir, out_dir, max_len, max_images, opset, dtype, weights, weights_block,
+           weights_exclude, overwrite):
     """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
     LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
     _check_output(out_dir, overwrite, model_dir)
     from .export import export_target
+    exclude = tuple(p.strip() for p in weights_exclude.split(",") if p.strip() not in ("", "none"))
     export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
-                  dtype=dtype, overwrite=overwrite, progress=_progress)
+                  dtype=dtype, weights=weights, weights_block=int(weights_block),
+                  weights_exclude=exclude, overwrite=overwrite, progress=_progress)
 
 
 @cli.command("export-drafter")

@@ -20,15 +20,19 @@ from vispec.runtime.families import FamilyGlue, glue_for
 from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, GraphEntry, Manifest, config_hash
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
-from vispec.runtime.specs import NEW, PAST, argmax_spec, embed_spec, lm_step_spec
+from vispec.runtime.specs import LOGITS, NEW, PAST, argmax_spec, embed_spec, lm_step_spec
+from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
 from .families import FamilyExport
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
 from .onnx_io import example_feeds, export_graph
+from .weight_quant import BLOCK, check_block, quantize_gathers, quantize_matmuls
 
 DEFAULT_OPSET = 17
 EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
+WEIGHT_PARTS = ("head", "embed")  # besides the decoder layers: the LM head, the embedding
+DEFAULT_EXCLUDE = ("embed",)  # a Gather reads S rows a step: quantizing it saves no time
 
 
 def versions() -> dict[str, str]:
@@ -89,6 +93,26 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"<= {window}")
 
 
+def check_weights(weights: str, block: int, exclude: tuple[str, ...]) -> None:
+    """Refuse a weight precision, block size or excluded part that does not exist."""
+    if weights not in WEIGHTS:
+        raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
+    check_block(block)
+    unknown = set(exclude) - set(WEIGHT_PARTS)
+    if unknown:
+        raise VispecError(f"weights exclude {sorted(unknown)}. Expected some of {WEIGHT_PARTS}")
+    require_weights_runtime(weights, "ort", f"export --weights {weights}")
+
+
+def quantize_target(out: Path, weights: str, block: int, exclude: tuple[str, ...]) -> None:
+    """Quantize the exported ``lm`` graph's MatMuls (its LM head unless excluded) and the
+    ``embed`` graph's table (unless excluded) in ``out`` (``weight_quant``)."""
+    keep = (LOGITS,) if "head" in exclude else ()
+    quantize_matmuls(out / "lm.onnx", BITS[weights], block, keep=keep)
+    if "embed" not in exclude:
+        quantize_gathers(out / "embed.onnx", BITS[weights], block)
+
+
 def check_opset(opset: int) -> None:
     """Refuse an ONNX opset the graphs cannot be exported in."""
     if opset not in OPSETS:
@@ -99,7 +123,8 @@ def check_opset(opset: int) -> None:
 
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
-                  dtype: str = "float32", overwrite: bool = False,
+                  dtype: str = "float32", weights: str = FLOAT, weights_block: int = BLOCK,
+                  weights_exclude: tuple[str, ...] = DEFAULT_EXCLUDE, overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
     ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the
@@ -107,9 +132,14 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
+    ``weights`` ``int4``/``int8``: the LM's weights quantized weight-only, blocks of
+    ``weights_block`` (``quantize_target``); ``weights_exclude`` keeps the LM ``head``
+    and/or the ``embed`` table float (default: the embedding).
     """
     if dtype not in DTYPES:
         raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
+    weights_exclude = tuple(weights_exclude)
+    check_weights(weights, weights_block, weights_exclude)
     model_dir = Path(model_dir)
     start = time.perf_counter()
     check_opset(opset)
@@ -117,7 +147,9 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_max_len(glue, max_len)
     processor = load_processor(model_dir)  # before the weights: a missing tokenizer is cheap
     adapter, glue = load_target(model_dir, dtype)
-    facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype}
+    facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype, "weights": weights}
+    if weights != FLOAT:
+        facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude))
     lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                            vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
                            head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
@@ -142,6 +174,10 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             export_graph(modules[name].eval(), specs[name], examples[name], tmp / f"{name}.onnx",
                          opset)
             graphs[name] = GraphEntry(f"{name}.onnx", specs[name])
+        if weights != FLOAT:
+            progress(f"quantizing the LM's weights to {weights} (blocks of {weights_block}, "
+                     f"float: {', '.join(weights_exclude) or 'nothing'})")
+            quantize_target(tmp, weights, weights_block, weights_exclude)
         extra_files = {}
         for key, array in glue.extra_arrays(adapter.model).items():
             np.save(tmp / f"{key}.npy", array)

@@ -39,8 +39,8 @@ from vispec.runtime.errors import ModelDirError
 from vispec.runtime.tree_calibration import cache_dir
 
 from .real_lm import smollm2_dir
-from .synthetic_images import IMAGE_SIZE
-from .vision_training import Evaluation, VisionTrainConfig, evaluate, fit_answers, train_vision
+from .synthetic_images import IMAGE_SIZE, QUESTION, examples
+from .vision_training import Evaluation, VisionTrainConfig, evaluate, fit_answers, scored, train_vision
 
 Progress = Callable[[str], None]
 WEIGHTS = Path(__file__).parent / "assets" / "smollm2_llava_vision.safetensors"
@@ -196,6 +196,25 @@ def evaluate_weights(path: str | os.PathLike = WEIGHTS, n: int = 128, seed: int 
     return evaluate(model.eval(), processor, n=n, seed=seed, progress=progress)
 
 
+def evaluate_artifacts(artifact_dir: str | os.PathLike, n: int = 128, seed: int = 11,
+                       progress: Progress = lambda msg: None) -> Evaluation:
+    """Held-out accuracy of an exported target (e.g. ``export --weights int4``) under the
+    runtime: plain greedy answers (ONNX Runtime CPU) to the images ``evaluate_weights``
+    scores, 16 new tokens at most as there."""
+    from vispec.runtime.generate import generate_plain
+    from vispec.runtime.target import TargetModel
+
+    target = TargetModel(artifact_dir)
+    held_out = examples(n, seed, "heldout")
+    answers = []
+    for i, example in enumerate(held_out, 1):
+        tokens = generate_plain(target, target.prepare(QUESTION, [example.image]), 16).tokens
+        answers.append(target.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+        if i % 16 == 0 or i == n:
+            progress(f"evaluated {i}/{n} held-out images")
+    return scored(answers, held_out)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Reproduce or score the shipped vision weights.")
     action = parser.add_mutually_exclusive_group(required=True)
@@ -205,8 +224,12 @@ if __name__ == "__main__":
     parser.add_argument("--continue-steps", type=int, default=0,
                         help="continue the weights file with this many stage-2 steps")
     parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="with --evaluate: score this exported target (ONNX Runtime) instead")
     args = parser.parse_args()
-    if args.evaluate:
+    if args.evaluate and args.artifacts:
+        print(evaluate_artifacts(args.artifacts, args.images).summary())
+    elif args.evaluate:
         print(evaluate_weights(args.evaluate, args.images).summary())
     else:
         write_weights(args.write_weights, continue_steps=args.continue_steps, progress=print)

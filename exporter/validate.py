@@ -19,6 +19,7 @@ from vispec.runtime.families import FamilyGlue, Prompt
 from vispec.runtime.manifest import config_hash
 from vispec.runtime.masks import causal_mask, tree_mask
 from vispec.runtime.target import TargetModel
+from vispec.runtime.weights import weight_graphs
 
 from .export import example_images
 from .families import FamilyExport
@@ -82,7 +83,8 @@ class Cases:
 def parity_rows(pair: Pair, seed: int = 0,
                 progress: Callable[[str], None] = lambda msg: None) -> list[ParityRow]:
     """The parity cases of :func:`validate_target` on an opened pair."""
-    precision = pair.target.facts.get("dtype", "float32")
+    facts = pair.target.facts
+    precision = facts.get("dtype", "float32")
     cases, got = runtime_outputs(pair.target, np.random.default_rng(seed), progress)
     progress("PyTorch reference")
     want = reference_outputs(pair.adapter, pair.glue, cases)
@@ -92,9 +94,15 @@ def parity_rows(pair: Pair, seed: int = 0,
         baselines.append(reference_outputs(pair.baseline, pair.glue, cases))
         with float32_math(pair.baseline) as exact:
             baselines.append(reference_outputs(exact, pair.glue, cases, DTYPES[precision]))
-    return [compare(*key, got[key], want[key], precision,
+    return [compare(*key, got[key], want[key], graph_precision(facts, key[0]),
                     *(relative_error(b[key], want[key])[1] for b in baselines))
             for key in want]
+
+
+def graph_precision(facts: dict, graph: str) -> str:
+    """What a graph is held to: its quantized weights (``export --weights``: the LM, and
+    the embedding unless excluded), else the export's dtype."""
+    return facts["weights"] if graph in weight_graphs(facts) else facts.get("dtype", "float32")
 
 
 def _lm_outputs(case: str, logits, hidden, kv) -> Outputs:

@@ -218,6 +218,11 @@ def evaluate(model, processor, n: int = 64, seed: int = 0, batch: int = 16,
                              pixel_values=_pixels(processor, part), max_new_tokens=16, do_sample=False)
         answers += processor.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
         progress(f"evaluated {len(answers)}/{n} held-out images")
+    return scored(answers, held_out)
+
+
+def scored(answers: list[str], held_out: list[Example]) -> Evaluation:
+    """Each answer scored against its image's scene, per attribute and all four at once."""
     scores = [score(a, e.scene) for a, e in zip(answers, held_out)]
     accuracy = {a: float(np.mean([s[a] for s in scores])) for a in ATTRIBUTES}
     accuracy["all"] = float(np.mean([all(s.values()) for s in scores]))

@@ -15,6 +15,7 @@ from .kv_cache import KVCache
 from .manifest import Manifest
 from .processors import load_artifact_processor
 from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW, POSITION_IDS, TOKEN_IDS
+from .weights import FLOAT, require_weights_runtime
 
 ARGMAX = "argmax"  # optional graph: the greedy choice on the device
 
@@ -69,11 +70,16 @@ class TargetModel:
                  memory: HostMemory | DeviceMemory | None = None):
         self.dir = Path(artifact_dir)
         self.backend, self.threads = backend, threads
+        self.manifest = Manifest.load(self.dir, kind="target")
+        require_weights_runtime(  # before any device memory is set up
+            self.manifest.model.get("weights", FLOAT), backend, f"the target in {self.dir}",
+            built="tensorrt" in self.manifest.versions,
+            hint="export again without --weights, or build TensorRT engines from an "
+                 "`export --weights int4 --weights-block 64` folder")
         self.memory = memory or default_memory(backend)
         self.traffic = self.memory.traffic
         # Host arrays bound to a graph cross only when the graph's tensors live on a device.
         self.io_traffic = self.traffic if isinstance(self.memory, DeviceMemory) else None
-        self.manifest = Manifest.load(self.dir, kind="target")
         config, self.processor = load_artifact_processor(self.dir)
         self.glue: FamilyGlue = glue_for(config)
         if self.glue.model_type != self.manifest.family:

@@ -1,0 +1,349 @@
+"""This project beside ONNX Runtime GenAI (the tool a user would pick instead) on the demo's
+SmolLM2-135M-Instruct: same HF folder, same prompt ids, same thread count, one warm process.
+
+ORT-GenAI's own builder makes the peer model from the HF folder the demo converts the GGUF
+into (``exporter/real_lm.py``); the project exports the demo's LLaVA target around the same
+language model. Per precision (fp32, int4) every text prompt is decoded greedily by the peer,
+by the project plainly and by the project speculatively (the demo's drafter, ``auto`` tree),
+in an order that rotates between repeats, after a warm-up pass; image prompts (held-out
+synthetic images) run on the project only (the peer cannot load the LLaVA). Decode tok/s
+(tokens after the first over the time after it) and TTFT (prompt in, first token out) are
+medians over runs; fp32 outputs must be token-identical. Around every timed run /proc/stat
+and /proc/*/stat are sampled: a group where other processes used more than ``--quiet``
+cores on average is marked contended (ratios flip under load: see shared/PITFALLS.md).
+
+    pip install -e '.[peers]'     # onnxruntime-genai; this script installs nothing
+    python benchmarks/peers.py [--precisions fp32,int4] [--threads 2] [--repeats 3]
+        [--max-new-tokens 128] [--images 4] [--drafter vispec|none] [--png peers.png]
+        [--json FILE] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT, PEER = "project", "ort-genai"
+PLAIN, SPECULATIVE = "plain", "speculative"
+TEXT_PROMPTS = ("Tell me about a lighthouse.", "What is a volcano?",
+                "Write a short poem about the sea at night.",
+                "Explain step by step how a bicycle gear system works.")
+QUIET_CORES = 0.15  # other processes' mean CPU use above which a run counts as contended
+
+
+# -- who else used the CPU --------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuSample:
+    """``/proc/stat``'s busy and total jiffies (all CPUs) and each process's CPU jiffies."""
+
+    busy: int
+    total: int
+    procs: dict[int, tuple[str, int]]  # pid -> (name, utime + stime)
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """(busy, total) jiffies from the ``cpu`` line of /proc/stat (idle and iowait are not busy)."""
+    values = [int(v) for v in text.splitlines()[0].split()[1:]]
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - values[3] - values[4], total
+
+
+def parse_proc_stat(text: str) -> tuple[str, int]:
+    """(name, utime + stime) from /proc/PID/stat (the name may hold spaces and parentheses)."""
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, int(rest[11]) + int(rest[12])  # fields 14 and 15 of the file
+
+
+def sample_cpu(proc: Path = Path("/proc")) -> CpuSample:
+    busy, total = parse_stat((proc / "stat").read_text())
+    procs = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                procs[int(entry.name)] = parse_proc_stat((entry / "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+    return CpuSample(busy, total, procs)
+
+
+@dataclass(frozen=True)
+class Contention:
+    """Other processes' CPU use during one run, in cores (mean over the run)."""
+
+    cores: float
+    by_process: tuple[tuple[str, float], ...]  # the busiest others, most first
+
+    def contended(self, quiet: float = QUIET_CORES) -> bool:
+        return self.cores > quiet
+
+
+def contention(before: CpuSample, after: CpuSample, own_pid: int, seconds: float,
+               hz: int = os.sysconf("SC_CLK_TCK")) -> Contention:
+    """What besides ``own_pid`` used the CPU between two samples: busy jiffies of the whole
+    machine less our own (processes that came and went are counted too), and per process."""
+    def own(sample: CpuSample) -> int:
+        return sample.procs.get(own_pid, ("", 0))[1]
+    span = max(seconds, 1e-9) * hz
+    others = max(0, (after.busy - before.busy) - (own(after) - own(before))) / span
+    used = {}
+    for pid, (name, jiffies) in after.procs.items():
+        delta = jiffies - before.procs.get(pid, (name, 0))[1]
+        if pid != own_pid and delta > 0:
+            used[f"{name}[{pid}]"] = delta / span
+    top = tuple(sorted(used.items(), key=lambda kv: -kv[1])[:3])
+    return Contention(round(others, 3), tuple((n, round(c, 3)) for n, c in top))
+
+
+# -- one timed generation ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    side: str
+    mode: str
+    precision: str
+    group: str          # "text" or "image"
+    prompt: int
+    tokens: tuple[int, ...]
+    ttft: float         # seconds from the prompt ids to the first token
+    decode_seconds: float
+    cpu: Contention
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def timed(fn, own_pid: int = os.getpid()):
+    """``fn()`` -> (tokens, ttft, decode seconds), with the CPU use of everything else."""
+    before, t0 = sample_cpu(), time.perf_counter()
+    tokens, ttft, decode = fn()
+    seconds, after = time.perf_counter() - t0, sample_cpu()
+    return tokens, ttft, decode, contention(before, after, own_pid, seconds)
+
+
+class PeerModel:
+    """An ORT-GenAI model folder with a fixed intra-op thread count, run greedily on ids."""
+
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime_genai as og
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+
+    def generate(self, ids: list[int], max_new_tokens: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+        generator = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        tokens = [int(generator.get_next_tokens()[0])]
+        t1 = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens, t1 - t0, time.perf_counter() - t1
+
+
+def build_peer(hf_dir: Path, out: Path, precision: str) -> Path:
+    """ORT-GenAI's builder on ``hf_dir`` (CPU), once per precision."""
+    if not (out / "genai_config.json").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "peer-cache")],
+                       check=True)
+    return out
+
+
+# -- the project side ------------------------------------------------------------------------
+def project_run(pipe, prompt, max_new_tokens: int, speculative: bool):
+    from vispec.runtime.generate import generate_plain
+    from vispec.runtime.speculative import generate_speculative
+
+    if speculative:  # one-generation sessions: no prompt rows reused between runs
+        result = generate_speculative(pipe.target, pipe.drafter, prompt, max_new_tokens,
+                                      tree=pipe.tree_policy(), cache=pipe.cache)
+    else:
+        result = generate_plain(pipe.target, prompt, max_new_tokens, pipe.cache)
+    return result.tokens, result.stats.prefill_seconds, result.stats.decode_seconds
+
+
+# -- summary ----------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """Medians of one (prompt group, precision) over its runs, per side and mode."""
+
+    group: str
+    precision: str
+    tok_s: dict[str, float] = field(default_factory=dict)   # "project plain" -> median tok/s
+    ttft: dict[str, float] = field(default_factory=dict)    # -> median seconds
+    others: float = 0.0                                      # max mean cores used by others
+    busiest: tuple = ()
+    identical: bool | None = None                            # fp32: project == peer tokens
+
+    def contended(self, quiet: float = QUIET_CORES) -> bool:
+        return self.others > quiet
+
+    def ratio(self, a: str, b: str, of: str = "tok_s") -> float | None:
+        values = getattr(self, of)
+        return values[a] / values[b] if a in values and b in values and values[b] else None
+
+
+def summarize(runs: list[Run]) -> list[Group]:
+    """Median tok/s and TTFT per (group, precision, side + mode); contention and fp32 identity."""
+    groups: dict[tuple[str, str], Group] = {}
+    for run in runs:
+        g = groups.setdefault((run.group, run.precision), Group(run.group, run.precision))
+        if run.cpu.cores >= g.others:
+            g.others, g.busiest = run.cpu.cores, run.cpu.by_process
+    for (name, precision), g in groups.items():
+        mine = [r for r in runs if (r.group, r.precision) == (name, precision)]
+        for key in sorted({f"{r.side} {r.mode}" for r in mine}):
+            same = [r for r in mine if f"{r.side} {r.mode}" == key]
+            g.tok_s[key] = statistics.median(r.tokens_per_second for r in same)
+            g.ttft[key] = statistics.median(r.ttft for r in same)
+        if precision == "fp32" and any(r.side == PEER for r in mine):
+            outputs = {(r.side, r.prompt): r.tokens for r in mine if r.mode == PLAIN}
+            g.identical = all(outputs[PROJECT, p] == t for (side, p), t in outputs.items()
+                              if side == PEER)
+    return list(groups.values())
+
+
+def format_groups(groups: list[Group], quiet: float = QUIET_CORES) -> str:
+    plain, spec, peer = f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"
+    lines = ["| prompts | precision | project plain tok/s | peer tok/s | plain / peer | TTFT ms "
+             "project / peer | TTFT ratio | speculative tok/s | spec / peer | spec / plain | "
+             "fp32 identical | others' CPU (cores) |", "|" + "---|" * 12]
+    cell = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    for g in groups:
+        ttft = "-" if peer not in g.ttft else f"{g.ttft[plain] * 1e3:.0f} / {g.ttft[peer] * 1e3:.0f}"
+        busy = ", ".join(f"{n} {c:.2f}" for n, c in g.busiest[:2])
+        lines.append(
+            f"| {g.group} | {g.precision} | {cell(g.tok_s.get(plain), '{:.1f}')} | "
+            f"{cell(g.tok_s.get(peer), '{:.1f}')} | {cell(g.ratio(plain, peer))} | {ttft} | "
+            f"{cell(g.ratio(plain, peer, 'ttft'))} | {cell(g.tok_s.get(spec), '{:.1f}')} | "
+            f"{cell(g.ratio(spec, peer))} | {cell(g.ratio(spec, plain))} | "
+            f"{'-' if g.identical is None else g.identical} | {g.others:.2f}"
+            f"{' CONTENDED: ' + busy if g.contended(quiet) else ''} |")
+    return "\n".join(lines)
+
+
+def plot(groups: list[Group], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(groups))], [g.tok_s.get(key, 0) for g in groups],
+               width, label=key)
+    ax.set_xticks([j + width for j in range(len(groups))],
+                  [f"{g.group} {g.precision}{' (contended)' if g.contended() else ''}" for g in groups])
+    ax.set_ylabel("decode tokens/s (median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- main --------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precisions", default="fp32,int4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--images", type=int, default=4, help="held-out image prompts (project)")
+    parser.add_argument("--drafter", default="vispec", help="vispec|hivis|eagle, or none")
+    parser.add_argument("--quiet", type=float, default=QUIET_CORES,
+                        help="others' mean CPU use (cores) above which a group is contended")
+    parser.add_argument("--png", type=Path, default=Path("peers.png"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    from vispec.exporter.drafters.export import export_drafter
+    from vispec.exporter.export import export_target
+    from vispec.exporter.real_demo import DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
+    from vispec.exporter.real_drafters import DistillConfig, real_drafters
+    from vispec.exporter.real_lm import smollm2_dir
+    from vispec.exporter.real_target import cached_target
+    from vispec.exporter.synthetic_images import QUESTION, examples
+    from vispec.runtime.pipeline import Pipeline
+
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    has_peer = importlib.util.find_spec("onnxruntime_genai") is not None
+    if not has_peer:
+        say("onnxruntime_genai is not installed (pip install -e '.[peers]'): project side only")
+    precisions = args.precisions.split(",")
+    model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
+    targets = {p: work / f"target-{p}" for p in {"fp32", *precisions}}
+    for p, out in targets.items():
+        if not (out / "manifest.json").exists():
+            export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
+                          progress=say)
+    drafter_dir = None
+    if args.drafter != "none":  # trained on the fp32 target's answers (cached by the demo)
+        checkpoint = real_drafters(model_dir, targets["fp32"], (args.drafter,),
+                                   DistillConfig(), say)[args.drafter]
+        drafter_dir = work / f"{args.drafter}-onnx"
+        if not (drafter_dir / "manifest.json").exists():
+            export_drafter(checkpoint, model_dir, drafter_dir, max_len=MAX_LEN,
+                           draft_vocab=DRAFT_VOCAB, weights=DRAFT_WEIGHTS, progress=say)
+    pipes = {p: Pipeline(targets[p], drafter_dir=drafter_dir, threads=args.threads, progress=say)
+             for p in precisions}
+    peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}", p), args.threads)
+             for p in precisions} if has_peer else {}
+    texts = [pipes[precisions[0]].target.prepare(t) for t in TEXT_PROMPTS]
+    images = [pipes[precisions[0]].target.prepare(QUESTION, [e.image])
+              for e in examples(args.images, 0, "heldout")]
+    for pipe in pipes.values():
+        if pipe.drafter is not None:
+            pipe.tree_policy()  # auto measures its costs before any timing
+    say(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+        f"{args.threads} threads each; {args.repeats} repeats after a warm-up, "
+        f"{args.max_new_tokens} new tokens at most; {len(texts)} text prompts (both), "
+        f"{len(images)} held-out images (project)")
+    runs: list[Run] = []
+    n = args.max_new_tokens
+    for repeat in range(args.repeats + 1):
+        for p in precisions:
+            pipe = pipes[p]
+            for group, prompts in (("text", texts), ("image", images)):
+                for i, prompt in enumerate(prompts):
+                    jobs = [(PROJECT, PLAIN, lambda: project_run(pipe, prompt, n, False))]
+                    if pipe.drafter is not None:
+                        jobs.append((PROJECT, SPECULATIVE, lambda: project_run(pipe, prompt, n, True)))
+                    if group == "text" and p in peers:
+                        ids = prompt.input_ids.tolist()
+                        jobs.append((PEER, PLAIN, lambda: peers[p].generate(ids, n)))
+                    for side, mode, job in jobs[repeat % len(jobs):] + jobs[:repeat % len(jobs)]:
+                        tokens, ttft, decode, cpu = timed(job)
+                        if repeat:
+                            runs.append(Run(side, mode, p, group, i, tuple(tokens), ttft, decode, cpu))
+        say(f"pass {repeat}/{args.repeats}{' (warm-up)' if repeat == 0 else ''} done")
+    groups = summarize(runs)
+    print(format_groups(groups, args.quiet))
+    if any(g.identical is False for g in groups):
+        say("WARNING: fp32 outputs of the project and the peer differ")
+    if args.png:
+        say(f"chart: {plot(groups, args.png)}")
+    if args.json:
+        args.json.write_text(json.dumps([g.__dict__ for g in groups], indent=1, default=list))
+
+
+if __name__ == "__main__":
+    main()

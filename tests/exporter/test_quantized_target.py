@@ -1,0 +1,119 @@
+"""Quantized target weights (``export --weights int4|int8``): the rewritten graphs, validation
+against PyTorch float32, speculative exactness on the quantized target, where they may run."""
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from click.testing import CliRunner
+
+from vispec.exporter.cli import cli
+from vispec.exporter.export import export_target
+from vispec.exporter.parity import TOLERANCES
+from vispec.exporter.report import validate_all
+from vispec.runtime.drafters import open_drafter
+from vispec.runtime.errors import VispecError
+from vispec.runtime.manifest import Manifest
+from vispec.runtime.specs import LOGITS
+from vispec.runtime.target import TargetModel
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def int4_target(tiny_target, tmp_path_factory):
+    """(model_dir, float32 artifacts, int4 artifacts with the head and embedding quantized)."""
+    model_dir, fp32 = tiny_target("llava")
+    out = tmp_path_factory.mktemp("int4") / "artifacts"
+    export_target(model_dir, out, max_len=MAX_LEN, weights="int4", weights_exclude=())
+    return model_dir, fp32, out
+
+
+def _nodes(path):
+    model = onnx.load(str(path))
+    return model.graph.node, {t.name for t in model.graph.initializer}
+
+
+def test_int4_graphs_hold_4_bit_weights(int4_target):
+    _, fp32, int4 = int4_target
+    facts = Manifest.load(int4).model
+    assert (facts["weights"], facts["weights_block"], facts["weights_exclude"]) == ("int4", 32, [])
+    assert Manifest.load(fp32).model["weights"] == "float32"
+    nodes, weights = _nodes(int4 / "lm.onnx")
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert all(a["bits"] == 4 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs)
+    assert any(LOGITS in n.output for n in nbits)  # the head too
+    assert not [n for n in nodes if n.op_type == "MatMul" and set(n.input) & weights]
+    fp32_matmuls = [n for n in _nodes(fp32 / "lm.onnx")[0] if n.op_type == "MatMul"]
+    assert len(nbits) == len(fp32_matmuls) - len([n for n in nodes if n.op_type == "MatMul"])
+    assert [n.op_type for n in _nodes(int4 / "embed.onnx")[0]] == ["GatherBlockQuantized"]
+    assert (int4 / "lm.onnx").stat().st_size < 0.3 * (fp32 / "lm.onnx").stat().st_size
+
+
+def test_quantized_embedding_is_the_table_within_half_a_step(int4_target):
+    """GatherBlockQuantized reads back each row to within half a quantization step of the
+    float table (step = the 32-wide block's max |value| / 7); the packing order, zero point
+    and scales line up, or the error would be of the values' own size."""
+    _, fp32, int4 = int4_target
+    ids = np.arange(0, 400, 7)
+    want = TargetModel(fp32).embed(ids)          # [n, H] float32 rows
+    got = TargetModel(int4).embed(ids)
+    step = np.abs(want.reshape(len(ids), -1, 32)).max(-1, keepdims=True) / 7
+    err = np.abs(got - want).reshape(len(ids), -1, 32)
+    assert (err <= step / 2 * (1 + 1e-5)).all() and err.max() > 0
+
+
+def test_validate_reports_int4_error_and_agreement(int4_target):
+    model_dir, _, int4 = int4_target
+    rows, checks = validate_all(model_dir, int4, max_new_tokens=12)
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    by_graph = {r.graph: r.precision for r in rows}
+    assert by_graph == {"embed": "int4", "vision": "float32", "lm": "int4"}
+    lm = [r for r in rows if r.graph == "lm"]
+    assert all(r.tol == TOLERANCES["int4"] for r in lm)
+    assert max(r.rel for r in lm) > 10 * TOLERANCES["float32"]  # really quantized
+    assert [c.label for c in checks] == ["image prompt", "text prompt 1", "text prompt 2"]
+    for check in checks:
+        assert check.precision == "int4" and 0.0 <= check.agreement <= 1.0
+        assert "teacher-forced top-1 agreement" in check.summary()
+        assert check.agreement == 1 - check.flips / len(check.reference)
+        if check.first_difference is not None:  # greedy output departs where a flip is
+            assert check.flips > 0
+
+
+def test_greedy_speculative_equals_plain_on_the_int4_target(int4_target, tiny_drafter,
+                                                            assert_greedy_exact):
+    """Drafters exported for the model run on its int4 target (their features come from
+    it): output stays the quantized target's own greedy output."""
+    *_, int4 = int4_target
+    target = TargetModel(int4)
+    for kind in ("vispec", "eagle"):
+        assert_greedy_exact(target, open_drafter(tiny_drafter(kind, "llava")[1], target))
+
+
+def test_quantized_target_runs_on_ort_cpu_only(int4_target, monkeypatch):
+    *_, int4 = int4_target
+    with pytest.raises(VispecError, match="CPU provider only.*Hint: export again without "
+                                          "--weights, or build TensorRT engines"):
+        TargetModel(int4, backend="ort-cuda")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.0")
+    with pytest.raises(VispecError, match=r"onnxruntime >= 1\.22 \(installed: 1\.21\.0\)"):
+        TargetModel(int4)
+
+
+def test_cli_int8_weights_with_the_head_kept_float_and_the_embedding_not(tiny_target, tmp_path):
+    model_dir, _ = tiny_target("llava")
+    args = ["export", str(model_dir), str(tmp_path / "out"), "--max-len", str(MAX_LEN)]
+    bad = CliRunner().invoke(cli, args + ["--weights", "int8", "--weights-exclude", "tail"])
+    assert bad.exit_code == 2 and "head" in bad.output and not (tmp_path / "out").exists()
+    good = CliRunner().invoke(cli, args + ["--weights", "int8", "--weights-block", "64",
+                                           "--weights-exclude", "head"])
+    assert good.exit_code == 0, good.output
+    facts = Manifest.load(tmp_path / "out").model
+    assert (facts["weights"], facts["weights_block"], facts["weights_exclude"]) == ("int8", 64, ["head"])
+    nodes, _ = _nodes(tmp_path / "out" / "lm.onnx")
+    [head] = [n for n in nodes if LOGITS in n.output]
+    assert head.op_type == "MatMul"
+    assert {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"} == {8}
+    assert [n.op_type for n in _nodes(tmp_path / "out" / "embed.onnx")[0]] == ["GatherBlockQuantized"]
