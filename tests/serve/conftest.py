@@ -29,10 +29,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """``free_port()`` -> a loopback port nobody listens on now."""
+    return _free_port
 
 
 class Running:
@@ -44,7 +50,7 @@ class Running:
         from vispec.serve.app import create_app
         self.pipelines, self.settings = pipelines, settings
         self.app = create_app(pipelines, settings)
-        self.port = free_port()
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", **config))
@@ -90,9 +96,9 @@ def serve(pipelines):
     from vispec.serve.app import Settings
     started = []
 
-    def start(family="llava", kind="vispec", workers=1, **settings):
+    def start(family="llava", kind="vispec", workers=1, model_name="tiny", **settings):
         running = Running(pipelines(family, kind, workers),
-                          Settings(model="tiny", **settings))
+                          Settings(model=model_name, **settings))
         started.append(running)
         return running
 
