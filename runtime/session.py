@@ -27,7 +27,6 @@ from .generate import (
     GenerationResult,
     GenerationStats,
     OnTokens,
-    Prefilled,
     RoundStats,
     check_fits,
     emit,
@@ -73,8 +72,10 @@ class Session:
         self.target, self.drafter = target, drafter
         self.cache = cache or target.new_cache()
         self.reset()
-        self.features = (None if drafter is None else  # [max_len, H] host, row-aligned
-                         np.empty((target.max_len, target.glue.hidden_size), np.float32))
+        rows = (target.max_len, target.glue.hidden_size)  # host, row-aligned, with a drafter:
+        self.features = None if drafter is None else np.empty(rows, np.float32)  # target's
+        self.embeds = None if drafter is None else np.empty(rows, np.float32)  # LM inputs
+        self.embedded = np.zeros(target.max_len, bool)  # embeds held (prefilled rows)
         self._drafter_mark = None  # drafter.prefills when its prompt rows were this session's
 
     def reset(self) -> None:
@@ -90,7 +91,7 @@ class Session:
         check_fits(prompt, max_new_tokens, self.target.max_len)
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
-            self._start(prompt, turn, drafted=False)
+            self._start(prompt, turn)
             t0 = time.perf_counter()
             self._decode_plain(turn)
         return self._finish(turn, t0)
@@ -109,11 +110,11 @@ class Session:
         policy.start()
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
-            state, drafter_start = self._start(prompt, turn, drafted=True)
+            drafter_start = self._start(prompt, turn)
             t0 = time.perf_counter()
             config = None if turn.done else policy.choose()
             if config is not None:
-                topk = self._draft_prompt(prompt, state, drafter_start, turn.tokens[-1])
+                topk = self._draft_prompt(prompt, drafter_start, turn.tokens[-1])
                 self._speculate(turn, policy, fitting(config, self.cache, self.drafter), topk)
             self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
         return self._finish(turn, t0)
@@ -128,15 +129,11 @@ class Session:
             self.reset()
             raise
 
-    def _start(self, prompt: Prompt, turn: Turn, drafted: bool) -> tuple[Prefilled, int]:
+    def _start(self, prompt: Prompt, turn: Turn) -> int:
         """Prefill what the cache lacks of the prompt, choose the first token. Returns
-        the prefill and where the drafter's rows for this prompt start (``drafted``: the
-        turn may draft, so a prompt the drafter cannot continue is prefilled afresh)."""
+        where the drafter's rows for this prompt start (``_drafter_start``)."""
         keep = self.reusable(prompt)
-        drafter_start = self._drafter_start(prompt, keep)
-        if drafter_start is None:
-            self._drafter_mark = None
-            keep = 0 if drafted else keep
+        drafter_start = self._drafter_start(keep) if self.drafter is not None else 0
         stats = turn.stats
         stats.prompt_tokens, stats.target_passes = len(prompt.input_ids), 1
         stats.reused_tokens, stats.dropped_tokens = keep, len(self.rows) - keep
@@ -147,9 +144,11 @@ class Session:
         self.images, self.position = prompt.images, state.next_position
         if self.features is not None:
             self.features[keep:len(self.rows)] = state.out.hidden
+            self.embeds[keep:len(self.rows)] = state.embeds
+            self.embedded[keep:len(self.rows)] = True
         stats.prefill_seconds = time.perf_counter() - t0
         turn.emit([turn.chooser.choose(state.out.logits_row(-1))], self.target.eos_token_ids)
-        return state, drafter_start or 0
+        return drafter_start
 
     def reusable(self, prompt: Prompt) -> int:
         """Cached rows ``prompt`` starts with: the common prefix of its tokens and the
@@ -168,27 +167,27 @@ class Session:
         unmatched = [slot for slot in slots[same:] if slot < keep]
         return unmatched[0] if unmatched else keep
 
-    def _drafter_start(self, prompt: Prompt, keep: int) -> int | None:
-        """Where the drafter's rows of ``prompt`` can continue its previous prompt rows:
-        their end, when they are this session's, lie within the ``keep`` rows and the rows
-        between hold no image (they are re-embedded from their ids); else None."""
+    def _drafter_start(self, keep: int) -> int:
+        """Row where the drafter's rows of a prompt that keeps ``keep`` cached rows begin:
+        where its previous prompt rows end, when those are this session's and lie within
+        the kept rows; else 0 (the drafter's rows are built anew)."""
         d = self.drafter
-        if self._drafter_mark is None or self._drafter_mark != d.prefills or d.prompt_end > keep:
-            return None
-        between = prompt.input_ids[d.prompt_end + 1:keep]
-        return None if np.any(between == self.target.glue.image_token_id) else d.prompt_end
+        if self._drafter_mark is not None and (self._drafter_mark != d.prefills
+                                               or d.prompt_end > keep):
+            self._drafter_mark = None
+        return 0 if self._drafter_mark is None else d.prompt_end
 
-    def _draft_prompt(self, prompt: Prompt, state: Prefilled, start: int,
+    def _draft_prompt(self, prompt: Prompt, start: int,
                       next_token: int) -> tuple[np.ndarray, np.ndarray]:
-        """The drafter's prompt rows from ``start``: target embeddings of the tokens from
-        ``start`` (the cached ones re-embedded, the prefilled ones as they ran) and the
-        target's features of those rows."""
-        ids, embeds = prompt.input_ids, state.embeds
-        keep = len(ids) - len(embeds)
-        if start < keep:
-            embeds = np.concatenate([self.target.embed(ids[start:keep]), embeds])
-        topk = self.drafter.prefill(ids, embeds, self.features[start:len(ids)], next_token,
-                                    *([start] if start else []))
+        """The drafter's prompt rows from ``start``: the target's LM-input embeddings and
+        features of those rows (decoded rows are embedded from their tokens now)."""
+        ids, end = prompt.input_ids, len(prompt.input_ids)
+        missing = start + np.flatnonzero(~self.embedded[start:end])
+        if len(missing):
+            self.embeds[missing] = self.target.embed(np.asarray(self.rows)[missing])
+            self.embedded[missing] = True
+        topk = self.drafter.prefill(ids, self.embeds[start:end], self.features[start:end],
+                                    next_token, *([start] if start else []))
         self._drafter_mark = self.drafter.prefills
         return topk
 
@@ -246,6 +245,7 @@ class Session:
             return None
         features = out.hidden_rows(out_rows)
         self.features[start:len(self.rows)] = features
+        self.embedded[start:len(self.rows)] = False
         return features
 
     def _finish(self, turn: Turn, t0: float) -> GenerationResult:

@@ -61,12 +61,15 @@ def test_turn_2_reuses_the_cache_and_equals_generating_it_from_scratch(
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("kind", ["eagle", "vispec", "hivis"])
+@pytest.mark.parametrize("first_turn", ["speculative", "plain"])
 def test_appended_rows_hold_what_a_fresh_prefill_puts_in_both_caches(
-        runtime_pair, noise_image, family, kind):
+        runtime_pair, noise_image, family, kind, first_turn):
+    """After a speculative turn the drafter continues its prompt rows; after a plain one
+    (or `auto` decoding plainly) it builds them from the rows the session holds."""
     target, drafter = runtime_pair(family, kind)
     images_1, images_2 = image_sets(noise_image)["new image"]
     session = Session(target, drafter)
-    reply = generate(session, turns(target, images_1, images_2), True)
+    reply = generate(session, turns(target, images_1, images_2), first_turn == "speculative")
     second = turns(target, images_1, images_2, reply.text)
     rows = len(second.input_ids)
 
@@ -77,7 +80,9 @@ def test_appended_rows_hold_what_a_fresh_prefill_puts_in_both_caches(
         return (sess.cache.to_host()[:, :, :rows].copy(),
                 drafter.cache.to_host()[:, :, :n].copy(), sess.features[:rows].copy())
 
+    prefills = drafter.prefills
     reused = prompt_rows(session)
+    assert session.rows and drafter.prefills == prefills + 1
     assert session.generate_speculative(second, 2, tree=TREE).stats.reused_tokens == rows - 1
     fresh = prompt_rows(Session(target, drafter))
     for got, want in zip(reused, fresh):
@@ -95,7 +100,7 @@ def test_a_conversation_that_differs_is_prefilled_from_the_difference(runtime_pa
     result = session.generate_speculative(changed, 12, tree=TREE)
     slot = target.glue.image_slots(changed)[0]
     assert result.tokens == generate_plain(target, changed, 12).tokens
-    assert result.stats.reused_tokens == 0  # the drafter's rows cannot be continued: afresh
+    assert result.stats.reused_tokens == slot and drafter.prompt_end == len(changed.input_ids) - 1
     plain = session.generate_plain(turns(target, [image], [], reply.text), 12)
     assert 0 < plain.stats.reused_tokens <= slot and plain.stats.dropped_tokens > 0
     # Another first message: only the template's common start is kept.

@@ -1,9 +1,6 @@
 """Serve fixtures: the app on tiny models, served by uvicorn in this process on a free
 loopback port; clients connect to 127.0.0.1 only."""
-import asyncio
 import socket
-import threading
-import time
 
 import pytest
 
@@ -29,50 +26,11 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_port():
     """``free_port()`` -> a loopback port nobody listens on now."""
-    return _free_port
-
-
-class Running:
-    """A uvicorn server in a thread; ``url``, ``app``, ``pipelines``; stops on ``stop()``."""
-
-    def __init__(self, pipelines, settings, **config):
-        import uvicorn
-
-        from vispec.serve.app import create_app
-        self.pipelines, self.settings = pipelines, settings
-        self.app = create_app(pipelines, settings)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", **config))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` (a coroutine function) on the server's event loop."""
-        loop = self.server_loop()
-        return asyncio.run_coroutine_threadsafe(fn(*args), loop).result(10)
-
-    def server_loop(self):
-        return self.app.state.loop
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(20)
-        assert not self.thread.is_alive()
+    from vispec.serve.server import free_port
+    return free_port
 
 
 @pytest.fixture(scope="session")
@@ -91,14 +49,15 @@ def pipelines(tiny_target, tiny_drafter):
 
 @pytest.fixture
 def serve(pipelines):
-    """``serve(family="llava", kind="vispec", workers=1, **settings)`` -> a Running server,
+    """``serve(family="llava", kind="vispec", workers=1, **settings)`` -> a ``ServerThread``,
     stopped after the test."""
     from vispec.serve.app import Settings
+    from vispec.serve.server import ServerThread
     started = []
 
     def start(family="llava", kind="vispec", workers=1, model_name="tiny", **settings):
-        running = Running(pipelines(family, kind, workers),
-                          Settings(model=model_name, **settings))
+        running = ServerThread(pipelines(family, kind, workers),
+                               Settings(model=model_name, **settings))
         started.append(running)
         return running
 
