@@ -119,10 +119,11 @@ def greedy_of(pair: Pair, max_new_tokens: int = 16, text: str = PROMPT,
     reference = hf_greedy(pair.adapter, prompt, max_new_tokens)
     logits = teacher_forced_logits(target, prompt, reference)
     ranks = (logits > logits[np.arange(len(reference)), reference][:, None]).sum(-1)
-    return GreedyCheck(runtime, reference, precision_of(target.facts),
-                       flips=int((ranks > 0).sum()),
+    precision = precision_of(target.facts)
+    tie = first_divergence(target, prompt, reference, runtime) if precision == "float32" else None
+    return GreedyCheck(runtime, reference, precision, flips=int((ranks > 0).sum()),
                        contained=bool((ranks < TOP_K_CONTAINMENT).all()), label=label,
-                       divergence=first_divergence(target, prompt, reference, runtime))
+                       divergence=tie)
 
 
 def validate_all(model_dir, artifact_dir, *, seed: int = 0, max_new_tokens: int = 16,
