@@ -118,9 +118,15 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
 @click.option("--weights-exclude", default="embed", show_default=True,
               help="Parts kept float, comma-separated: head (the LM head), embed (the token "
                    "embedding); 'none' quantizes both.")
+@click.option("--weights-method", type=click.Choice(["rtn", "gptq"]), default="rtn",
+              show_default=True, help="Round to nearest, or GPTQ on calibration prompts "
+                                      "(minutes; more accurate).")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="GPTQ prompts, one per line (image files, each followed by "
+                                 "a TAB, may lead a line). Default: a built-in set.")
 @OVERWRITE
 def export(model_dir, out_dir, max_len, max_images, opset, dtype, weights, weights_block,
-           weights_exclude, overwrite):
+           weights_exclude, weights_method, calibration, overwrite):
     """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
     LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
     _check_output(out_dir, overwrite, model_dir)
@@ -128,7 +134,8 @@ def export(model_dir, out_dir, max_len, max_images, opset, dtype, weights, weigh
     exclude = tuple(p.strip() for p in weights_exclude.split(",") if p.strip() not in ("", "none"))
     export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
                   dtype=dtype, weights=weights, weights_block=int(weights_block),
-                  weights_exclude=exclude, overwrite=overwrite, progress=_progress)
+                  weights_exclude=exclude, weights_method=weights_method,
+                  calibration=calibration, overwrite=overwrite, progress=_progress)
 
 
 @cli.command("export-drafter")

@@ -24,6 +24,7 @@ from vispec.runtime.specs import LOGITS, NEW, PAST, argmax_spec, embed_spec, lm_
 from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
 from .families import FamilyExport
+from .gptq import calibration_forwards, calibration_prompts, gptq_language_model
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
 from .onnx_io import example_feeds, export_graph
@@ -33,6 +34,7 @@ DEFAULT_OPSET = 17
 EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
 WEIGHT_PARTS = ("head", "embed")  # besides the decoder layers: the LM head, the embedding
 DEFAULT_EXCLUDE = ("embed",)  # a Gather reads S rows a step: quantizing it saves no time
+METHODS = ("rtn", "gptq")  # round to nearest; GPTQ on calibration prompts first (minutes)
 
 
 def versions() -> dict[str, str]:
@@ -93,10 +95,12 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"<= {window}")
 
 
-def check_weights(weights: str, block: int, exclude: tuple[str, ...]) -> None:
-    """Refuse a weight precision, block size or excluded part that does not exist."""
+def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: str = "rtn") -> None:
+    """Refuse a weight precision, block size, excluded part or method that does not exist."""
     if weights not in WEIGHTS:
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
+    if method not in METHODS:
+        raise VispecError(f"weights method {method!r}. Expected one of {METHODS}")
     check_block(block)
     unknown = set(exclude) - set(WEIGHT_PARTS)
     if unknown:
@@ -124,7 +128,8 @@ def check_opset(opset: int) -> None:
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
                   dtype: str = "float32", weights: str = FLOAT, weights_block: int = BLOCK,
-                  weights_exclude: tuple[str, ...] = DEFAULT_EXCLUDE, overwrite: bool = False,
+                  weights_exclude: tuple[str, ...] = DEFAULT_EXCLUDE, weights_method: str = "rtn",
+                  calibration: str | os.PathLike | None = None, overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
     ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the
@@ -134,12 +139,16 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
     ``weights`` ``int4``/``int8``: the LM's weights quantized weight-only, blocks of
     ``weights_block`` (``quantize_target``); ``weights_exclude`` keeps the LM ``head``
-    and/or the ``embed`` table float (default: the embedding).
+    and/or the ``embed`` table float (default: the embedding). ``weights_method="gptq"``
+    rounds the LM's weights with GPTQ first (``gptq``), calibrated on the prompts of
+    ``calibration`` (a file) or a built-in set.
     """
     if dtype not in DTYPES:
         raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
     weights_exclude = tuple(weights_exclude)
-    check_weights(weights, weights_block, weights_exclude)
+    check_weights(weights, weights_block, weights_exclude, weights_method)
+    if weights_method == "gptq" and weights != FLOAT:
+        calibration = calibration_prompts(calibration)
     model_dir = Path(model_dir)
     start = time.perf_counter()
     check_opset(opset)
@@ -149,7 +158,15 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     adapter, glue = load_target(model_dir, dtype)
     facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype, "weights": weights}
     if weights != FLOAT:
-        facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude))
+        facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude),
+                     weights_method=weights_method)
+    if weights_method == "gptq" and weights != FLOAT:
+        prompts = [glue.prepare(processor, text, images) for text, images in calibration]
+        progress(f"GPTQ: calibrating on {len(prompts)} prompts and the model's answers")
+        gptq_language_model(adapter.language_model,
+                            None if "head" in weights_exclude else adapter.lm_head,
+                            calibration_forwards(adapter, glue, prompts), BITS[weights],
+                            weights_block, progress)
     lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                            vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
                            head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,

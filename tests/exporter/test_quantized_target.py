@@ -7,9 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from vispec.exporter.cli import cli
-from vispec.exporter.export import export_target
+from vispec.exporter.export import example_images, export_target
 from vispec.exporter.parity import TOLERANCES
-from vispec.exporter.report import validate_all
+from vispec.exporter.report import greedy_check, validate_all
+from vispec.exporter.validate import PROMPT
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
@@ -117,3 +118,17 @@ def test_cli_int8_weights_with_the_head_kept_float_and_the_embedding_not(tiny_ta
     assert {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "bits"} == {8}
     assert [n.op_type for n in _nodes(tmp_path / "out" / "embed.onnx")[0]] == ["GatherBlockQuantized"]
+
+
+def test_gptq_export_agrees_with_pytorch_more_than_round_to_nearest(int4_target, tmp_path):
+    """GPTQ calibrated on the validation prompt (with and without its image) keeps more of
+    the float32 model's greedy tokens there than round to nearest (tiny LLaVA, int4: 0.75 vs
+    0.38 of 16 with the built-in set)."""
+    model_dir, _, rtn = int4_target
+    example_images()[0].save(tmp_path / "image.png")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\nimage.png\t{PROMPT}\n")
+    gptq = tmp_path / "gptq"
+    export_target(model_dir, gptq, max_len=MAX_LEN, weights="int4", weights_exclude=(),
+                  weights_method="gptq", calibration=tmp_path / "prompts.txt")
+    assert Manifest.load(gptq).model["weights_method"] == "gptq"
+    assert greedy_check(model_dir, gptq).agreement > greedy_check(model_dir, rtn).agreement
