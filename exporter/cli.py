@@ -180,26 +180,79 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
               help="Drafter type of a new drafter (detected from --init otherwise).")
 @click.option("--init", "init_dir", type=click.Path(path_type=Path), default=None,
               help="Continue from this drafter checkpoint (official layout).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Train on this distill-data folder (else on --sequences "
+                                 "continuations of random prompts decoded now).")
 @click.option("--steps", default=1000, show_default=True)
+@click.option("--batch", default=4, show_default=True,
+              help="Sequences per optimiser step, over all processes together.")
 @click.option("--sequences", default=512, show_default=True,
-              help="Target continuations decoded as training data.")
+              help="Target continuations decoded as training data (without --data).")
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="auto: bf16 autocast on CUDA (fp16 without bf16), fp32 "
+                                      "on the CPU.")
+@click.option("--save-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Steps between saves of the resumable training state (0: never).")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the resumable state lives (default: .OUT_DIR.train-state beside "
+                   "OUT_DIR); rerun the same command after a kill to resume.")
 @OVERWRITE
-def train_drafter(model_dir, out_dir, kind, init_dir, steps, sequences, lr, seed, overwrite):
+def train_drafter(model_dir, out_dir, kind, init_dir, data_dir, steps, batch, sequences, lr, seed,
+                  precision, save_every, state_dir, overwrite):
     """Train a drafter for the target in MODEL_DIR by self-distillation (the target's own
-    continuations of synthetic prompts) and write it to OUT_DIR in the official layout."""
+    answers: a distill-data folder, or continuations of synthetic prompts) and write it to
+    OUT_DIR in the official layout. Runs unchanged under `torchrun --nproc_per_node N` and
+    `accelerate launch` (DistributedDataParallel: gloo on CPU, nccl on GPUs)."""
     if kind is None and init_dir is None:
         raise click.UsageError("give --kind for a new drafter or --init to continue one.")
-    _check_output(out_dir, overwrite, model_dir, init_dir)
-    from .drafters.train import TrainConfig
+    _check_output(out_dir, overwrite, model_dir, init_dir, data_dir)
+    from .drafters.train import RunOptions, TrainConfig
     from .drafters.train import train_drafter as run
     try:
-        config = TrainConfig(steps=steps, sequences=sequences, lr=lr, seed=seed)
+        config = TrainConfig(steps=steps, sequences=sequences, lr=lr, seed=seed, batch=batch)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, overwrite=overwrite,
+    run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, data=data_dir,
+        options=RunOptions(state_dir, save_every, precision), overwrite=overwrite,
         progress=_progress)
+
+
+@cli.command("distill-data")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="UTF-8 file, one prompt per line (default: the built-in set).")
+@click.option("--text-prompts", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Without --prompts: how many built-in prompts (instructions of many kinds "
+                   "and questions the target writes for itself).")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
+              help="A folder of pictures, each asked for a short and a detailed description.")
+@click.option("--synthetic-images", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The demo's synthetic pictures of coloured shapes, asked the same.")
+@click.option("--max-new-tokens", type=POSITIVE, default=192, show_default=True,
+              help="Answer budget of text prompts.")
+@click.option("--image-tokens", type=POSITIVE, default=64, show_default=True,
+              help="Answer budget of image prompts.")
+@click.option("--batch", type=POSITIVE, default=16, show_default=True,
+              help="Prompts generated together (and per chunk file).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Start over in OUT_DIR if it holds a run of other settings.")
+def distill_data(model_dir, out_dir, prompts_file, text_prompts, images_dir, synthetic_images,
+                 max_new_tokens, image_tokens, batch, seed, overwrite):
+    """Generate the target's own greedy answers (batched PyTorch generation) with the inputs
+    a drafter trains on, into OUT_DIR (chunk files). Under `torchrun --nproc_per_node N` or
+    `accelerate launch` each process writes its own chunks; rerun the same command after a
+    kill to finish: nothing is lost or written twice. Train on it with `train-drafter --data`."""
+    from .drafters.distill import DistillDataConfig
+    from .drafters.distill import distill_data as run
+    config = DistillDataConfig(text_prompts=text_prompts, synthetic_images=synthetic_images,
+                               max_new_tokens=max_new_tokens, image_tokens=image_tokens,
+                               batch=batch, seed=seed)
+    run(model_dir, out_dir, config, prompts_file=prompts_file, images_dir=images_dir,
+        overwrite=overwrite, progress=_progress)
 
 
 @cli.command()

@@ -4,6 +4,8 @@
     image  : 64x64 RGB, a noisy dark background; the quadrant holds a 2x2 grid of 16 px
              slots, one shape (10-14 px, jittered) per chosen slot
     answer : "Two red circles at the top left."  (fixed pattern; QUESTION is fixed too)
+    detail : DETAIL_QUESTION's answer, >= 30 tokens composed of the same four attributes
+             (what the vision weights know) and nothing else
 
 Deterministic (numpy + PIL only): ``examples(n, seed, split)`` draws the same images for
 the same arguments; the "train" and "heldout" splits use disjoint random streams.
@@ -17,6 +19,7 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 QUESTION = "Describe the image."
+DETAIL_QUESTION = "Describe the picture in detail."
 COLOURS = {"red": (215, 35, 35), "green": (40, 175, 60), "blue": (45, 85, 230),
            "yellow": (235, 215, 40), "purple": (150, 55, 200), "orange": (245, 135, 25)}
 SHAPES = ("circle", "square", "triangle", "star")
@@ -38,6 +41,18 @@ class Scene:
         """The target description, e.g. "Two red circles at the top left."."""
         noun = self.shape + ("s" if self.count > 1 else "")
         return f"{COUNTS[self.count - 1].capitalize()} {self.colour} {noun} at the {self.position}."
+
+    def detailed_answer(self) -> str:
+        """The answer to DETAIL_QUESTION: the short answer's facts in four sentences."""
+        count, many = COUNTS[self.count - 1], self.count > 1
+        noun = self.shape + ("s" if many else "")
+        vertical, horizontal = self.position.split()
+        return (f"The picture shows {count} {self.colour} {noun} on a plain dark background. "
+                f"{'They are' if many else 'It is'} in the {self.position} corner, in the "
+                f"{vertical} half and on the {horizontal} side of the picture. "
+                f"{'Each shape is' if many else 'The shape is'} a {self.colour} {self.shape}, "
+                f"{f'and there are {count} of them' if many else 'and it is the only shape'}. "
+                f"The rest of the picture is empty.")
 
 
 @dataclass(frozen=True)

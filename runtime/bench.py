@@ -2,14 +2,22 @@
 
 Every setting (plain, each fixed tree, ``auto``) decodes every prompt once per repeat, in
 an order that rotates between repeats, after one warm-up pass over all of them; tokens/s
-is total decoded tokens over total decode time. Greedy outputs are checked against plain.
+is total decoded tokens over total decode time, and per repeat for medians. Greedy outputs
+are checked against plain. Around each repeat ``/proc/stat`` is sampled: a repeat where
+other processes used more than ``QUIET_CORES`` counts as contended, and medians take the
+quiet repeats only (all of them when none was quiet). ``interleaved`` runs any settings
+(e.g. one pipeline per drafter, as the demo does); ``run_bench`` the trees of one pipeline.
 """
 from __future__ import annotations
 
+import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .cpu_load import QUIET_CORES, contention, sample_cpu
 from .errors import VispecError
 from .generate import GenerationResult
 from .pipeline import Pipeline
@@ -17,6 +25,7 @@ from .speculative import check_tree_width
 from .tree import PLAIN, TreeConfig, tree_name
 
 AUTO = "auto"
+Generate = Callable[[str, list], GenerationResult]  # (text, images) -> one generation
 
 
 @dataclass
@@ -31,6 +40,8 @@ class BenchRow:
     identical: bool = True        # greedy output == plain's, every time
     trees_used: dict[str, int] = field(default_factory=dict)  # rounds per tree (auto)
     split_ms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # draft, verify, host
+    repeats: list[tuple[int, float]] = field(default_factory=list)  # (decoded, seconds) each
+    others: list[float] = field(default_factory=list)  # other processes' cores, per repeat
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,6 +56,30 @@ class BenchRow:
         """Mean milliseconds per pass in drafter calls, the target pass and host work."""
         return tuple(ms / self.passes if self.passes else 0.0 for ms in self.split_ms)
 
+    def quiet(self, quiet: float = QUIET_CORES) -> list[int]:
+        """The repeats in which other processes stayed below ``quiet`` cores; all of them
+        when none did (``contended`` then tells)."""
+        calm = [i for i, cores in enumerate(self.others) if cores <= quiet]
+        return calm or list(range(len(self.repeats)))
+
+    def contended(self, quiet: float = QUIET_CORES) -> bool:
+        """True when every repeat was contended (the medians are then unreliable)."""
+        return bool(self.others) and min(self.others) > quiet
+
+    def median_tokens_per_second(self, quiet: float = QUIET_CORES) -> float:
+        """The median over the quiet repeats of each repeat's tokens/s."""
+        rates = [d / s if s else 0.0 for d, s in (self.repeats[i] for i in self.quiet(quiet))]
+        return statistics.median(rates) if rates else self.tokens_per_second
+
+    def speedup(self, base: "BenchRow", quiet: float = QUIET_CORES) -> float:
+        """The median over the quiet repeats of this row's tokens/s over ``base``'s in the
+        same repeat (settings of one repeat ran interleaved, under the same load)."""
+        ratios = [(d / s) / (bd / bs) for i in self.quiet(quiet)
+                  for (d, s), (bd, bs) in [(self.repeats[i], base.repeats[i])] if s and bs and bd]
+        if ratios:
+            return statistics.median(ratios)
+        return self.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
+
     def add(self, result: GenerationResult) -> None:
         s = result.stats
         self.decoded += sum(s.accepted)
@@ -58,7 +93,9 @@ class BenchRow:
 
     def to_dict(self) -> dict:
         return {"setting": self.setting, "tokens_per_second": round(self.tokens_per_second, 3),
+                "median_tokens_per_second": round(self.median_tokens_per_second(), 3),
                 "tokens_per_pass": round(self.tokens_per_pass, 4), "identical": self.identical,
+                "others_cores_per_repeat": self.others, "contended": self.contended(),
                 "rounds_per_tree": self.trees_used,
                 "ms_per_pass": dict(zip(("draft", "verify", "host"),
                                         (round(ms, 4) for ms in self.pass_split_ms)))}
@@ -74,22 +111,41 @@ def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequen
     settings += [(tree_name(t), t) for t in trees] + [(AUTO, AUTO)]
     pipe.tree = AUTO
     pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
-    rows = {name: BenchRow(name, tree if isinstance(tree, TreeConfig) else None)
-            for name, tree in settings}
+    rows = [(BenchRow(name, tree if isinstance(tree, TreeConfig) else None),
+             lambda text, images, tree=tree: _generate(pipe, tree, text, images, max_new_tokens))
+            for name, tree in settings]
+    return interleaved(rows, prompts, repeats, progress)
+
+
+def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence[tuple[str, list]],
+                repeats: int = 3, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Each setting generates for every prompt once per repeat, the settings' order rotating
+    between repeats, after a warm-up pass (repeat 0, not counted); the first setting's
+    warm-up outputs are the reference of ``identical``. Fills and returns the rows."""
     reference: dict[int, list[int]] = {}
+    first = settings[0][0]
     for repeat in range(repeats + 1):  # repeat 0 warms up
         if progress:
             progress(f"bench pass {repeat}/{repeats}{' (warm-up)' if repeat == 0 else ''}")
         order = settings[repeat % len(settings):] + settings[:repeat % len(settings)]
-        for name, tree in order:
+        totals = {id(row): (row.decoded, row.seconds) for row, _ in settings}
+        before, start = sample_cpu(), time.perf_counter()
+        for row, generate in order:
             for i, (text, images) in enumerate(prompts):
-                result = _generate(pipe, tree, text, images, max_new_tokens)
-                if name == PLAIN:
+                result = generate(text, images)
+                if row is first:
                     reference.setdefault(i, result.tokens)
                 if repeat:
-                    rows[name].add(result)
-                    rows[name].identical &= result.tokens == reference.get(i, result.tokens)
-    return list(rows.values())
+                    row.add(result)
+                    row.identical &= result.tokens == reference.get(i, result.tokens)
+        if repeat:
+            others = contention(before, sample_cpu(), os.getpid(),
+                                time.perf_counter() - start).cores
+            for row, _ in settings:
+                decoded, seconds = totals[id(row)]
+                row.repeats.append((row.decoded - decoded, row.seconds - seconds))
+                row.others.append(others)
+    return [row for row, _ in settings]
 
 
 def _generate(pipe: Pipeline, tree, text: str, images: list, max_new_tokens: int):

@@ -1,19 +1,29 @@
-"""EAGLE-style self-distillation: train a drafter to predict its own target (CPU-sized).
+"""EAGLE-style self-distillation: train a drafter to predict its own target.
 
-    data : random word prompts (half with a noise image) -> the target decodes a continuation;
-           per sequence: ids [L], LM-input embeddings e [L,H], features f [L,H], logits [L,V]
+    data : random word prompts (half with a noise image) -> the target decodes a continuation,
+           or the chunks of a ``distill-data`` folder (``distill.py``); per sequence:
+           ids [L], LM-input embeddings e [L,H], features f [L,H], logits [L,V]
     rows : the drafter's full-sequence forward in the runtime's row layout (reference.py:
            EAGLE shift, ViSpec image compression, HiViS image removal)
     loss : row r pairs f_s with e_n (n = the next token the row sees, s + 1 or the next text
            token) and learns  CE(lm_head(hidden_r), softmax(logits_n))
                               + feature_weight * smooth_l1(hidden_r, f_n)
 Frozen: ``embed_tokens`` (the target's copy) and the target's lm_head.
+
+Scale-out: under ``torchrun`` / ``accelerate launch`` each rank takes its share of every
+global batch (the same draws on every rank) inside DistributedDataParallel, its loss scaled
+so that the averaged gradient is the one process's gradient of the same global batch.
+``RunOptions.state_dir`` holds a resumable training state (weights, Adam, schedule, draws);
+CUDA runs autocast in bf16 (fp16 with a gradient scaler where bf16 is missing).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,14 +33,18 @@ from PIL import Image
 
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.drafters.layouts import hivis_text_rows
-from vispec.runtime.families import FamilyGlue, Prompt
+from vispec.runtime.errors import VispecError
+from vispec.runtime.families import FamilyGlue, Prompt, glue_for
+from vispec.runtime.model_dir import read_config
 from vispec.runtime.processors import load_processor
 
-from ..loading import load_target
+from ..loading import load_target, read_text_weight
 from ..reference import hf_lm, hf_prompt_embeds
 from .checkpoint import drafter_config, load_drafter, new_drafter, write_checkpoint
+from .distributed import World, env_world, world_group
 from .draft_vocab import count_tokens, save_counts
 from .modules import Drafter
+from .progress import ProgressBar
 from .reference import drafter_rows, run_rows
 
 Progress = Callable[[str], None]
@@ -76,6 +90,29 @@ class Sample:
     features: torch.Tensor   # [L, H] final post-norm hidden states
     logits: torch.Tensor | None = None  # [L, V]; None: lm_head(features), computed per use
     label_from: int = 0      # rows that see a token before this index are not labelled
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run executes (not what it computes): a resumable state folder saved
+    every ``save_every`` steps (0: never; ``train_drafter``'s default folder is
+    ``.NAME.train-state`` beside its output), and the precision (``auto``: bf16 autocast on
+    CUDA, fp16 + gradient scaling where bf16 is missing; float32 on the CPU)."""
+
+    state_dir: Path | None = None
+    save_every: int = 50
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS or self.save_every < 0:
+            raise VispecError(f"precision={self.precision!r}, save_every={self.save_every}. "
+                              f"Expected: precision one of {PRECISIONS}, save_every >= 0. Hint: "
+                              f"leave them at their defaults")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STATE_FILE = "state.pt"
+LOG_FILE = "train_log.json"  # beside a trained checkpoint: settings and per-step loss, top-1
 
 
 @dataclass(frozen=True)
@@ -145,6 +182,14 @@ def make_training_data(target_model_dir: str | os.PathLike, config: TrainConfig 
     return decode_samples(adapter, glue, load_processor(target_model_dir), config, progress)
 
 
+def load_samples(folder: str | os.PathLike) -> list[Sample]:
+    """The sequences of a finished ``distill-data`` folder (float16 e and f, as stored)."""
+    from .distill import read_data
+
+    return [Sample(a["ids"], torch.from_numpy(a["embeds"]), torch.from_numpy(a["features"]),
+                   label_from=int(a["label_from"])) for a in read_data(folder)]
+
+
 # -- loss ---------------------------------------------------------------------------------
 def target_logits(sample: Sample, lm_head_weight: torch.Tensor, rows) -> torch.Tensor:
     """The target's logits ``[M, V]`` at ``rows`` (stored, or its LM head on the features)."""
@@ -198,15 +243,6 @@ def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue
     return ce + feature_weight * reg, agree, len(nxt)
 
 
-def batch_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-               samples: list[Sample], feature_weight: float) -> tuple[torch.Tensor, int, int]:
-    """``sample_loss`` over ``samples``, the loss averaged over labelled rows."""
-    results = [sample_loss(drafter, lm_head_weight, glue, s, feature_weight) for s in samples]
-    count = sum(c for _, _, c in results)
-    loss = sum(loss * c for loss, _, c in results) / count
-    return loss, sum(a for _, a, _ in results), count
-
-
 @torch.no_grad()
 def evaluate(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
              samples: list[Sample], feature_weight: float = 0.1) -> Metrics:
@@ -216,7 +252,7 @@ def evaluate(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
 
 
 def _summary(results: list[tuple[torch.Tensor, int, int]]) -> Metrics:
-    """Row-weighted means of ``batch_loss`` results."""
+    """Row-weighted means of (mean loss, agreeing rows, rows) results."""
     rows = sum(count for _, _, count in results)
     return Metrics(sum(float(loss) * count for loss, _, count in results) / rows,
                    sum(agree for _, agree, _ in results) / rows)
@@ -235,36 +271,165 @@ def initial_drafter(target_model_dir, kind: str | None, init_dir, seed: int) -> 
     return load_drafter(init_dir, target_model_dir)
 
 
+class BatchLoss(torch.nn.Module):
+    """A rank's part of a batch: (summed row losses, rows whose top-1 is the target's,
+    labelled rows). The module DistributedDataParallel wraps."""
+
+    def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
+                 feature_weight: float):
+        super().__init__()
+        self.drafter, self.glue, self.feature_weight = drafter, glue, feature_weight
+        self.lm_head_weight = lm_head_weight  # frozen, the same on every rank: not a buffer
+
+    def forward(self, samples: list[Sample]) -> tuple[torch.Tensor, int, int]:
+        results = [sample_loss(self.drafter, self.lm_head_weight, self.glue, s,
+                               self.feature_weight) for s in samples]
+        return (sum(loss * count for loss, _, count in results),
+                sum(a for _, a, _ in results), sum(c for _, _, c in results))
+
+
+def _on(sample: Sample, device: torch.device) -> Sample:
+    """``sample`` with float32 tensors on ``device`` (shards store float16)."""
+    def move(t):
+        return None if t is None else t.to(device=device, dtype=torch.float32)
+    return Sample(sample.ids, move(sample.embeds), move(sample.features), move(sample.logits),
+                  sample.label_from)
+
+
+def _autocast(precision: str, device: torch.device):
+    """(autocast context, gradient scaler or None) for ``precision`` on ``device``."""
+    if device.type != "cuda":
+        if precision not in ("auto", "fp32"):
+            raise VispecError(f"precision {precision} needs CUDA; this run is on the CPU. "
+                              f"Expected: auto or fp32. Hint: leave --precision at auto")
+        return nullcontext(), None
+    if precision == "fp32":
+        return nullcontext(), None
+    bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = None if bf16 else torch.amp.GradScaler("cuda")
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+@dataclass
+class _State:
+    """Everything a resumed run needs to continue exactly where the saved one was."""
+
+    step: int
+    rng: dict
+    window: list   # (loss, agreeing rows, rows) per step since the last report
+    history: list  # (loss, top-1) per step
+
+    @classmethod
+    def fresh(cls, seed: int) -> "_State":
+        return cls(0, np.random.default_rng(seed).bit_generator.state, [], [])
+
+
+def _save_state(path: Path, state: _State, drafter: Drafter, optimizer, schedule, scaler,
+                config: TrainConfig) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v for k, v in drafter.state_dict().items() if not k.startswith("embed_tokens")}
+    tmp = path / f".{STATE_FILE}.partial"
+    torch.save({**asdict(state), "drafter": weights, "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "config": asdict(config)}, tmp)
+    os.replace(tmp, path / STATE_FILE)
+
+
+def _load_state(path: Path, drafter: Drafter, optimizer, schedule, scaler,
+                config: TrainConfig, device: torch.device) -> _State | None:
+    """The saved state (loaded into the drafter, optimiser, schedule), or None for none."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        return None
+    saved = torch.load(file, map_location=device, weights_only=False)
+    if saved["config"] != asdict(config):
+        raise VispecError(f"{path} holds the state of a run with other settings "
+                          f"({saved['config']}). Expected: {asdict(config)}. Hint: pass the same "
+                          f"options to resume, or delete {path} to start over")
+    drafter.load_state_dict(saved["drafter"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
+    return _State(saved["step"], saved["rng"], saved["window"], saved["history"])
+
+
 def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
         samples: list[Sample], config: TrainConfig,
-        progress: Progress = lambda msg: None) -> Metrics:
+        progress: Progress = lambda msg: None, *, world: World | None = None,
+        options: RunOptions = RunOptions(), history: list | None = None) -> Metrics:
     """Adam on the drafter's own weights (``embed_tokens`` frozen); returns the metrics of
-    the last logging window."""
-    drafter.embed_tokens.requires_grad_(False)
+    the last logging window (``history``, if given, receives every step's (loss, top-1)).
+    Every rank of ``world`` calls it with the same arguments."""
+    world = world or env_world()
+    if config.batch < world.size:
+        raise VispecError(f"batch {config.batch} < {world.size} processes. Expected: at least "
+                          f"one sequence per process and step. Hint: raise --batch")
+    device = world.device
+    drafter.to(device).embed_tokens.requires_grad_(False)
+    lm_head_weight = lm_head_weight.to(device)
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1 - step / config.steps)  # linear decay to 0
-    rng = np.random.default_rng(config.seed)
+    autocast, scaler = _autocast(options.precision, device)
+    state = None
+    if options.state_dir is not None:
+        state = _load_state(Path(options.state_dir), drafter, optimizer, schedule, scaler,
+                            config, device)
+        if state is not None and world.main:
+            progress(f"resuming from step {state.step} ({options.state_dir})")
+    state = state or _State.fresh(config.seed)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng
+    model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight)
+    if world.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     every = max(1, config.steps // 10)
-    window = []  # batch_loss results since the last report
     drafter.train()
-    for step in range(1, config.steps + 1):
-        batch = rng.choice(len(samples), size=min(config.batch, len(samples)), replace=False)
-        loss, agree, count = batch_loss(drafter, lm_head_weight, glue,
-                                        [samples[i] for i in batch], config.feature_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        window.append((loss.detach(), agree, count))
-        if step % every == 0 or step == config.steps:
-            metrics, window = _summary(window), []
-            progress(f"step {step}/{config.steps} loss {metrics.loss:.3f} "
-                     f"top-1 {metrics.top1:.2f}")
+    with ProgressBar(f"training {drafter.kind}", config.steps, state.step,
+                     enabled=world.main) as bar:
+        for step in range(state.step + 1, config.steps + 1):
+            batch = rng.choice(len(samples), size=min(config.batch, len(samples)), replace=False)
+            mine = [_on(samples[i], device) for i in np.array_split(batch, world.size)[world.rank]]
+            with torch.device(device), autocast:
+                loss_sum, agree, count = model(mine)
+            total_loss, total_agree, total_count = world.sum([float(loss_sum.detach()), agree, count])
+            loss = loss_sum * (world.size / total_count)  # DDP averages: mean over all rows
+            optimizer.zero_grad()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            schedule.step()
+            state.window.append((total_loss / total_count, int(total_agree), int(total_count)))
+            state.history.append((total_loss / total_count, total_agree / total_count))
+            metrics = _summary(state.window)
+            bar.update(1, f"loss {metrics.loss:.3f} top-1 {metrics.top1:.2f}")
+            state.step, state.rng = step, rng.bit_generator.state
+            if step % every == 0 or step == config.steps:
+                if world.main:
+                    progress(f"step {step}/{config.steps} loss {metrics.loss:.3f} "
+                             f"top-1 {metrics.top1:.2f}")
+                if step != config.steps:
+                    state.window = []
+            if (options.state_dir is not None and world.main and options.save_every
+                    and (step % options.save_every == 0 or step == config.steps)):
+                _save_state(Path(options.state_dir), state, drafter, optimizer, schedule,
+                            scaler, config)
     drafter.eval()
-    return metrics
+    if history is not None:
+        history[:] = state.history
+    return _summary(state.window)
 
 
 def save_token_counts(folder: str | os.PathLike, samples: list[Sample], vocab_size: int) -> Path:
@@ -275,22 +440,51 @@ def save_token_counts(folder: str | os.PathLike, samples: list[Sample], vocab_si
 
 def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   kind: str | None = None, init_dir: str | os.PathLike | None = None,
-                  config: TrainConfig = TrainConfig(), overwrite: bool = False,
+                  config: TrainConfig = TrainConfig(), data: str | os.PathLike | None = None,
+                  options: RunOptions | None = None, overwrite: bool = False,
                   progress: Progress = lambda msg: None) -> Path:
     """Distil a drafter (from ``init_dir`` or a fresh one of ``kind``) from the target at
-    ``target_model_dir``; writes the official checkpoint layout into ``out_dir``
-    atomically and returns it."""
+    ``target_model_dir`` (on the sequences of the ``distill-data`` folder ``data``, else on
+    ``config.sequences`` continuations decoded now); writes the official checkpoint layout
+    into ``out_dir`` atomically and returns it. Under ``torchrun`` / ``accelerate launch``
+    every rank calls it alike; rank 0 writes (with ``train_log.json``: settings and every
+    step's loss and top-1). ``options.state_dir`` (default: ``.NAME.train-state`` beside
+    ``out_dir``) makes a killed run resumable; it is removed once ``out_dir`` is written."""
     start = time.perf_counter()
+    out_dir = Path(out_dir)
+    options = options or RunOptions()
+    options = replace(options, state_dir=options.state_dir or
+                      out_dir.parent / f".{out_dir.name}.train-state")
     inputs = [target_model_dir] + ([init_dir] if init_dir is not None else [])
-    with atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp:  # checks out_dir first
-        drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
-        adapter, glue = load_target(target_model_dir)
-        lm_head = adapter.lm_head.weight.detach().float()  # [V, H], frozen
-        samples = decode_samples(adapter, glue, load_processor(target_model_dir), config,
-                                 progress)
-        fit(drafter, lm_head, glue, samples, config, progress)
-        write_checkpoint(drafter, tmp)
-        save_token_counts(tmp, samples, drafter.config.vocab_size)
-    progress(f"trained {drafter.kind} drafter -> {out_dir} in "
-             f"{time.perf_counter() - start:.1f}s")
-    return Path(out_dir)
+    inputs += [data] if data is not None else []
+    with world_group() as world:
+        writer = atomic_output_dir(out_dir, overwrite, inputs=inputs) if world.main \
+            else nullcontext(None)
+        with writer as tmp:  # checks out_dir first
+            drafter = initial_drafter(target_model_dir, kind, init_dir, config.seed)
+            lm_head = read_text_weight(target_model_dir, "lm_head.weight")  # [V, H]
+            glue = glue_for(read_config(target_model_dir))
+            if data is not None:
+                samples = load_samples(data)
+                if world.main:
+                    progress(f"{len(samples)} sequences from {data}")
+            else:
+                adapter, glue = load_target(target_model_dir)
+                samples = decode_samples(adapter, glue, load_processor(target_model_dir),
+                                         config, progress)
+            history: list = []
+            fit(drafter, lm_head, glue, samples, config, progress, world=world, options=options,
+                history=history)
+            if world.main:
+                write_checkpoint(drafter.cpu(), tmp)
+                save_token_counts(tmp, samples, drafter.config.vocab_size)
+                (tmp / LOG_FILE).write_text(json.dumps(
+                    {"config": asdict(config), "processes": world.size, "data": str(data),
+                     "sequences": len(samples), "loss": [h[0] for h in history],
+                     "top1": [h[1] for h in history]}))
+        world.barrier()
+    if world.main and options.state_dir is not None:
+        shutil.rmtree(options.state_dir, ignore_errors=True)
+        progress(f"trained {drafter.kind} drafter -> {out_dir} in "
+                 f"{time.perf_counter() - start:.1f}s")
+    return out_dir
