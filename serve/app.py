@@ -109,10 +109,6 @@ def create_app(pipelines: list[Pipeline], settings: Settings) -> FastAPI:
             check_fits(prompt, max(max_new, 1), front.target.max_len)
         except PromptTooLongError as e:
             raise ApiError(str(e), param="messages", code="context_length_exceeded") from None
-        if not pool.free and len(pool.waiting) >= pool.queue:
-            raise ApiError(f"all {len(pool.workers)} workers are busy and {pool.queue} "
-                           f"requests wait. Hint: retry after the Retry-After seconds", 429,
-                           kind="rate_limit_error")
         run = Run(chat, front.target.processor.tokenizer, front.target.eos_token_ids)
         run.task = asyncio.create_task(generate(
             pool, prompt, max_new, chat.speculative, chat.sampling, run.tokens, run.cancel))
@@ -161,6 +157,7 @@ class Run:
             self.stop()
             raise
         if first is None:
+            await asyncio.wait([self.task])
             self.result()
         return first
 
@@ -185,9 +182,9 @@ class Run:
         """The finished generation; its error as an ``ApiError``."""
         try:
             return self.task.result()
-        except QueueFull:
-            raise ApiError("the queue filled up. Hint: retry after the Retry-After seconds",
-                           429, kind="rate_limit_error") from None
+        except QueueFull as e:
+            raise ApiError(f"{e} Hint: retry after the Retry-After seconds", 429,
+                           kind="rate_limit_error") from None
         except VispecError as e:
             raise ApiError(f"{e}", param="messages") from None
 

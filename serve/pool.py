@@ -32,8 +32,10 @@ class Worker:
     def run(self, prompt: Prompt, max_new_tokens: int, draft: bool, on_tokens, *, sampling,
             cancel: threading.Event) -> asyncio.Future:
         """Generate in the worker's thread (an awaitable of the ``GenerationResult``)."""
-        call = lambda: self.pipe.reply(prompt, max_new_tokens, draft, on_tokens,  # noqa: E731
-                                       sampling=sampling, cancel=cancel.is_set)
+        def call() -> GenerationResult:
+            return self.pipe.reply(prompt, max_new_tokens, draft, on_tokens,
+                                   sampling=sampling, cancel=cancel.is_set)
+
         return asyncio.get_running_loop().run_in_executor(self.thread, call)
 
     def close(self) -> None:
@@ -57,7 +59,8 @@ class Pool:
         """A free worker for ``prompt`` (waiting in the queue when none is); ``QueueFull``
         when the queue is full."""
         if not self.free and len(self.waiting) >= self.queue:
-            raise QueueFull()
+            raise QueueFull(f"all {len(self.workers)} workers are busy and {self.queue} "
+                            f"requests wait.")
         waiter = asyncio.get_running_loop().create_future()
         self.waiting.append((waiter, prompt))
         self._dispatch()
@@ -107,7 +110,11 @@ async def generate(pool: Pool, prompt: Prompt, max_new_tokens: int, draft: bool,
                    stream: TokenStream, cancel: threading.Event) -> GenerationResult:
     """Run one request on a worker of ``pool``. Cancelled (the client left), it sets
     ``cancel``: the generation ends at its next pass, and only then is the worker free."""
-    worker = await pool.acquire(prompt)
+    try:
+        worker = await pool.acquire(prompt)
+    except BaseException:  # the queue was full, or the client left while waiting
+        stream.close()
+        raise
     running = worker.run(prompt, max_new_tokens, draft, stream, sampling=sampling,
                          cancel=cancel)
 

@@ -67,3 +67,10 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_target, tiny
     assert any('"finish_reason": "' in line for line in lines)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_server_modules_import_no_torch():
+    code = ("import sys; import vispec.serve.app, vispec.serve.server, vispec.serve.triton; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
