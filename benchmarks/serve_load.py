@@ -142,8 +142,8 @@ async def multi_turn(url: str, model: str, pipe, items: list, max_tokens: int,
 
 def run(args) -> dict:
     from vispec.runtime.pipeline import Pipeline
-    from vispec.serve.app import Settings
-    from vispec.serve.server import ServerThread
+    from vispec.runtime.serve.app import Settings
+    from vispec.runtime.serve.server import ServerThread
 
     items = prompts(args.images, args.text)
     reference = Pipeline(args.target, threads=args.threads)

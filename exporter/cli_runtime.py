@@ -265,8 +265,8 @@ def serve(artifacts, drafter, host, port, workers, queue, api_key, allow_local_i
         pipes.append(_pipeline(artifacts, drafter, backend, threads, tree=tree))
         if pipes[-1].drafter is not None:
             pipes[-1].tree_policy()  # `auto` measures once, before any request
-    from vispec.serve.app import Settings
-    from vispec.serve.server import serve as run
+    from vispec.runtime.serve.app import Settings
+    from vispec.runtime.serve.server import serve as run
     settings = Settings(model_name or Path(artifacts).resolve().name, queue, api_key,
                         allow_local_images)
     click.echo(f"serving {settings.model!r} on http://{host}:{port}/v1 with {workers} "
@@ -287,7 +287,7 @@ def serve(artifacts, drafter, host, port, workers, queue, api_key, allow_local_i
 def triton_repo(artifacts, out_dir, drafter, instances, model_name, overwrite):
     """Write a Triton Inference Server model repository for ARTIFACTS (Python backend,
     decoupled streaming model) that `tritonserver --model-repository OUT_DIR` loads."""
-    from vispec.serve.triton import write_repository
+    from vispec.runtime.serve.triton import write_repository
     path = write_repository(artifacts, out_dir, drafter=drafter, instances=instances,
                             model_name=model_name, overwrite=overwrite)
     click.echo(f"wrote {path}", err=True)

@@ -29,7 +29,7 @@ def no_network(monkeypatch):
 @pytest.fixture
 def free_port():
     """``free_port()`` -> a loopback port nobody listens on now."""
-    from vispec.serve.server import free_port
+    from vispec.runtime.serve.server import free_port
     return free_port
 
 
@@ -51,8 +51,8 @@ def pipelines(tiny_target, tiny_drafter):
 def serve(pipelines):
     """``serve(family="llava", kind="vispec", workers=1, **settings)`` -> a ``ServerThread``,
     stopped after the test."""
-    from vispec.serve.app import Settings
-    from vispec.serve.server import ServerThread
+    from vispec.runtime.serve.app import Settings
+    from vispec.runtime.serve.server import ServerThread
     started = []
 
     def start(family="llava", kind="vispec", workers=1, model_name="tiny", **settings):

@@ -70,7 +70,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_target, tiny
 
 
 def test_the_server_modules_import_no_torch():
-    code = ("import sys; import vispec.serve.app, vispec.serve.server, vispec.serve.triton; "
+    code = ("import sys; import vispec.runtime.serve.app, vispec.runtime.serve.server, vispec.runtime.serve.triton; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

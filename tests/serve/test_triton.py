@@ -104,7 +104,7 @@ def tritonserver(tmp_path):
 def test_tritonserver_streams_the_runtimes_greedy_reply(tritonserver, tiny_target, tiny_drafter,
                                                         noise_image, tmp_path):
     from vispec.runtime.pipeline import Pipeline
-    from vispec.serve.triton import write_repository
+    from vispec.runtime.serve.triton import write_repository
 
     artifacts, drafter = tiny_target("llava")[1], tiny_drafter("vispec", "llava")[1]
     repository = write_repository(artifacts, tmp_path / "repo", drafter=drafter, instances=2)

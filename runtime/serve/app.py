@@ -30,7 +30,7 @@ from .pool import Pool, QueueFull, TokenStream, generate
 from .requests import ApiError, ChatRequest, parse_chat
 from .text import ReplyText
 
-log = logging.getLogger("vispec.serve")
+log = logging.getLogger("vispec.runtime.serve")
 DISCONNECT_POLL_S = 0.1
 
 
