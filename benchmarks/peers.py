@@ -183,19 +183,20 @@ def format_groups(groups: list[Group], quiet: float = QUIET_CORES) -> str:
     return "\n".join(lines)
 
 
-def plot(groups: list[Group], path: Path) -> Path:
+def plot(groups: list[Group], path: Path, quiet: float = QUIET_CORES) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"]
+    keys = [k for k in (f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}")
+            if any(k in g.tok_s for g in groups)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         ax.bar([j + i * width for j in range(len(groups))], [g.tok_s.get(key, 0) for g in groups],
                width, label=key)
     ax.set_xticks([j + width for j in range(len(groups))],
-                  [f"{g.group} {g.precision}{' (contended)' if g.contended() else ''}" for g in groups])
+                  [f"{g.group} {g.precision}{' (contended)' if g.contended(quiet) else ''}" for g in groups])
     ax.set_ylabel("decode tokens/s (median)")
     ax.legend()
     fig.tight_layout()
@@ -222,7 +223,7 @@ def main() -> None:
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
     from vispec.exporter.real_demo import DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
-    from vispec.exporter.real_drafters import DistillConfig, real_drafters
+    from vispec.exporter.real_drafters import demo_drafters
     from vispec.exporter.real_lm import smollm2_dir
     from vispec.exporter.real_target import cached_target
     from vispec.exporter.synthetic_images import QUESTION, examples
@@ -242,9 +243,8 @@ def main() -> None:
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
                           progress=say)
     drafter_dir = None
-    if args.drafter != "none":  # trained on the fp32 target's answers (cached by the demo)
-        checkpoint = real_drafters(model_dir, targets["fp32"], (args.drafter,),
-                                   DistillConfig(), say)[args.drafter]
+    if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
+        checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]
         drafter_dir = work / f"{args.drafter}-onnx"
         if not (drafter_dir / "manifest.json").exists():
             export_drafter(checkpoint, model_dir, drafter_dir, max_len=MAX_LEN,
@@ -286,7 +286,7 @@ def main() -> None:
     if any(g.identical is False for g in groups):
         say("WARNING: fp32 outputs of the project and the peer differ")
     if args.png:
-        say(f"chart: {plot(groups, args.png)}")
+        say(f"chart: {plot(groups, args.png, args.quiet)}")
     if args.json:
         args.json.write_text(json.dumps([g.__dict__ for g in groups], indent=1, default=list))
 
