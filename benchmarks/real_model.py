@@ -20,7 +20,7 @@ from pathlib import Path
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.real_demo import DRAFT_WEIGHTS, MAX_LEN, demo_prompts
-from vispec.exporter.real_drafters import DistillConfig, real_drafters
+from vispec.exporter.real_drafters import demo_drafters
 from vispec.exporter.real_target import cached_target
 from vispec.runtime.bench import format_table, run_bench
 from vispec.runtime.pipeline import Pipeline
@@ -45,7 +45,7 @@ def main() -> None:
     if not (target_onnx / "manifest.json").exists():
         export_target(model_dir, target_onnx, max_len=MAX_LEN, progress=say)
     kinds = tuple(args.kinds.split(","))
-    checkpoints = real_drafters(model_dir, target_onnx, kinds, DistillConfig(), say)
+    checkpoints = demo_drafters(model_dir, kinds, progress=say)
     trees = [TreeConfig(*(int(x) for x in t.split(":"))) for t in args.trees.split(",")]
     prompts = demo_prompts(images=args.images)
     groups = {"image": [(t, i) for t, i, s in prompts if i],

@@ -246,13 +246,14 @@ def distill_data(model_dir, out_dir, prompts_file, text_prompts, images_dir, syn
     a drafter trains on, into OUT_DIR (chunk files). Under `torchrun --nproc_per_node N` or
     `accelerate launch` each process writes its own chunks; rerun the same command after a
     kill to finish: nothing is lost or written twice. Train on it with `train-drafter --data`."""
-    from .drafters.distill import DistillDataConfig
+    from .drafters.distill import DistillDataConfig, read_prompts
     from .drafters.distill import distill_data as run
     config = DistillDataConfig(text_prompts=text_prompts, synthetic_images=synthetic_images,
                                max_new_tokens=max_new_tokens, image_tokens=image_tokens,
                                batch=batch, seed=seed)
-    run(model_dir, out_dir, config, prompts_file=prompts_file, images_dir=images_dir,
-        overwrite=overwrite, progress=_progress)
+    prompts = read_prompts(prompts_file) if prompts_file is not None else None
+    run(model_dir, out_dir, config, prompts=prompts, images_dir=images_dir, overwrite=overwrite,
+        progress=_progress)
 
 
 @cli.command()
@@ -291,15 +292,19 @@ def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_
               default="llava", show_default=True, help="With --tiny: the tiny model's family.")
 @click.option("--drafter", "drafter_kind", type=click.Choice(["vispec", "hivis", "eagle"]),
               default="vispec", show_default=True, help="With --tiny: the drafter trained.")
+@click.option("--train", is_flag=True,
+              help="Train short ViSpec/HiViS/EAGLE drafters here (cached; ~15 min on 2 cores) "
+                   "instead of loading the shipped ones.")
 @OVERWRITE
-def demo(out_dir, tiny, family, drafter_kind, overwrite):
+def demo(out_dir, tiny, family, drafter_kind, train, overwrite):
     """End-to-end demo on SmolLM2-135M-Instruct with a trained vision tower (LLaVA-1.5):
-    export, validate against PyTorch, self-distil ViSpec/HiViS/EAGLE (cached), generate
-    plainly and speculatively, speed table and chart (first run ~17 min on 2 cores, then ~2).
-    --tiny: the same flow on a tiny random model. Exit 1 if a check fails."""
+    export, validate against PyTorch, the shipped ViSpec/HiViS/EAGLE drafters (--train:
+    short ones self-distilled here), plain vs speculative decoding timed as `bench` times
+    it, speed table and chart. --tiny: the same flow on a tiny random model. Exit 1 if a
+    check fails."""
     _check_output(out_dir, overwrite)
     from .demo import run_demo
-    ok = run_demo(out_dir, tiny=tiny, family=family, drafter_kind=drafter_kind,
+    ok = run_demo(out_dir, tiny=tiny, family=family, drafter_kind=drafter_kind, train=train,
                   overwrite=overwrite, progress=_progress)
     raise SystemExit(0 if ok else 1)
 

@@ -25,8 +25,10 @@ PROMPT = "What is in this picture?"
 
 def run_demo(out_dir: str | Path, *, tiny: bool = False, family: str = "llava",
              drafter_kind: str = "vispec", max_new_tokens: int | None = None,
-             overwrite: bool = False, progress: Callable[[str], None] = print) -> bool:
-    """The real-LM demo (``real_demo.run_real_demo``), or with ``tiny``: build a tiny
+             train: bool = False, overwrite: bool = False,
+             progress: Callable[[str], None] = print) -> bool:
+    """The real-LM demo (``real_demo.run_real_demo``; ``train``: short drafters trained
+    there instead of the shipped ones), or with ``tiny``: build a tiny
     ``family`` model in ``out_dir``, train a ``drafter_kind`` drafter for it, export and
     validate both, then generate. True when every check passed.
 
@@ -36,8 +38,8 @@ def run_demo(out_dir: str | Path, *, tiny: bool = False, family: str = "llava",
             ok = _run(tmp, family, drafter_kind, max_new_tokens or 32, progress)
         else:
             from .real_demo import run_real_demo
-            ok = run_real_demo(tmp, max_new_tokens=max_new_tokens or 48, export=export_target,
-                               progress=progress)
+            ok = run_real_demo(tmp, max_new_tokens=max_new_tokens or 48, train=train,
+                               export=export_target, progress=progress)
     if not tiny:
         from .real_demo import CHART
         progress(f"chart (speedup and tokens per pass per drafter): {Path(out_dir) / CHART}")

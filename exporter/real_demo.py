@@ -1,6 +1,8 @@
 """The demo on the real-LM target (SmolLM2-135M-Instruct LLaVA): export fp32, validate
-against PyTorch, self-distil ViSpec / HiViS / EAGLE (cached), then generate on held-out
-images and text prompts, plainly and speculatively with each drafter."""
+against PyTorch, take the shipped ViSpec / HiViS / EAGLE drafters (``train``: self-distil
+short ones, cached), then time plain and speculative decoding with each drafter on held-out
+images and text prompts as ``bench`` does: interleaved, after a warm-up, repeated, medians
+over the repeats in which the machine was quiet (contended groups marked)."""
 from __future__ import annotations
 
 import json
@@ -11,17 +13,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vispec.runtime.bench import BenchRow
+from vispec.runtime.bench import BenchRow, interleaved
+from vispec.runtime.cpu_load import QUIET_CORES
 from vispec.runtime.errors import VispecError
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.tree import TreeConfig
 
 from .drafters.export import export_drafter, validate_drafter
 from .export import export_target
-from .real_drafters import KINDS, DistillConfig, held_out_text_prompts, real_drafters
+from .real_drafters import KINDS, DistillConfig, demo_drafters, held_out_text_prompts
 from .real_target import cached_target
 from .report import print_parity, validate_all
-from .synthetic_images import QUESTION, examples, score
+from .synthetic_images import DETAIL_QUESTION, QUESTION, examples, score
 
 Progress = Callable[[str], None]
 DEMO_TREE = "auto"  # what a user gets: fitted to this machine's measured costs (cached)
@@ -29,19 +32,25 @@ DRAFT_VOCAB = 4096  # head rows the drafters keep (of 49,216; from their trainin
 DRAFT_WEIGHTS = "int8"  # drafting ~1.5x cheaper on a CPU, proposals as good (RESULTS.md)
 MAX_LEN = 512
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
+REPEATS = 2  # timed passes after the warm-up (each setting, each prompt)
+DETAILED = 2  # held-out images also asked DETAIL_QUESTION
 
 
 def demo_prompts(images: int = 8, seed: int = 0) -> list[tuple[str, list, object]]:
-    """(text, images, scene or None): held-out synthetic images, then text prompts."""
-    out = [(QUESTION, [e.image], e.scene) for e in examples(images, seed, "heldout")]
+    """(text, images, scene or None): held-out synthetic images (the first ``DETAILED``
+    also asked for a detailed description), then text prompts."""
+    held_out = examples(images, seed, "heldout")
+    out = [(QUESTION, [e.image], e.scene) for e in held_out]
+    out += [(DETAIL_QUESTION, [e.image], e.scene) for e in held_out[:DETAILED]]
     return out + [(q, [], None) for q in held_out_text_prompts()]
 
 
 def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str = DEMO_TREE,
-                  config: DistillConfig = DistillConfig(), export=export_target,
-                  progress: Progress = print) -> bool:
-    """Everything into ``out`` (an empty folder); True when every check passed. ``export``:
-    the target exporter (``export.export_target``; ``demo`` passes its own name for it)."""
+                  train: bool = False, config: DistillConfig = DistillConfig(),
+                  repeats: int = REPEATS, export=export_target, progress: Progress = print) -> bool:
+    """Everything into ``out`` (an empty folder); True when every check passed. ``train``:
+    the short in-demo drafter training instead of the shipped drafters. ``export``: the
+    target exporter (``export.export_target``; ``demo`` passes its own name for it)."""
     console = Console(width=110)
     model_dir = cached_target(progress)
     target_onnx = out / "target-onnx"
@@ -49,7 +58,7 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str
     rows, greedy = validate_all(model_dir, target_onnx, progress=progress)
     ok = print_parity(rows, greedy, console)
 
-    checkpoints = real_drafters(model_dir, target_onnx, KINDS, config, progress)
+    checkpoints = demo_drafters(model_dir, KINDS, train=train, config=config, progress=progress)
     for kind, ckpt in checkpoints.items():
         export_drafter(ckpt, model_dir, out / f"{kind}-onnx", max_len=MAX_LEN,
                        draft_vocab=DRAFT_VOCAB, weights=DRAFT_WEIGHTS, progress=progress)
@@ -57,43 +66,60 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str
                           console) and ok
 
     results = measure(target_onnx, {k: out / f"{k}-onnx" for k in KINDS}, demo_prompts(),
-                      max_new_tokens, tree, console, progress)
+                      max_new_tokens, tree, console, progress, repeats)
     ok = all(r.identical for rows in results.values() for r in rows) and ok
     print_speed(results, console)
     plot_speedups(results, out / CHART)
     (out / "results.json").write_text(json.dumps(
-        {group: [r.to_dict() for r in rows] for group, rows in results.items()}, indent=1))
+        {group: [{**r.to_dict(), "speedup": round(r.speedup(rows[0]), 4)} for r in rows]
+         for group, rows in results.items()}, indent=1))
     return ok
 
 
 def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_tokens: int,
-            tree: TreeConfig | str, console: Console,
-            progress: Progress) -> dict[str, list[BenchRow]]:
-    """Per prompt group ("image", "text"): a plain row and one row per drafter kind."""
+            tree: TreeConfig | str, console: Console, progress: Progress,
+            repeats: int = REPEATS) -> dict[str, list[BenchRow]]:
+    """Per prompt group ("image", "text"): a plain row and one row per drafter kind, timed
+    by ``bench.interleaved`` (warm-up, ``repeats`` rotating passes, contention sampled)."""
     fixed = tree if isinstance(tree, TreeConfig) else None
-    results = {group: [BenchRow("plain", None)] + [BenchRow(k, fixed) for k in drafters]
-               for group in ("image", "text")}
     plain_pipe = Pipeline(target_onnx, tree=None)
     pipes = {k: Pipeline(target_onnx, drafter_dir=d, tree=tree, progress=progress)
              for k, d in drafters.items()}
+    if tree == DEMO_TREE:
+        for pipe in pipes.values():
+            pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
+    replies: dict[str, str] = {}  # prompt -> plain reply (its first, the reference)
+
+    def plain(text, images):
+        result = plain_pipe.generate(text, images, max_new_tokens, draft=False)
+        replies.setdefault(_key(text, images), result.text)
+        return result
+
+    results = {}
+    for group in ("image", "text"):
+        items = [(text, images) for text, images, _ in prompts if bool(images) == (group == "image")]
+        settings = [(BenchRow("plain", None), plain)]
+        settings += [(BenchRow(kind, fixed), lambda text, images, pipe=pipe: pipe.generate(
+            text, images, max_new_tokens, draft=True)) for kind, pipe in pipes.items()]
+        progress(f"timing {group} prompts: plain and {', '.join(pipes)}, {repeats} repeats "
+                 f"after a warm-up")
+        results[group] = interleaved(settings, items, repeats, progress)
     correct = []
     for text, images, scene in prompts:
-        group = "image" if images else "text"
-        plain = plain_pipe.generate(text, images, max_new_tokens, draft=False)
-        results[group][0].add(plain)
+        reply = replies[_key(text, images)]
         if scene is not None:
-            correct.append(all(score(plain.text, scene).values()))
-        print_answer(console, f"image: {scene.answer()}" if scene is not None else text,
-                     plain.text)
-        for row, (kind, pipe) in zip(results[group][1:], pipes.items()):
-            spec = pipe.generate(text, images, max_new_tokens, draft=True)
-            row.add(spec)
-            row.identical &= spec.tokens == plain.tokens
-        progress(f"generated for {text[:40]!r} ({group})")
+            correct.append(all(score(reply, scene).values()))
+        detail = ", detailed" if text == DETAIL_QUESTION else ""
+        print_answer(console, f"image{detail}: {scene.answer()}" if scene is not None else text,
+                     reply)
     if correct:
         console.print(f"target named every attribute right on {sum(correct)}/{len(correct)} "
-                      f"held-out images")
+                      f"held-out image prompts")
     return results
+
+
+def _key(text: str, images: list) -> str:
+    return f"{text}|{','.join(str(id(i)) for i in images)}"
 
 
 def print_answer(console: Console, label: str, reply: str) -> None:
@@ -104,17 +130,23 @@ def print_answer(console: Console, label: str, reply: str) -> None:
 def print_speed(results: dict[str, list[BenchRow]], console: Console) -> None:
     table = Table(title="Plain vs speculative decoding (greedy, ONNX Runtime CPU, tree "
                         f"{DEMO_TREE}, draft vocabulary {DRAFT_VOCAB}, {DRAFT_WEIGHTS} drafter "
-                        f"weights)")
+                        f"weights; medians over quiet repeats)")
     for col in ("prompts", "decoding", "tokens/pass", "decode tok/s", "speedup",
-                "identical to plain"):
+                "identical to plain", "quiet repeats"):
         table.add_column(col, justify="right" if col not in ("prompts", "decoding") else "left")
     for group, rows in results.items():
-        base = rows[0].tokens_per_second
+        base = rows[0]
+        quiet = len(base.quiet()) if not base.contended() else 0
+        marker = f"{quiet}/{len(base.repeats)}" + (
+            f" (contended: others used {min(base.others):.2f}+ cores)" if base.contended() else "")
         for r in rows:
-            speedup = r.tokens_per_second / base if base else 0.0
             table.add_row(group, r.setting, f"{r.tokens_per_pass:.2f}",
-                          f"{r.tokens_per_second:.1f}", f"{speedup:.2f}x", str(r.identical))
+                          f"{r.median_tokens_per_second():.1f}", f"{r.speedup(base):.2f}x",
+                          str(r.identical), marker)
     console.print(table)
+    if any(rows[0].contended() for rows in results.values()):
+        console.print(f"Contended groups: other processes used more than {QUIET_CORES} cores "
+                      f"in every repeat; their speedups are not a quiet machine's.")
 
 
 def plot_speedups(results: dict[str, list[BenchRow]], path: Path) -> Path:
@@ -130,10 +162,9 @@ def plot_speedups(results: dict[str, list[BenchRow]], path: Path) -> Path:
     fig, (speed, per_pass) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(results)
     for i, (group, rows) in enumerate(results.items()):
-        base, spec = rows[0].tokens_per_second, rows[1:]
+        spec = rows[1:]
         xs = [j + i * width for j in range(len(spec))]
-        speed.bar(xs, [r.tokens_per_second / base if base else 0 for r in spec], width,
-                  label=f"{group} prompts")
+        speed.bar(xs, [r.speedup(rows[0]) for r in spec], width, label=f"{group} prompts")
         per_pass.bar(xs, [r.tokens_per_pass for r in spec], width, label=f"{group} prompts")
     for ax, label in ((speed, "decode speedup over plain"), (per_pass, "tokens per target pass")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(KINDS))], list(KINDS))

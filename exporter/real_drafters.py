@@ -1,19 +1,22 @@
-"""Drafters for the SmolLM2 LLaVA target, self-distilled from its own answers (cached).
+"""Drafters for the SmolLM2 LLaVA target: shipped with the package, or trained briefly.
 
-    prompts : synthetic training images + QUESTION, and text-only questions (fixed lists)
-    decode  : the exported target under ONNX Runtime, greedy (vispec.runtime, plain decoding)
-    teacher : one PyTorch forward per whole sequence -> LM-input embeddings e and features f
-              (the target's logits are its LM head on f, computed per training step)
-    train   : drafters.train.fit on the answer rows (ViSpec, HiViS, EAGLE), official layout
-
-Data and checkpoints live under ``cache_dir()/smollm2-llava/``, keyed by the vision weights,
-the settings and ``VERSION``; a second run loads them.
+    shipped : assets/drafters/<kind>/ (config.json, model.safetensors in float16 without the
+              target's embedding table, token_counts.json) and assets/drafters/recipe.json;
+              reproduce with ``python -m vispec.exporter.real_drafters --write-weights``
+              (also under ``torchrun --nproc_per_node N``: both stages split over the ranks)
+    recipe  : distill-data (built-in text prompts of many kinds + synthetic images asked a
+              short and a detailed description) -> train-drafter per kind -> float16 files
+    --train : the demo's short run (DistillConfig: 96 images, 64 questions, 300 steps),
+              data and checkpoints cached under ``cache_dir()/smollm2-llava/``
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +25,17 @@ from typing import Callable
 import numpy as np
 
 from vispec.runtime.atomic import atomic_output_dir
-from vispec.runtime.families import Prompt
 from vispec.runtime.tree_calibration import cache_dir
 
-from .synthetic_images import QUESTION, examples
+from .drafters.distill import HELD_OUT_CHAT
+from .real_target import WEIGHTS as VISION_WEIGHTS
 
 Progress = Callable[[str], None]
 KINDS = ("vispec", "hivis", "eagle")
-VERSION = 1  # bump when the data or training recipe changes
+VERSION = 2  # bump when the data or training recipe changes
+DRAFTER_ASSETS = Path(__file__).parent / "assets" / "drafters"
+RECIPE_FILE = "recipe.json"
+_SHIPPED_FILES = ("config.json", "model.safetensors", "token_counts.json")
 _TOPICS = ("the sun", "rain", "a cat", "a dog", "the sea", "a forest", "a city", "a river",
            "bread", "coffee", "a bicycle", "a train", "music", "the moon", "winter", "summer",
            "a garden", "a library", "mountains", "a school", "the wind", "an apple", "a bird",
@@ -40,7 +46,7 @@ _TEMPLATES = ("What is {}?", "Describe {} in one sentence.", "Write a short poem
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Data and training settings of the real-LM drafters (the demo's defaults)."""
+    """Data and training settings of the demo's short in-demo training (``--train``)."""
 
     image_prompts: int = 96
     text_prompts: int = 64
@@ -63,6 +69,21 @@ class DistillConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The shipped drafters' recipe: distillation data, then each kind trained on it."""
+
+    text_prompts: int = 1600      # built-in prompts (some target-written ones are dropped)
+    synthetic_images: int = 1024  # each asked a short and a detailed description
+    max_new_tokens: int = 192
+    image_tokens: int = 64
+    generate_batch: int = 16
+    steps: int = 1500   # ~8 passes over ~1.5k answers
+    batch: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+
+
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
 _TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
 
@@ -76,96 +97,16 @@ def text_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def held_out_text_prompts() -> list[str]:
-    """Questions absent from ``text_prompts`` (the demo's text prompts)."""
-    return ["Tell me about a lighthouse.", "What is a volcano?"]
+    """Questions absent from ``text_prompts`` and from distill-data's built-in prompts (the
+    demo's text prompts)."""
+    return list(HELD_OUT_CHAT[:2])
 
 
 def file_hash(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-# -- data ---------------------------------------------------------------------------------
-def decode_answers(target_onnx: str | os.PathLike, config: DistillConfig,
-                   progress: Progress = lambda msg: None) -> list[tuple[Prompt, list[int]]]:
-    """Greedy answers of the exported target (ONNX Runtime) to the distillation prompts:
-    ``(prompt, new tokens)`` pairs, image prompts first."""
-    from vispec.runtime.pipeline import Pipeline
-
-    pipe = Pipeline(target_onnx, tree=None)
-    jobs = [(QUESTION, [e.image], config.image_tokens)
-            for e in examples(config.image_prompts, config.seed, "train")]
-    jobs += [(q, [], config.text_tokens) for q in text_prompts(config.text_prompts, config.seed)]
-    out, start, tokens = [], time.perf_counter(), 0
-    for i, (text, images, budget) in enumerate(jobs, 1):
-        result = pipe.generate(text, images, budget, draft=False)
-        out.append((pipe.target.prepare(text, images), result.tokens))
-        tokens += len(result.tokens)
-        if i % 16 == 0 or i == len(jobs):
-            elapsed = time.perf_counter() - start
-            progress(f"distillation data: {i}/{len(jobs)} answers, {tokens} tokens "
-                     f"({tokens / elapsed:.0f} tok/s, {elapsed:.0f}s)")
-    return out
-
-
-def teacher_arrays(model_dir: str | os.PathLike, answers: list[tuple[Prompt, list[int]]],
-                   progress: Progress = lambda msg: None) -> list[dict[str, np.ndarray]]:
-    """Per sequence: ids, LM-input embeddings, features (float32) and ``label_from`` (the
-    prompt length), from one PyTorch forward over prompt + answer."""
-    import torch
-
-    from .loading import load_target
-    from .reference import hf_lm, hf_prompt_embeds
-
-    adapter, glue = load_target(model_dir)
-    out = []
-    with torch.no_grad():
-        for prompt, tokens in answers:
-            ids = np.concatenate([prompt.input_ids, np.asarray(tokens, np.int64)])
-            whole = Prompt(ids, prompt.processed)
-            embeds = hf_prompt_embeds(adapter, glue, whole)                  # [L, H]
-            _, hidden, _ = hf_lm(adapter, embeds, glue.position_ids(whole)[0])
-            out.append({"ids": ids, "embeds": embeds.numpy(), "features": hidden.numpy(),
-                        "label_from": np.int64(len(prompt.input_ids))})
-    progress(f"teacher features of {len(out)} sequences")
-    return out
-
-
-def _save(arrays: list[dict[str, np.ndarray]], path: Path) -> None:
-    flat = {f"{i}.{k}": v for i, a in enumerate(arrays) for k, v in a.items()}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> list[dict[str, np.ndarray]]:
-    with np.load(path) as data:
-        out: dict[int, dict[str, np.ndarray]] = {}
-        for name in data.files:
-            i, k = name.split(".", 1)
-            out.setdefault(int(i), {})[k] = data[name]
-    return [out[i] for i in sorted(out)]
-
-
-def distill_data(model_dir, target_onnx, config: DistillConfig, folder: Path,
-                 progress: Progress = lambda msg: None):
-    """The training ``Sample``s, from ``folder/data.npz`` when cached."""
-    import torch
-
-    from .drafters.train import Sample
-
-    path = folder / "data.npz"
-    if path.is_file():
-        progress(f"distillation data: cached ({path})")
-        arrays = _load(path)
-    else:
-        arrays = teacher_arrays(model_dir, decode_answers(target_onnx, config, progress), progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        _save(arrays, path)
-    return [Sample(a["ids"], torch.from_numpy(a["embeds"]), torch.from_numpy(a["features"]),
-                   label_from=int(a["label_from"])) for a in arrays]
-
-
-# -- drafters -----------------------------------------------------------------------------
+# -- the short in-demo training -----------------------------------------------------------
 def cache_folder(model_dir: str | os.PathLike, config: DistillConfig) -> Path:
     """Where the distillation data of ``config`` for this target's weights lives (the
     checkpoints in subfolders keyed by the training settings)."""
@@ -174,17 +115,18 @@ def cache_folder(model_dir: str | os.PathLike, config: DistillConfig) -> Path:
     return Path(cache_dir()) / "smollm2-llava" / f"distill-{config.key(_DATA_FIELDS, extra)}"
 
 
-def real_drafters(model_dir: str | os.PathLike, target_onnx: str | os.PathLike,
-                  kinds: tuple[str, ...] = KINDS, config: DistillConfig = DistillConfig(),
+def real_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS,
+                  config: DistillConfig = DistillConfig(),
                   progress: Progress = lambda msg: None) -> dict[str, Path]:
-    """Checkpoint folders (official layout) of ``kinds`` for the target at ``model_dir``
-    (exported at ``target_onnx``): cached ones reused, the others trained now."""
+    """Checkpoint folders (official layout) of ``kinds`` trained briefly for the target at
+    ``model_dir``: cached ones reused, the others trained now (data cached too)."""
     from vispec.runtime.families import glue_for
     from vispec.runtime.model_dir import read_config
 
     from .drafters.checkpoint import new_drafter, write_checkpoint
+    from .drafters.distill import DistillDataConfig, distill_data
     from .drafters.export import target_lm_head
-    from .drafters.train import TrainConfig, fit, save_token_counts
+    from .drafters.train import TrainConfig, fit, load_samples, save_token_counts
 
     folder = cache_folder(model_dir, config)
     wanted = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS)}" for kind in kinds}
@@ -192,7 +134,11 @@ def real_drafters(model_dir: str | os.PathLike, target_onnx: str | os.PathLike,
     if not missing:
         progress(f"drafters {', '.join(kinds)}: cached ({folder})")
         return wanted
-    samples = distill_data(model_dir, target_onnx, config, folder, progress)
+    data = distill_data(model_dir, folder / "data", DistillDataConfig(
+        synthetic_images=config.image_prompts, max_new_tokens=config.text_tokens,
+        image_tokens=config.image_tokens, seed=config.seed),
+        prompts=text_prompts(config.text_prompts, config.seed), progress=progress)
+    samples = load_samples(data)
     glue = glue_for(read_config(model_dir))
     lm_head = target_lm_head(model_dir)
     train = TrainConfig(steps=config.steps, lr=config.lr, batch=config.batch, seed=config.seed)
@@ -208,3 +154,128 @@ def real_drafters(model_dir: str | os.PathLike, target_onnx: str | os.PathLike,
         progress(f"{kind} drafter trained in {time.perf_counter() - start:.0f}s "
                  f"(training top-1 {metrics.top1:.2f}) -> {wanted[kind]}")
     return wanted
+
+
+# -- shipped drafters ---------------------------------------------------------------------
+def shipped_drafters(kinds: tuple[str, ...] = KINDS,
+                     folder: Path = DRAFTER_ASSETS) -> dict[str, Path] | None:
+    """The shipped checkpoint folders of ``kinds`` (the target's embedding table is filled
+    in at load), or None when some are missing or were trained for other vision weights."""
+    recipe = folder / RECIPE_FILE
+    if not recipe.is_file() or not VISION_WEIGHTS.is_file():
+        return None
+    if json.loads(recipe.read_text()).get("vision_weights") != file_hash(VISION_WEIGHTS):
+        return None
+    found = {kind: folder / kind for kind in kinds}
+    if not all((p / name).is_file() for p in found.values() for name in _SHIPPED_FILES):
+        return None
+    return found
+
+
+def demo_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS, *,
+                  train: bool = False, config: DistillConfig = DistillConfig(),
+                  progress: Progress = lambda msg: None) -> dict[str, Path]:
+    """The shipped drafters, unless ``train`` (or none fit the shipped vision weights):
+    then the short in-demo training's (``real_drafters``)."""
+    shipped = None if train else shipped_drafters(kinds)
+    if shipped is not None:
+        progress(f"drafters {', '.join(kinds)}: shipped ({DRAFTER_ASSETS}, recipe in "
+                 f"{RECIPE_FILE})")
+        return shipped
+    if not train:
+        progress("no shipped drafters for these vision weights (reproduce them with `python -m "
+                 "vispec.exporter.real_drafters --write-weights`): training short ones")
+    return real_drafters(model_dir, kinds, config, progress)
+
+
+def pack_drafter(checkpoint: Path, out: Path) -> Path:
+    """A trained checkpoint as shipped: float16 weights without ``embed_tokens`` (the
+    target's, filled in at load), config.json and token_counts.json."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(checkpoint / "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in state.items()
+               if not k.startswith("embed_tokens")}, str(out / "model.safetensors"))
+    for name in ("config.json", "token_counts.json"):
+        shutil.copyfile(checkpoint / name, out / name)
+    return out
+
+
+def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
+                  work: Path | None = None, kinds: tuple[str, ...] = KINDS,
+                  progress: Progress = lambda msg: None) -> Path:
+    """Run ``recipe`` (every rank of a torchrun run calls it alike) and write the shipped
+    drafters and ``recipe.json`` into ``out`` (rank 0, atomically). ``work`` keeps the data
+    and checkpoints (default: the cache), so a killed run resumes."""
+    from vispec.runtime.families import glue_for
+    from vispec.runtime.model_dir import read_config
+
+    from .drafters.checkpoint import load_drafter
+    from .drafters.distill import DistillDataConfig, data_summary, distill_data
+    from .drafters.distributed import world_group
+    from .drafters.export import target_lm_head
+    from .drafters.train import LOG_FILE, TrainConfig, evaluate, load_samples, train_drafter
+    from .export import versions
+    from .real_target import cached_target
+
+    start = time.perf_counter()
+    model_dir = cached_target(progress)
+    key = hashlib.sha256(json.dumps([asdict(recipe), VERSION, file_hash(VISION_WEIGHTS)])
+                         .encode()).hexdigest()[:12]
+    work = Path(work or Path(cache_dir()) / "smollm2-llava" / f"recipe-{key}")
+    with world_group() as world:
+        data = distill_data(model_dir, work / "data", DistillDataConfig(
+            text_prompts=recipe.text_prompts, synthetic_images=recipe.synthetic_images,
+            max_new_tokens=recipe.max_new_tokens, image_tokens=recipe.image_tokens,
+            batch=recipe.generate_batch, seed=recipe.seed), progress=progress)
+        held_out = distill_data(model_dir, work / "held-out", DistillDataConfig(
+            synthetic_images=0, max_new_tokens=recipe.max_new_tokens, batch=len(HELD_OUT_CHAT)),
+            prompts=list(HELD_OUT_CHAT), progress=progress)
+        train = TrainConfig(steps=recipe.steps, batch=recipe.batch, lr=recipe.lr, seed=recipe.seed)
+        for kind in kinds:
+            if not (work / kind / "config.json").is_file():
+                train_drafter(model_dir, work / kind, kind=kind, config=train, data=data,
+                              progress=progress)
+        if not world.main:
+            return out
+    check = load_samples(held_out)
+    glue, lm_head = glue_for(read_config(model_dir)), target_lm_head(model_dir)
+    record = {"recipe": asdict(recipe), "version": VERSION, "processes": world.size,
+              "vision_weights": file_hash(VISION_WEIGHTS), "data": data_summary(data),
+              "versions": versions(), "drafters": {}, "seconds": 0}
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        for kind in kinds:
+            log = json.loads((work / kind / LOG_FILE).read_text())
+            held = evaluate(load_drafter(work / kind, model_dir), lm_head, glue, check)
+            record["drafters"][kind] = {
+                "final_loss": float(np.mean(log["loss"][-50:])),
+                "final_top1": float(np.mean(log["top1"][-50:])),
+                "held_out_chat_top1": held.top1,
+                "bytes": pack_drafter(work / kind, tmp / kind).joinpath(
+                    "model.safetensors").stat().st_size}
+            progress(f"{kind}: {record['drafters'][kind]}")
+        record["seconds"] = round(time.perf_counter() - start)
+        (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1))
+    progress(f"shipped drafters -> {out} ({record['seconds']}s)")
+    return out
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    return Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Reproduce the shipped demo drafters (also "
+                                                 "under torchrun --nproc_per_node N).")
+    parser.add_argument("--write-weights", type=Path, nargs="?", const=DRAFTER_ASSETS,
+                        required=True, help="output folder (default: the package's assets)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="data and checkpoints (default: the cache); rerun to resume")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    for field in dataclasses.fields(Recipe):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
+                            default=field.default)
+    args = parser.parse_args()
+    write_weights(args.write_weights, _recipe_from_args(args), args.work,
+                  tuple(args.kinds.split(",")), progress=print)

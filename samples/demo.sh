@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up, then run the end-to-end demo on SmolLM2-135M-Instruct with a trained vision tower
-# (LLaVA-1.5): export -> validate against PyTorch -> self-distil ViSpec, HiViS and EAGLE
-# (cached) -> generate plain and speculative, speed table and chart (demo_out/speedup.png).
-# First run ~17 min on 2 CPU cores (training included), later runs ~2 min (cached).
+# (LLaVA-1.5): export -> validate against PyTorch -> the shipped ViSpec, HiViS and EAGLE
+# drafters (without shipped ones, or with --train: self-distilled here, ~15 min, cached) ->
+# plain vs speculative decoding timed as `bench` times it, speed table and chart
+# (demo_out/speedup.png).
 # `vispec-export demo --tiny` runs the same flow on a tiny random model in seconds.
 # Usage: bash samples/demo.sh [OUT_DIR [DEMO_OPTIONS...]]   (default: demo_out/ in the
 # repository, replaced on every run; an OUT_DIR you name must not exist yet, unless you add

@@ -31,6 +31,7 @@ from PIL import Image
 
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import FamilyGlue, Prompt
+from vispec.runtime.model_dir import check_weights, read_config
 from vispec.runtime.processors import load_processor
 
 from ..loading import load_target
@@ -308,23 +309,26 @@ def _model_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def _text_hash(texts: list[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
 def distill_data(model_dir: str | os.PathLike, out: str | os.PathLike,
                  config: DistillDataConfig = DistillDataConfig(), *,
-                 prompts_file: str | os.PathLike | None = None,
-                 images_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                 progress: Progress = lambda msg: None) -> Path:
+                 prompts: list[str] | None = None, images_dir: str | os.PathLike | None = None,
+                 overwrite: bool = False, progress: Progress = lambda msg: None) -> Path:
     """Generate (or finish) the distillation data of the target at ``model_dir`` into
-    ``out``; every rank of a ``torchrun`` / ``accelerate launch`` run calls it the same way.
-    Returns ``out`` once every chunk of every rank is written."""
+    ``out``: answers to ``prompts`` (default: ``config.text_prompts`` built-in ones) and to
+    the pictures of ``images_dir`` and ``config.synthetic_images`` synthetic ones. Every
+    rank of a ``torchrun`` / ``accelerate launch`` run calls it the same way. Returns
+    ``out`` once every chunk of every rank is written."""
     model_dir, out = Path(model_dir), Path(out)
-    texts = read_prompts(prompts_file) if prompts_file is not None else None
+    read_config(model_dir)  # cheap checks before anything is written
+    check_weights(model_dir)
+    texts = list(prompts) if prompts is not None else None
     images = image_files(images_dir) if images_dir is not None else []
     settings = {**asdict(config), "model": _model_fingerprint(model_dir),
-                "prompts_file": _file_hash(prompts_file) if prompts_file is not None else None,
+                "prompts": _text_hash(texts) if texts is not None else None,
                 "images": [p.name for p in images]}
     start = time.perf_counter()
     with world_group() as world:
@@ -349,7 +353,7 @@ def distill_data(model_dir: str | os.PathLike, out: str | os.PathLike,
         world.barrier()
         if world.main:
             shards.remove_partials(out)
-            progress(f"distillation data -> {out}: {len(jobs)} answers in "
+            progress(f"distillation data -> {out}: {data_summary(out)} in "
                      f"{shards.chunk_count(len(jobs), config.batch)} chunks "
                      f"({time.perf_counter() - start:.0f}s)")
     return out
@@ -380,9 +384,10 @@ def _builtin_prompts(target: _Target, world: World, out: Path, config: DistillDa
 
 
 # -- reading ------------------------------------------------------------------------------
-def read_data(folder: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Every sequence of a finished ``distill_data`` folder, in job order; a clear error
-    for an unfinished one."""
+def read_data(folder: str | os.PathLike,
+              keys: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
+    """Every sequence of a finished ``distill_data`` folder, in job order (only the arrays
+    named ``keys``, if given); a clear error for an unfinished one."""
     folder = Path(folder)
     settings = shards.read_settings(folder)
     jobs = json.loads((folder / "prompts.json").read_text()) \
@@ -395,5 +400,18 @@ def read_data(folder: str | os.PathLike) -> list[dict[str, np.ndarray]]:
                           f"the same distill-data command to finish it")
     out = []
     for k in range(shards.chunk_count(len(jobs), settings["batch"])):
-        out += shards.load_arrays(shards.chunk_path(folder / "answers", k))
+        out += shards.load_arrays(shards.chunk_path(folder / "answers", k), keys)
     return out
+
+
+def data_summary(folder: str | os.PathLike) -> dict[str, int]:
+    """Sequences and answer tokens of a finished data folder, image answers among them."""
+    jobs = json.loads((Path(folder) / "prompts.json").read_text())
+    summary = {"sequences": 0, "answer_tokens": 0, "image_answer_tokens": 0}
+    for a in read_data(folder, ("ids", "label_from", "job")):
+        answer = len(a["ids"]) - int(a["label_from"])
+        summary["sequences"] += 1
+        summary["answer_tokens"] += answer
+        if jobs[int(a["job"])]["image"] is not None:
+            summary["image_answer_tokens"] += answer
+    return summary

@@ -57,12 +57,14 @@ def save_arrays(arrays: list[dict[str, np.ndarray]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_arrays(path: Path) -> list[dict[str, np.ndarray]]:
+def load_arrays(path: Path, keys: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
+    """The sequences ``save_arrays`` wrote (only the arrays named ``keys``, if given)."""
     with np.load(path) as data:
         out: dict[int, dict[str, np.ndarray]] = {}
         for name in data.files:
             i, k = name.split(".", 1)
-            out.setdefault(int(i), {})[k] = data[name]
+            if keys is None or k in keys:
+                out.setdefault(int(i), {})[k] = data[name]
     return [out[i] for i in sorted(out)]
 
 
@@ -78,6 +80,9 @@ def open_folder(folder: Path, settings: dict, overwrite: bool = False) -> None:
     settings (to resume it). ``overwrite`` empties an earlier run of other settings."""
     folder = Path(folder)
     meta = folder / META
+    if folder.exists() and not folder.is_dir():
+        raise VispecError(f"{folder} is a file. Expected: a folder for the data. Hint: pick a "
+                          f"new folder name")
     if meta.is_file():
         found = json.loads(meta.read_text())
         if found == settings:

@@ -183,11 +183,13 @@ def make_training_data(target_model_dir: str | os.PathLike, config: TrainConfig 
 
 
 def load_samples(folder: str | os.PathLike) -> list[Sample]:
-    """The sequences of a finished ``distill-data`` folder (float16 e and f, as stored)."""
+    """The sequences of a finished ``distill-data`` folder (e and f stored in float16,
+    returned in float32)."""
     from .distill import read_data
 
-    return [Sample(a["ids"], torch.from_numpy(a["embeds"]), torch.from_numpy(a["features"]),
-                   label_from=int(a["label_from"])) for a in read_data(folder)]
+    return [Sample(a["ids"], torch.from_numpy(a["embeds"]).float(),
+                   torch.from_numpy(a["features"]).float(), label_from=int(a["label_from"]))
+            for a in read_data(folder)]
 
 
 # -- loss ---------------------------------------------------------------------------------
@@ -289,9 +291,9 @@ class BatchLoss(torch.nn.Module):
 
 
 def _on(sample: Sample, device: torch.device) -> Sample:
-    """``sample`` with float32 tensors on ``device`` (shards store float16)."""
+    """``sample`` with its tensors on ``device``."""
     def move(t):
-        return None if t is None else t.to(device=device, dtype=torch.float32)
+        return None if t is None else t.to(device)
     return Sample(sample.ids, move(sample.embeds), move(sample.features), move(sample.logits),
                   sample.label_from)
 
@@ -480,7 +482,8 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
                 save_token_counts(tmp, samples, drafter.config.vocab_size)
                 (tmp / LOG_FILE).write_text(json.dumps(
                     {"config": asdict(config), "processes": world.size, "data": str(data),
-                     "sequences": len(samples), "loss": [h[0] for h in history],
+                     "sequences": len(samples), "seconds": round(time.perf_counter() - start),
+                     "loss": [h[0] for h in history],
                      "top1": [h[1] for h in history]}))
         world.barrier()
     if world.main and options.state_dir is not None:

