@@ -136,17 +136,19 @@ def print_speed(results: dict[str, list[BenchRow]], console: Console) -> None:
         table.add_column(col, justify="right" if col not in ("prompts", "decoding") else "left")
     for group, rows in results.items():
         base = rows[0]
-        quiet = len(base.quiet()) if not base.contended() else 0
-        marker = f"{quiet}/{len(base.repeats)}" + (
-            f" (contended: others used {min(base.others):.2f}+ cores)" if base.contended() else "")
+        marker = f"{len(base.quiet()) if not base.contended() else 0}/{len(base.repeats)}"
+        marker += " contended" if base.contended() else ""
         for r in rows:
             table.add_row(group, r.setting, f"{r.tokens_per_pass:.2f}",
                           f"{r.median_tokens_per_second():.1f}", f"{r.speedup(base):.2f}x",
                           str(r.identical), marker)
     console.print(table)
-    if any(rows[0].contended() for rows in results.values()):
-        console.print(f"Contended groups: other processes used more than {QUIET_CORES} cores "
-                      f"in every repeat; their speedups are not a quiet machine's.")
+    for group, rows in results.items():
+        if rows[0].contended():
+            console.print(f"{group} prompts contended: other processes used "
+                          f"{min(rows[0].others):.2f}-{max(rows[0].others):.2f} cores (more than "
+                          f"{QUIET_CORES}) in every repeat; their speedups are not a quiet "
+                          f"machine's.")
 
 
 def plot_speedups(results: dict[str, list[BenchRow]], path: Path) -> Path:

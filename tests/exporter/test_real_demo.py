@@ -35,4 +35,5 @@ def test_speed_table_times_like_bench_and_marks_contention(tiny_target, tiny_dra
     rows[0].others = rows[1].others = [9.0, 9.0]  # as if another process had used 9 cores
     print_speed(results, console)
     table = console.export_text()
-    assert "quiet repeats" in table and "contended: others used 9.00+ cores" in table
+    assert "quiet repeats" in table and "0/2 contended" in table
+    assert "text prompts contended: other processes used 9.00-9.00 cores" in table
