@@ -53,8 +53,47 @@ def quantize_matmuls(path: str | os.PathLike, bits: int, block: int = BLOCK,
         quantizer.process()
     finally:
         logging.getLogger().setLevel(level)
+    fuse_shared_inputs(quantizer.model.model.graph)
     quantizer.model.topological_sort()
     return save_model(quantizer.model.model, path)
+
+
+def fuse_shared_inputs(graph) -> None:
+    """``MatMulNBits`` nodes reading the same input with the same layout (a layer's q/k/v,
+    gate/up) as one over their weights stacked along N, its output split back: one kernel
+    call instead of several, the same products."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) == 3:
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            key = (node.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0))
+            groups.setdefault(key, []).append((node, a["N"]))
+    for (_, k, bits, block, level), members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0][0]
+        for j, name in ((1, f"{first.name}_fused_q"), (2, f"{first.name}_fused_scales")):
+            stacked = np.concatenate([numpy_helper.to_array(inits[n.input[j]]) for n, _ in members])
+            graph.initializer.append(numpy_helper.from_array(stacked, name))
+        for node, _ in members:
+            for j in (1, 2):
+                graph.initializer.remove(inits[node.input[j]])
+        sizes = f"{first.name}_fused_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.array([n for _, n in members], np.int64), sizes))
+        index = list(graph.node).index(first)
+        for node, _ in members:
+            graph.node.remove(node)
+        fused = f"{first.name}_fused"
+        graph.node.insert(index, helper.make_node(
+            "Split", [fused, sizes], [o for node, _ in members for o in node.output], axis=-1,
+            name=f"{fused}_split"))
+        graph.node.insert(index, helper.make_node(
+            "MatMulNBits", [first.input[0], f"{first.name}_fused_q", f"{first.name}_fused_scales"],
+            [fused], name=fused, domain="com.microsoft", K=k, N=sum(n for _, n in members),
+            bits=bits, block_size=block, accuracy_level=level))
 
 
 def quantize_gathers(path: str | os.PathLike, bits: int, block: int = BLOCK) -> Path:
