@@ -132,11 +132,12 @@ def prompt_pool(seed: int) -> list[tuple[str | None, str | None]]:
 
 def written_question(reply: str) -> str | None:
     """The question in the target's reply to an ``_ASK`` prompt, or None when it wrote
-    something else (a first line ending in "?" of 4-40 words, quotes and labels removed)."""
+    something else (a first line of one sentence ending in "?", 4-40 words, quotes and
+    labels removed; "What a topic! ... What's your question?" is no question)."""
     line = reply.strip().splitlines()[0].strip() if reply.strip() else ""
     line = re.sub(r"^(question|q)\s*[:.]\s*", "", line, flags=re.I).strip(" \"'*`")
-    words = line.split()
-    return line if line.endswith("?") and 4 <= len(words) <= 40 else None
+    one_sentence = re.search(r"[.!?]\s", line) is None
+    return line if line.endswith("?") and one_sentence and 4 <= len(line.split()) <= 40 else None
 
 
 def _held_out(text: str) -> bool:

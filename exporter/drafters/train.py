@@ -42,7 +42,7 @@ from ..loading import load_target, read_text_weight
 from ..reference import hf_lm, hf_prompt_embeds
 from .checkpoint import drafter_config, load_drafter, new_drafter, write_checkpoint
 from .distributed import World, env_world, world_group
-from .draft_vocab import count_tokens, save_counts
+from .draft_vocab import choose_draft_vocab, count_tokens, save_counts
 from .modules import Drafter
 from .progress import ProgressBar
 from .reference import drafter_rows, run_rows
@@ -58,7 +58,9 @@ _IMAGE_SIZE = 56
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Distillation settings; ``temperature`` 0 decodes the data greedily."""
+    """Distillation settings; ``temperature`` 0 decodes the data greedily. ``vocab`` N > 0:
+    the logit loss over the N most frequent answer tokens of the data only (export with
+    ``--draft-vocab`` <= N; the head's share of a step shrinks by V/N)."""
 
     steps: int = 1000
     lr: float = 3e-3
@@ -69,16 +71,18 @@ class TrainConfig:
     seed: int = 0
     with_images: bool = True
     batch: int = 4  # sequences per optimiser step
+    vocab: int = 0
 
     def __post_init__(self):
         problems = [f"{name}={getattr(self, name)}" for name in ("steps", "sequences",
                     "new_tokens", "batch") if getattr(self, name) < 1]
         problems += [f"{name}={getattr(self, name)}" for name in ("temperature",
-                     "feature_weight") if getattr(self, name) < 0]
+                     "feature_weight", "vocab") if getattr(self, name) < 0]
         problems += [f"lr={self.lr}"] if not self.lr > 0 else []
         if problems:
             raise ValueError(f"TrainConfig | {', '.join(problems)}. Expected: steps, sequences, "
-                             f"new_tokens, batch >= 1; lr > 0; temperature, feature_weight >= 0")
+                             f"new_tokens, batch >= 1; lr > 0; temperature, feature_weight, "
+                             f"vocab >= 0")
 
 
 @dataclass(frozen=True)
@@ -230,15 +234,31 @@ def _hivis_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> np.
 _NEXT_TOKEN = {"eagle": _shifted_next, "vispec": _shifted_next, "hivis": _hivis_next}
 
 
+@dataclass(frozen=True)
+class HeadRows:
+    """Some rows of the LM head: token ``ids [N]`` and their ``weight [N, H]``."""
+
+    ids: torch.Tensor
+    weight: torch.Tensor
+
+
 def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-                sample: Sample, feature_weight: float) -> tuple[torch.Tensor, int, int]:
-    """(mean loss, rows whose top-1 is the target's, labelled rows) of one sequence."""
+                sample: Sample, feature_weight: float,
+                head: HeadRows | None = None) -> tuple[torch.Tensor, int, int]:
+    """(mean loss, rows whose top-1 is the target's, labelled rows) of one sequence; the
+    logits over ``head``'s tokens only when given."""
     fused, positions = fused_rows(drafter, glue, sample, lm_head_weight)
-    rows = run_rows(drafter, lm_head_weight, fused, positions)
+    rows = run_rows(drafter, lm_head_weight if head is None else head.weight, fused, positions)
     nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.numpy())
     labelled = (nxt >= 0) & (nxt >= sample.label_from)
     keep, nxt = torch.as_tensor(labelled), nxt[labelled]
-    logp, target = rows.logp[keep], target_logits(sample, lm_head_weight, nxt)  # [M, V]
+    if head is None:
+        target = target_logits(sample, lm_head_weight, nxt)                 # [M, V]
+    elif sample.logits is None:
+        target = target_logits(sample, head.weight, nxt)                    # [M, N]
+    else:
+        target = sample.logits[nxt][:, head.ids]
+    logp = rows.logp[keep]
     ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
     reg = torch.nn.functional.smooth_l1_loss(rows.hidden[keep], sample.features[nxt])
     agree = int((logp.argmax(-1) == target.argmax(-1)).sum())
@@ -278,14 +298,14 @@ class BatchLoss(torch.nn.Module):
     labelled rows). The module DistributedDataParallel wraps."""
 
     def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-                 feature_weight: float):
+                 feature_weight: float, head: HeadRows | None = None):
         super().__init__()
         self.drafter, self.glue, self.feature_weight = drafter, glue, feature_weight
-        self.lm_head_weight = lm_head_weight  # frozen, the same on every rank: not a buffer
+        self.lm_head_weight, self.head = lm_head_weight, head  # frozen, equal on every rank
 
     def forward(self, samples: list[Sample]) -> tuple[torch.Tensor, int, int]:
         results = [sample_loss(self.drafter, self.lm_head_weight, self.glue, s,
-                               self.feature_weight) for s in samples]
+                               self.feature_weight, self.head) for s in samples]
         return (sum(loss * count for loss, _, count in results),
                 sum(a for _, a, _ in results), sum(c for _, _, c in results))
 
@@ -386,7 +406,12 @@ def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
     state = state or _State.fresh(config.seed)
     rng = np.random.default_rng()
     rng.bit_generator.state = state.rng
-    model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight)
+    head = None
+    if config.vocab:  # the rows of the data's most frequent answer tokens
+        counts = count_tokens((s.ids[s.label_from:] for s in samples), len(lm_head_weight))
+        ids = torch.from_numpy(choose_draft_vocab(counts, config.vocab)).to(device)
+        head = HeadRows(ids, lm_head_weight[ids])
+    model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight, head)
     if world.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     every = max(1, config.steps // 10)

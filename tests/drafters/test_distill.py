@@ -178,6 +178,7 @@ def test_written_questions_are_kept_only_when_they_are_questions():
     assert written_question('"What makes bread rise so high?"\nMore') == "What makes bread rise so high?"
     assert written_question("Question: Why do owls hunt at night?") == "Why do owls hunt at night?"
     assert written_question("Here's a list of tips:") is None
+    assert written_question("What a topic! I'm glad to help. What's your question?") is None
     assert written_question("Why?") is None
     assert written_question("") is None
 

@@ -1,5 +1,7 @@
 """Self-distillation makes drafters predict the tiny target; the result is an official
 checkpoint that exports and speeds up the runtime without changing its output."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,7 @@ def trained(tiny_target, tmp_path_factory):
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("sequences", 0),
                                           ("new_tokens", 0), ("temperature", -1.0),
-                                          ("feature_weight", -0.1), ("batch", 0)])
+                                          ("feature_weight", -0.1), ("batch", 0), ("vocab", -1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig \\| {field}="):
         TrainConfig(**{field: value})
@@ -69,6 +71,19 @@ def test_training_lowers_held_out_loss_and_raises_agreement(tiny_target):
     after = evaluate(drafter, lm_head, glue, held_out)
     assert after.loss < before.loss
     assert after.top1 > before.top1 + 0.05
+
+
+def test_a_loss_over_the_frequent_tokens_trains_the_full_head_too(tiny_target):
+    model_dir, _ = tiny_target("llava")
+    train = make_training_data(model_dir, SMALL)
+    held_out = make_training_data(model_dir, TrainConfig(sequences=6, new_tokens=32, seed=1))
+    _, glue = load_target(model_dir)
+    lm_head = target_lm_head(model_dir)
+    drafter = new_drafter("eagle", model_dir)
+    before = evaluate(drafter, lm_head, glue, held_out)
+    fit(drafter, lm_head, glue, train, replace(SMALL, vocab=len(lm_head) // 4))
+    after = evaluate(drafter, lm_head, glue, held_out)  # scored on the whole vocabulary
+    assert after.top1 > before.top1 + 0.05 and after.loss < before.loss
 
 
 def test_sampled_data_differs_from_greedy(tiny_target):
