@@ -63,7 +63,7 @@ def drafter_rows(drafter: Drafter, glue: FamilyGlue, input_ids, embeds, features
                  next_embed: torch.Tensor, image_input: str = ADAPTOR):
     """The drafter's fused rows ``[N, H]``, their positions ``[N]`` and ViSpec's g (or
     None) for a prompt followed by a token embedded as ``next_embed [1, H]``."""
-    ids = torch.as_tensor(np.asarray(input_ids))
+    ids = torch.as_tensor(np.asarray(input_ids), device="cpu")  # read on the host (numpy)
     rows = _official_llava15_rows if image_input == OFFICIAL_LLAVA15 else _ROWS[drafter.kind]
     return rows(drafter, glue, ids, torch.as_tensor(embeds), torch.as_tensor(features),
                 next_embed)
@@ -79,7 +79,7 @@ def _vispec_rows(drafter, glue, ids, e, f, x_next):
     """EAGLE rows; each run of image rows (x_{i+1} an image token) -> the adaptor:
     ``num_q - 1`` rows at the run's last positions, the last adaptor row -> g."""
     shifted = torch.cat([e[1:], x_next])  # [L, H]
-    is_image = torch.cat([ids[1:] == glue.image_token_id, torch.tensor([False])])
+    is_image = torch.cat([ids[1:] == glue.image_token_id, torch.tensor([False], device=ids.device)])
     h = e.shape[1]
     g = torch.zeros(1, h)
     rows, positions, start = [], [], 0
@@ -109,7 +109,7 @@ def _official_llava15_rows(drafter, glue, ids, e, f, x_next):
     """ViSpec as the official inference runs it on LLaVA-1.5: no image mask, so the target's
     embeddings are not passed (``e`` unused) and the drafter embeds every id itself (image
     slots: the ``<image>`` token's row); no adaptor; every row fused with g = 0."""
-    shifted = torch.cat([drafter.embed_tokens(ids[1:]), x_next])
+    shifted = torch.cat([drafter.embed_tokens(ids[1:].to(x_next.device)), x_next])
     g = torch.zeros(1, shifted.shape[1])
     return drafter.fuse(shifted[None], f[None], g)[0], torch.arange(len(ids)), g
 

@@ -249,7 +249,7 @@ def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue
     logits over ``head``'s tokens only when given."""
     fused, positions = fused_rows(drafter, glue, sample, lm_head_weight)
     rows = run_rows(drafter, lm_head_weight if head is None else head.weight, fused, positions)
-    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.numpy())
+    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.cpu().numpy())
     labelled = (nxt >= 0) & (nxt >= sample.label_from)
     keep, nxt = torch.as_tensor(labelled), nxt[labelled]
     if head is None:
@@ -413,7 +413,9 @@ def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
         head = HeadRows(ids, lm_head_weight[ids])
     model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight, head)
     if world.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
     every = max(1, config.steps // 10)
     drafter.train()
     with ProgressBar(f"training {drafter.kind}", config.steps, state.step,
