@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from vispec.exporter.cli import cli
@@ -36,6 +37,15 @@ SMALL = ["--text-prompts", "12", "--synthetic-images", "3", "--max-new-tokens", 
          "--image-tokens", "6", "--batch", "4"]
 CONFIG = DistillDataConfig(text_prompts=12, synthetic_images=3, max_new_tokens=10, image_tokens=6,
                            batch=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models: intra-op threads only add overhead (and spin on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cli_cmd(*args):
