@@ -11,7 +11,7 @@ from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
 from .families import Prompt
 from .generate import GenerationResult, OnTokens, check_fits
-from .manifest import EXPORT_COMMAND, MANIFEST_NAME
+from .manifest import EXPORT_COMMAND, MANIFEST_NAME, Manifest
 from .sampling import Sampling
 from .session import Cancel, Session
 from .target import TargetModel
@@ -60,14 +60,15 @@ class Pipeline:
         if threads is not None and threads < 1:
             raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
                               f"ONNX Runtime's default")
-        self.target = TargetModel(_check_artifacts(Path(artifact_dir), "target"),
-                                  backend=backend, threads=threads)
+        target_dir = _check_artifacts(Path(artifact_dir), "target")
+        if drafter_dir is not None:  # a wrong drafter folder is told before the target loads
+            Manifest.load(_check_artifacts(Path(drafter_dir), "drafter"), kind="drafter")
+        self.target = TargetModel(target_dir, backend=backend, threads=threads)
         self.drafter = None
         if drafter_dir is not None:
             from .drafters import open_drafter
-            self.drafter = open_drafter(_check_artifacts(Path(drafter_dir), "drafter"),
-                                        self.target, backend=backend, threads=threads,
-                                        image_input=drafter_image_input)
+            self.drafter = open_drafter(Path(drafter_dir), self.target, backend=backend,
+                                        threads=threads, image_input=drafter_image_input)
         self.drafter_dir = drafter_dir
         self.tree = tree  # "auto": fitted to this machine; None: the backend's default tree
         self.progress = progress
