@@ -80,6 +80,17 @@ def tiny_drafter(tiny_target, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small models: torch's intra-op threads only add overhead (and spin on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def noise_image():
     """``noise_image(height=56, width=56, seed=0)`` -> a random RGB PIL image."""

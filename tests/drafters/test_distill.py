@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from vispec.exporter.cli import cli
@@ -39,13 +38,7 @@ CONFIG = DistillDataConfig(text_prompts=12, synthetic_images=3, max_new_tokens=1
                            batch=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: intra-op threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def cli_cmd(*args):

@@ -21,14 +21,7 @@ from vispec.exporter.real_drafters import (
 )
 from vispec.exporter.real_lm import installed_gguf
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: intra-op threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
