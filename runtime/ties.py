@@ -39,8 +39,10 @@ class Divergence:
 def teacher_forced_logits(target: TargetModel, prompt: Prompt, tokens: list[int]) -> np.ndarray:
     """Logits ``[n, V]`` predicting each of ``tokens`` given the prompt and the tokens before
     it (one LM pass over the whole sequence)."""
-    embeds = np.concatenate([target.prompt_embeds(prompt),
-                             target.embed(np.asarray(tokens[:-1], np.int64)).astype(np.float32)])
+    embeds = target.prompt_embeds(prompt)
+    if len(tokens) > 1:  # the first token is predicted from the prompt alone
+        embeds = np.concatenate([embeds, target.embed(np.asarray(tokens[:-1], np.int64))
+                                 .astype(np.float32)])
     positions, next_pos = target.glue.position_ids(prompt)
     steps = target.glue.step_position_ids(next_pos, np.arange(len(tokens) - 1))
     positions = np.concatenate([positions, steps], axis=-1)

@@ -18,3 +18,17 @@ def test_a_difference_that_is_no_tie_fails():
     assert not result.passed
     assert "DIFFERENT" in result.summary()
     assert GreedyCheck([1, 2], [1, 2]).passed
+
+
+def test_first_divergence_at_the_first_token(tiny_target):
+    """A difference at token 0 is judged from the prompt's own pass."""
+    from vispec.runtime.generate import generate_plain
+    from vispec.runtime.target import TargetModel
+    from vispec.runtime.ties import first_divergence
+
+    target = TargetModel(tiny_target("llava")[1])
+    prompt = target.prepare("hi")
+    first = generate_plain(target, prompt, 1).tokens[0]
+    other = (first + 1) % 100
+    divergence = first_divergence(target, prompt, [first], [other])
+    assert divergence.position == 0 and divergence.gap > TIE_TOLERANCE["float32"]
