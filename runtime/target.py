@@ -14,7 +14,17 @@ from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .processors import load_artifact_processor
-from .specs import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, NEW, POSITION_IDS, TOKEN_IDS
+from .specs import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    IMAGE_FEATURES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    LOGITS,
+    NEW,
+    POSITION_IDS,
+    TOKEN_IDS,
+)
 from .weights import FLOAT, require_weights_runtime
 
 ARGMAX = "argmax"  # optional graph: the greedy choice on the device
@@ -125,7 +135,7 @@ class TargetModel:
         embeds = self.embed(prompt.input_ids)
         if prompt.has_images:
             vision = self.runners["vision"]
-            out = next(iter(vision.infer(self.glue.vision_feeds(prompt)).values()))
+            out = vision.infer(self.glue.vision_feeds(prompt))[IMAGE_FEATURES]
             features = self.glue.image_features(out, prompt, self.extras)
             self.glue.merge(embeds, prompt.input_ids, features)
         return embeds

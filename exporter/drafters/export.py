@@ -35,6 +35,7 @@ from vispec.runtime.specs import (
     TOPK_LOGPROBS,
     GraphSpec,
     past_names,
+    present_names,
 )
 from vispec.runtime.weights import BITS, FLOAT, require_weights_runtime
 
@@ -224,8 +225,7 @@ def validate_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.
                              **fixed_inputs(spec, drafter, rng, new))
 
     prefill = run(DRAFT, "prefill", feeds(12, 0))
-    k, v = past_names(0)
-    real_past = {k: prefill["present_key.0"], v: prefill["present_value.0"]}
+    real_past = {past: prefill[present] for past, present in zip(past_names(0), present_names(0))}
     run(DRAFT, "single", {**feeds(1, 12), **real_past})
     n = int(rng.integers(8, 33))
     tree = feeds(n, 12)
