@@ -318,13 +318,24 @@ def demo(out_dir, tiny, family, drafter_kind, train, overwrite):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16",
               show_default=True, help="int8 inserts explicit Q/DQ first (TensorRT 10.3+).")
+@click.option("--workspace-mib", type=POSITIVE, default=None,
+              help="TensorRT builder workspace limit (default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Reuse and update this TensorRT timing cache file (faster rebuilds).")
+@click.option("--profiles", default="decode=64,prefill", show_default=True,
+              help="Optimization profiles of the LM engine, split by new-token count: "
+                   "name=upper bound, the last one unbounded ('' for one profile).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="int8: prompts (one per line) whose activations set the Q/DQ scales "
+                   "(default: a built-in set).")
 @OVERWRITE
-def build(artifact_dir, out_dir, precision, overwrite):
+def build(artifact_dir, out_dir, precision, workspace_mib, timing_cache, profiles, calibration,
+          overwrite):
     """Build TensorRT engines for every graph in ARTIFACT_DIR into OUT_DIR (needs
     TensorRT on this machine: run it on the target GPU, e.g. the Jetson itself)."""
     _check_output(out_dir, overwrite, artifact_dir)
     from vispec.engines.build import BuildConfig, build_engines
-    config = BuildConfig.from_cli(precision=precision)
+    config = BuildConfig.from_cli(precision, workspace_mib, timing_cache, profiles, calibration)
     build_engines(artifact_dir, out_dir, config, overwrite=overwrite, progress=_progress)
 
 

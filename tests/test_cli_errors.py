@@ -209,6 +209,8 @@ BAD = {  # case -> (invocation, text the error line holds)
     "seed -5": (lambda e: generate(e, "--temperature", 1, "--seed", -5), "seed"),
     "export opset 0": (lambda e: ["export", e["model"], e["tmp"] / "out", "--opset", 0],
                        "--opset"),
+    "build --profiles not numbers": (lambda e: ["build", e["art"], e["tmp"] / "engines",
+                                                "--profiles", "decode=lots,prefill"], "--profiles"),
     "model folder without tokenizer.json": (export_without_tokenizer, "no tokenizer"),
     "truncated drafter checkpoint": (truncated_drafter_checkpoint, "truncated or corrupt"),
     "bench --png not a .png": (lambda e: bench(e, "--png", e["tmp"] / "b.txt"), "end in .png"),
