@@ -1,6 +1,7 @@
 """Export a target VLM to ONNX graphs (embed, vision, lm) plus a manifest, atomically."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -8,26 +9,31 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 import transformers
 from PIL import Image
 
-from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import FamilyGlue, glue_for
-from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, GraphEntry, Manifest, config_hash
+from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, Manifest
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
-from vispec.runtime.specs import LOGITS, NEW, PAST, argmax_spec, embed_spec, lm_step_spec
+from vispec.runtime.specs import (
+    LOGITS,
+    NEW,
+    PAST,
+    GraphSpec,
+    argmax_spec,
+    embed_spec,
+    lm_step_spec,
+)
 from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
+from .artifacts import ArtifactInfo, GraphJob, write_artifact
 from .families import FamilyExport
 from .gptq import calibration_forwards, calibration_prompts, gptq_language_model
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
-from .onnx_io import example_feeds, export_graph
+from .onnx_io import example_feeds
 from .weight_quant import BLOCK, check_block, quantize_gathers, quantize_matmuls
 
 DEFAULT_OPSET = 17
@@ -35,12 +41,6 @@ EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
 WEIGHT_PARTS = ("head", "embed")  # besides the decoder layers: the LM head, the embedding
 DEFAULT_EXCLUDE = ("embed",)  # a Gather reads S rows a step: quantizing it saves no time
 METHODS = ("rtn", "gptq")  # round to nearest; GPTQ on calibration prompts first (minutes)
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded in every manifest."""
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def copy_processor_files(model_dir: Path, dest: Path) -> None:
@@ -68,7 +68,7 @@ def eos_token_ids(model_dir: Path, glue: FamilyGlue) -> list[int]:
     return sorted({eos} if isinstance(eos, int) else set(eos or []))
 
 
-def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
+def read_target_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dict:
     """Architecture facts the runtime needs, read off the loaded modules and configs."""
     attn = adapter.language_model.layers[0].self_attn
     return {
@@ -82,6 +82,47 @@ def model_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) -> dic
         "eos_token_ids": eos_token_ids(model_dir, glue),
         "mrope": glue.mrope,
     }
+
+
+def target_specs(glue: FamilyGlue, facts: dict, max_len: int, max_images: int,
+                 dtype: str) -> dict[str, GraphSpec]:
+    """Graph name -> spec of the target's four graphs, in export order."""
+    return {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
+            "vision": glue.vision_spec(glue.config, max_images),
+            "lm": lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
+                               vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
+                               head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
+                               dtype=dtype),
+            "argmax": argmax_spec(vocab_size=facts["vocab_size"], max_len=max_len, dtype=dtype)}
+
+
+def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
+                specs: dict[str, GraphSpec], rewrites: dict[str, tuple]) -> list[GraphJob]:
+    """The target's graph jobs: each graph's module, traced on example inputs (a prompt with
+    two images for the vision graph), with its weight rewrite if any."""
+    example_prompt = glue.prepare(processor, "describe", example_images())
+    examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
+                "vision": glue.vision_feeds(example_prompt),
+                "lm": example_feeds(specs["lm"], {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST},
+                                    np.random.default_rng(0)),
+                "argmax": example_feeds(specs["argmax"], {NEW: EXAMPLE_NEW},
+                                        np.random.default_rng(0))}
+    modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
+               "vision": adapter.vision_module(),
+               "lm": LMStep(adapter.language_model, adapter.lm_head), "argmax": ArgmaxStep()}
+    return [GraphJob(name, modules[name], spec, examples[name], *rewrites.get(name, ()))
+            for name, spec in specs.items()]
+
+
+def write_host_files(folder: Path, *, model_dir: Path, glue: FamilyGlue, model) -> dict[str, str]:
+    """The glue's host-side arrays (``<key>.npy``, returned as the manifest's
+    ``extra_files``) and the processor files, written into ``folder``."""
+    files = {}
+    for key, array in glue.extra_arrays(model).items():
+        np.save(folder / f"{key}.npy", array)
+        files[key] = f"{key}.npy"
+    copy_processor_files(model_dir, folder / PROCESSOR_DIR)
+    return files
 
 
 def check_max_len(glue: FamilyGlue, max_len: int) -> None:
@@ -108,13 +149,22 @@ def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: st
     require_weights_runtime(weights, "ort", f"export --weights {weights}")
 
 
-def quantize_target(out: Path, weights: str, block: int, exclude: tuple[str, ...]) -> None:
-    """Quantize the exported ``lm`` graph's MatMuls (its LM head unless excluded) and the
-    ``embed`` graph's table (unless excluded) in ``out`` (``weight_quant``)."""
+def weight_rewrites(weights: str, block: int,
+                    exclude: tuple[str, ...]) -> dict[str, tuple[Callable[[Path], object], str]]:
+    """Graph name -> (rewrite of its exported file, progress note) quantizing the ``lm``
+    graph's MatMuls (its LM head unless excluded) and the ``embed`` graph's table (unless
+    excluded) (``weight_quant``); none for float weights."""
+    if weights == FLOAT:
+        return {}
     keep = (LOGITS,) if "head" in exclude else ()
-    quantize_matmuls(out / "lm.onnx", BITS[weights], block, keep=keep)
+    rewrites = {"lm": (functools.partial(quantize_matmuls, bits=BITS[weights], block=block,
+                                         keep=keep),
+                       f"quantizing the LM's weights to {weights} (blocks of {block}"
+                       f"{', LM head float' if keep else ''})")}
     if "embed" not in exclude:
-        quantize_gathers(out / "embed.onnx", BITS[weights], block)
+        rewrites["embed"] = (functools.partial(quantize_gathers, bits=BITS[weights], block=block),
+                             f"quantizing the embedding table to {weights} (blocks of {block})")
+    return rewrites
 
 
 def check_opset(opset: int) -> None:
@@ -138,7 +188,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
     ``weights`` ``int4``/``int8``: the LM's weights quantized weight-only, blocks of
-    ``weights_block`` (``quantize_target``); ``weights_exclude`` keeps the LM ``head``
+    ``weights_block`` (``weight_rewrites``); ``weights_exclude`` keeps the LM ``head``
     and/or the ``embed`` table float (default: the embedding). ``weights_method="gptq"``
     rounds the LM's weights with GPTQ first (``gptq``), calibrated on the prompts of
     ``calibration`` (a file) or a built-in set.
@@ -156,7 +206,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_max_len(glue, max_len)
     processor = load_processor(model_dir)  # before the weights: a missing tokenizer is cheap
     adapter, glue = load_target(model_dir, dtype)
-    facts = {**model_facts(adapter, glue, model_dir), "dtype": dtype, "weights": weights}
+    facts = {**read_target_facts(adapter, glue, model_dir), "dtype": dtype, "weights": weights}
     if weights != FLOAT:
         facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude),
                      weights_method=weights_method)
@@ -167,43 +217,12 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                             None if "head" in weights_exclude else adapter.lm_head,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
                             weights_block, progress)
-    lm_spec = lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
-                           vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
-                           head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
-                           dtype=dtype)
-    specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
-             "vision": glue.vision_spec(glue.config, max_images), "lm": lm_spec,
-             "argmax": argmax_spec(vocab_size=facts["vocab_size"], max_len=max_len, dtype=dtype)}
-    example_prompt = glue.prepare(processor, "describe", example_images())
-    lm_sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST}
-    examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
-                "vision": glue.vision_feeds(example_prompt),
-                "lm": example_feeds(lm_spec, lm_sizes, np.random.default_rng(0)),
-                "argmax": example_feeds(specs["argmax"], {NEW: EXAMPLE_NEW},
-                                        np.random.default_rng(0))}
-    modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
-               "vision": adapter.vision_module(),
-               "lm": LMStep(adapter.language_model, adapter.lm_head), "argmax": ArgmaxStep()}
-    with atomic_output_dir(out_dir, overwrite, inputs=[model_dir]) as tmp:
-        graphs = {}
-        for i, name in enumerate(specs, 1):
-            progress(f"[{i}/{len(specs)}] exporting {name} graph")
-            export_graph(modules[name].eval(), specs[name], examples[name], tmp / f"{name}.onnx",
-                         opset)
-            graphs[name] = GraphEntry(f"{name}.onnx", specs[name])
-        if weights != FLOAT:
-            progress(f"quantizing the LM's weights to {weights} (blocks of {weights_block}, "
-                     f"float: {', '.join(weights_exclude) or 'nothing'})")
-            quantize_target(tmp, weights, weights_block, weights_exclude)
-        extra_files = {}
-        for key, array in glue.extra_arrays(adapter.model).items():
-            np.save(tmp / f"{key}.npy", array)
-            extra_files[key] = f"{key}.npy"
-        copy_processor_files(model_dir, tmp / PROCESSOR_DIR)
-        manifest = Manifest(kind="target", family=glue.model_type,
-                            config_hash=config_hash(model_dir), max_len=max_len, opset=opset,
-                            model=facts, graphs=graphs, versions=versions(),
-                            extra_files=extra_files, source=str(model_dir.resolve()))
-        manifest.save(tmp)
-    progress(f"exported {len(graphs)} graphs to {out_dir} in {time.perf_counter() - start:.1f}s")
-    return manifest
+    jobs = target_jobs(adapter, glue, processor,
+                       target_specs(glue, facts, max_len, max_images, dtype),
+                       weight_rewrites(weights, weights_block, weights_exclude))
+    info = ArtifactInfo(kind="target", family=glue.model_type, source=model_dir,
+                        max_len=max_len, opset=opset, model=facts)
+    return write_artifact(out_dir, info, jobs, inputs=[model_dir], overwrite=overwrite,
+                          extras=functools.partial(write_host_files, model_dir=model_dir,
+                                                   glue=glue, model=adapter.model),
+                          started=start, progress=progress)

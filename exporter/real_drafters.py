@@ -212,12 +212,12 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
     from vispec.runtime.families import glue_for
     from vispec.runtime.model_dir import read_config
 
+    from .artifacts import versions
     from .drafters.checkpoint import load_drafter
     from .drafters.distill import DistillDataConfig, data_summary, distill_data
     from .drafters.distributed import world_group
     from .drafters.export import target_lm_head
     from .drafters.train import LOG_FILE, TrainConfig, evaluate, load_samples, train_drafter
-    from .export import versions
     from .real_target import cached_target
 
     start = time.perf_counter()

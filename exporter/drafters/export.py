@@ -2,6 +2,7 @@
 the graphs under ONNX Runtime against the PyTorch modules."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends import make_runner
 from vispec.runtime.drafter_specs import (
     DRAFT,
@@ -24,7 +24,7 @@ from vispec.runtime.drafter_specs import (
 )
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import glue_for
-from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
+from vispec.runtime.manifest import Manifest, config_hash
 from vispec.runtime.model_dir import read_config
 from vispec.runtime.specs import (
     ATTENTION_MASK,
@@ -39,9 +39,10 @@ from vispec.runtime.specs import (
 )
 from vispec.runtime.weights import BITS, FLOAT, require_weights_runtime
 
-from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, check_opset, versions
+from ..artifacts import ArtifactInfo, GraphJob, write_artifact
+from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, check_opset
 from ..loading import read_text_weight
-from ..onnx_io import example_feeds, export_graph
+from ..onnx_io import example_feeds
 from ..parity import ParityRow, compare, random_tree, tolerance
 from ..weight_quant import quantize_matmuls
 from .checkpoint import load_drafter
@@ -92,9 +93,10 @@ def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
     return feeds
 
 
-def model_facts(drafter: Drafter, top_k: int, target_model_dir: Path,
-                draft_vocab: int | None = None, weights: str = "float32") -> dict:
-    """What the runtime needs, plus the target it belongs to."""
+def drafter_manifest_facts(drafter: Drafter, top_k: int, target_model_dir: Path,
+                           draft_vocab: int | None = None, weights: str = "float32") -> dict:
+    """The manifest's model facts: the drafter's architecture and export settings the
+    runtime needs, plus the target it belongs to (family, config hash)."""
     c = drafter.config
     return {"drafter_type": c.kind, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "draft_vocab": draft_vocab, "weights": weights,
@@ -137,31 +139,37 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
     graphs = drafter_graphs(drafter, target_lm_head(target_model_dir), top_k=top_k,
                             max_len=max_len, max_image_tokens=max_image_tokens,
                             draft_ids=draft_ids)
+    info = ArtifactInfo(kind="drafter", family=drafter.kind, source=drafter_dir,
+                        max_len=max_len, opset=opset,
+                        model=drafter_manifest_facts(drafter, top_k, target_model_dir,
+                                                     draft_vocab, weights))
+    return write_artifact(out_dir, info, drafter_jobs(graphs, drafter, weights),
+                          inputs=[drafter_dir, target_model_dir], overwrite=overwrite,
+                          extras=functools.partial(write_draft_vocab, draft_ids=draft_ids),
+                          label="drafter ", started=start, progress=progress)
+
+
+def drafter_jobs(graphs: dict[str, tuple], drafter: Drafter, weights: str) -> list[GraphJob]:
+    """The graph jobs of ``drafter_graphs``, traced on seeded example inputs; the draft
+    graph's MatMul weights quantized to ``weights`` unless float."""
     sizes = {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST, IMAGE_TOKENS: EXAMPLE_IMAGE_TOKENS}
     rng = np.random.default_rng(0)
-    with atomic_output_dir(out_dir, overwrite, inputs=[drafter_dir, target_model_dir]) as tmp:
-        entries = {}
-        for i, (name, (module, spec)) in enumerate(graphs.items(), 1):
-            progress(f"[{i}/{len(graphs)}] exporting drafter {name} graph")
-            feeds = example_feeds(spec, sizes, rng,
-                                  **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW))
-            export_graph(module.eval(), spec, feeds, tmp / f"{name}.onnx", opset)
-            if name == DRAFT and weights != FLOAT:
-                progress(f"[{i}/{len(graphs)}] quantizing the draft graph's weights to {weights}")
-                quantize_matmuls(tmp / f"{name}.onnx", BITS[weights])
-            entries[name] = GraphEntry(f"{name}.onnx", spec)
-        if draft_ids is not None:
-            np.save(tmp / DRAFT_VOCAB_FILE, draft_ids)
-        manifest = Manifest(kind="drafter", family=drafter.kind,
-                            config_hash=config_hash(drafter_dir), max_len=max_len, opset=opset,
-                            model=model_facts(drafter, top_k, target_model_dir, draft_vocab,
-                                              weights),
-                            graphs=entries,
-                            versions=versions(), source=str(drafter_dir.resolve()))
-        manifest.save(tmp)
-    progress(f"exported {len(entries)} drafter graphs to {out_dir} in "
-             f"{time.perf_counter() - start:.1f}s")
-    return manifest
+    quantize = () if weights == FLOAT else (
+        functools.partial(quantize_matmuls, bits=BITS[weights]),
+        f"quantizing the draft graph's weights to {weights}")
+    return [GraphJob(name, module, spec,
+                     example_feeds(spec, sizes, rng,
+                                   **fixed_inputs(spec, drafter, rng, EXAMPLE_NEW)),
+                     *(quantize if name == DRAFT else ()))
+            for name, (module, spec) in graphs.items()]
+
+
+def write_draft_vocab(folder: Path, draft_ids: np.ndarray | None) -> dict[str, str]:
+    """The draft vocabulary's target ids (``DRAFT_VOCAB_FILE``) if the head was cut; it is
+    no manifest ``extra_files`` entry (the manifest's ``draft_vocab`` fact names it)."""
+    if draft_ids is not None:
+        np.save(folder / DRAFT_VOCAB_FILE, draft_ids)
+    return {}
 
 
 # -- parity -----------------------------------------------------------------------------------
