@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from vispec.runtime.atomic import atomic_output_dir
-from vispec.runtime.tree_calibration import cache_dir
+from vispec.runtime.cache import cache_dir
 
 from .drafters.distill import HELD_OUT_CHAT
 from .real_target import WEIGHTS as VISION_WEIGHTS

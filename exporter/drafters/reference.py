@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from vispec.runtime.drafter_specs import ADAPTOR, OFFICIAL_LLAVA15
-from vispec.runtime.drafters.layouts import hivis_text_rows, image_runs
-from vispec.runtime.families import FamilyGlue
+from vispec.runtime.families import FamilyGlue, image_runs
 
 from .modules import Drafter
 
@@ -98,7 +97,7 @@ def _vispec_rows(drafter, glue, ids, e, f, x_next):
 
 def _hivis_rows(drafter, glue, ids, e, f, x_next):
     """EAGLE rows over the text tokens only, residual row 0, the family's positions."""
-    kept, positions = hivis_text_rows(glue, ids.numpy())
+    kept, positions = glue.hivis_text_rows(ids.numpy())
     kept = torch.as_tensor(kept)
     shifted = torch.cat([e[kept][1:], x_next])
     fused = drafter.fuse(shifted[None], f[kept][None], torch.tensor([0]))[0]

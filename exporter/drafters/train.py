@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 from vispec.runtime.atomic import atomic_output_dir
-from vispec.runtime.drafters.layouts import hivis_text_rows
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import FamilyGlue, Prompt, glue_for
 from vispec.runtime.model_dir import read_config
@@ -225,7 +224,7 @@ def _shifted_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> n
 
 def _hivis_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """HiViS: row r sees the next kept (text) token."""
-    kept, _ = hivis_text_rows(glue, ids)
+    kept, _ = glue.hivis_text_rows(ids)
     return np.append(kept[1:], -1)
 
 

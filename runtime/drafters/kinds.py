@@ -13,7 +13,7 @@ from ..drafter_specs import (
     RESIDUAL_INDEX,
 )
 from ..errors import VispecError
-from .layouts import hivis_text_rows, image_runs
+from ..families import image_runs
 from .session import DrafterSession, register, shifted_rows
 
 
@@ -96,7 +96,7 @@ class HivisSession(DrafterSession):
         return {RESIDUAL_INDEX: np.array([index], np.int64)}
 
     def _prefill_chunks(self, input_ids, embeds, features, next_token, start):
-        kept, positions = hivis_text_rows(self.target.glue, input_ids)
+        kept, positions = self.target.glue.hivis_text_rows(input_ids)
         tail = kept >= start
         rows = kept[tail] - start
         yield shifted_rows(rows, embeds[rows], next_token) + (features[rows], positions[tail])

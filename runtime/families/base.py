@@ -1,4 +1,5 @@
-"""Host-side glue of a model family: chat template, preprocessing, image placement, positions.
+"""Host-side glue of a model family: chat template, preprocessing, image placement, positions,
+and the family's rules the drafters follow (which rows HiViS keeps).
 
 One subclass per family, registered with :func:`register`. The PyTorch reference and the
 runtime both call it, so both see exactly the same tokens, pixels and positions.
@@ -43,6 +44,12 @@ def runs(values: np.ndarray) -> list[tuple[int, int, int]]:
     starts = np.flatnonzero(np.diff(values, prepend=values[:1] - 1) != 0) if len(values) else []
     ends = np.append(starts[1:], len(values)) if len(values) else []
     return [(int(values[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def image_runs(is_image: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` of every maximal run of True in ``is_image [L]``."""
+    return [(start, end) for value, start, end in runs(np.asarray(is_image).astype(np.int8))
+            if value]
 
 
 @dataclass
@@ -124,8 +131,7 @@ class FamilyGlue:
     def image_slots(self, prompt: Prompt) -> list[int]:
         """The first placeholder slot of each run of image tokens (one run per image where
         the template separates images, as every supported family's does)."""
-        return [start for value, start, _ in runs(prompt.input_ids == self.image_token_id)
-                if value]
+        return [start for start, _ in image_runs(prompt.input_ids == self.image_token_id)]
 
     def tail(self, prompt: Prompt, start: int) -> Prompt:
         """The prompt from token ``start`` on with the inputs of the images placed there
@@ -173,6 +179,15 @@ class FamilyGlue:
                               f"{len(features)} features. Hint: use the model's own processor")
         embeds[slots] = features
         return embeds
+
+    # -- drafters ------------------------------------------------------------------------
+    def hivis_text_rows(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HiViS's rule for this family: the indices of the prompt tokens ``input_ids [L]``
+        it keeps (the image's tokens removed) ``[T]`` and the positions they take ``[T]``."""
+        known = sorted(t for t, cls in _REGISTRY.items()
+                       if cls.hivis_text_rows is not FamilyGlue.hivis_text_rows)
+        raise VispecError(f"HiViS has no image layout for target family {self.model_type!r} "
+                          f"(known: {known})")
 
     # -- positions ------------------------------------------------------------------------
     def position_ids(self, prompt: Prompt) -> tuple[np.ndarray, int]:

@@ -16,6 +16,12 @@ def _tokens_per_tile(config: dict) -> int:
     return side * side + cls_token
 
 
+def _text_rows_renumbered(glue: FamilyGlue, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HiViS on LLaVA: image tokens removed, the text re-numbered contiguously."""
+    kept = np.flatnonzero(np.asarray(input_ids) != glue.image_token_id)
+    return kept, np.arange(len(kept), dtype=np.int64)
+
+
 def _tile_vision_spec(config: dict, max_tiles: int) -> GraphSpec:
     """Vision tower + projector over square tiles ``[tiles, 3, S, S] -> [tiles, P, H]``."""
     vc = config["vision_config"]
@@ -35,6 +41,7 @@ class LlavaGlue(FamilyGlue):
 
     model_type = "llava"
     processor_name = "LlavaProcessor"
+    hivis_text_rows = _text_rows_renumbered
 
     @classmethod
     def vision_spec(cls, config: dict, max_images: int) -> GraphSpec:
@@ -50,6 +57,7 @@ class LlavaNextGlue(FamilyGlue):
 
     model_type = "llava_next"
     processor_name = "LlavaNextProcessor"
+    hivis_text_rows = _text_rows_renumbered
     NEWLINE = "image_newline"
 
     @classmethod

@@ -181,6 +181,17 @@ class Qwen25VLGlue(FamilyGlue):
         return {**processed, PIXEL_VALUES: processed[PIXEL_VALUES][skip:],
                 "image_grid_thw": grids[first:]}
 
+    # -- drafters ----------------------------------------------------------------------------
+    def hivis_text_rows(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """HiViS on Qwen2.5-VL: <|vision_start|>..<|vision_end|> removed, the text keeps its
+        ordinal (a gap)."""
+        input_ids = np.asarray(input_ids)
+        start = int(self.config["vision_start_token_id"])
+        end = int(self.config["vision_end_token_id"])
+        inside = np.cumsum(input_ids == start) - np.cumsum(input_ids == end)  # > 0 within a span
+        kept = np.flatnonzero((inside == 0) & (input_ids != end))
+        return kept, kept.astype(np.int64)
+
     # -- positions (numpy port of Qwen2_5_VLModel.get_rope_index, images only) ----------------
     def mm_token_type_ids(self, prompt: Prompt) -> np.ndarray:
         """Per token 0 (text) or 1 (image), as the processor's ``mm_token_type_ids``."""
