@@ -1,7 +1,7 @@
 """Where the runtime keeps its tensors: host numpy arrays, or device allocations by pointer.
 
 The KV caches and the target's step tensors (embeddings, logits, hidden states) live in one
-``Memory`` per target:
+:class:`Memory` per target:
 
 - :class:`HostMemory`: numpy arrays. The CPU backend binds them by pointer, so graphs read
   the past and write the present rows in place (zero-copy).
@@ -11,10 +11,12 @@ The KV caches and the target's step tensors (embeddings, logits, hidden states) 
   ``traffic``. With device ``"cpu"`` (ORT CPU ``OrtValue`` s) the same code runs without a
   GPU; the tests use that.
 
-Both answer the same calls (``empty``, ``rows``, ``move_rows``, ``scratch``, ``to_host``,
-``rows_to_host``, ``release``, ``close``), so the KV cache, the target and the drafter
-sessions hold no backend-specific code. :class:`AlignedIO` gives a graph call the aligned,
-non-null addresses TensorRT needs, staging what is not.
+Both implement every call of :class:`Memory`, so the KV cache, the target, the drafter
+sessions and the runners hold no memory-specific code. Shapes are the same in both: a
+graph's tensors are ``[1, S, ...]`` (batch axis first) wherever they live; the host sees
+``[S, ...]`` rows only where it reads them (``to_host(...)[0]``, ``rows_to_host``).
+:class:`AlignedIO` gives a graph call the aligned, non-null addresses TensorRT needs,
+staging what is not.
 """
 from __future__ import annotations
 
@@ -62,6 +64,12 @@ def is_device(array) -> bool:
     return isinstance(array, DeviceTensor)
 
 
+def host_batch(rows: np.ndarray, dtype) -> np.ndarray:
+    """Host rows ``[S, ...]`` as a graph's ``[1, S, ...]`` input of ``dtype`` (contiguous;
+    a view where they already are)."""
+    return np.ascontiguousarray(rows, dtype)[None]
+
+
 @dataclass
 class Traffic:
     """Bytes copied host -> device and device -> host (explicit copies and host-bound IO)."""
@@ -80,13 +88,66 @@ class Traffic:
         return Traffic(self.h2d - before.h2d, self.d2h - before.d2h)
 
 
+class Memory(Protocol):
+    """Where one target keeps its caches and step tensors (and its drafters theirs).
+
+    Tensors are numpy arrays (:class:`HostMemory`) or :class:`DeviceTensor` s
+    (:class:`DeviceMemory`), shaped alike. ``traffic`` counts the bytes that cross between
+    the host and the memory: explicit copies (``from_host``, ``to_host``, ``rows_to_host``)
+    and host arrays a backend binds to a graph running on the memory (``count_host_io``).
+    """
+
+    device: str
+    device_id: int
+    traffic: Traffic
+
+    def empty(self, shape, dtype):
+        """A zero-filled tensor, kept until ``release`` (or ``close``)."""
+
+    def release(self, tensor) -> None:
+        """Forget ``tensor`` (from ``empty``): freed once no view of it is left."""
+
+    def close(self) -> None:
+        """Free every tensor now."""
+
+    def scratch(self, key: str, shape, dtype, alignment: int = 1):
+        """A tensor for step outputs named ``key``, at a multiple of ``alignment`` bytes."""
+
+    def rows(self, buffer, lead: tuple[int, ...], start: int, stop: int):
+        """Rows ``[start, stop)`` of slab ``buffer[lead]`` as a ``[1, stop - start, ...]`` view."""
+
+    def move_rows(self, buffer, src: np.ndarray, dst: np.ndarray) -> None:
+        """``buffer[:, :, dst] = buffer[:, :, src]`` (KV layout ``[L, 2, rows, ...]``)."""
+
+    def take_rows(self, src, rows, key: str):
+        """``src[rows][None]``: rows of a ``[R, W]`` buffer as a ``[1, n, W]`` tensor."""
+
+    def copy_row(self, dst, dst_row: int, src, src_row: int) -> None:
+        """``dst[dst_row] = src[src_row]`` over the last two axes (``[.., R, W]``)."""
+
+    def copy(self, dst, src) -> None:
+        """``dst[...] = src`` within the memory (same byte size)."""
+
+    def from_host(self, tensor, array: np.ndarray) -> None:
+        """``tensor[...] = array``, done when this returns."""
+
+    def to_host(self, tensor, out: np.ndarray | None = None) -> np.ndarray:
+        """``tensor`` on the host (in ``out`` when given)."""
+
+    def rows_to_host(self, tensor, rows) -> np.ndarray:
+        """``tensor[0, rows]`` of a ``[1, S, X]`` tensor: only those rows cross."""
+
+    def count_host_io(self, feeds: dict, outputs: dict) -> None:
+        """Count the host arrays among a graph call's ``feeds`` (in) and ``outputs`` (out)."""
+
+
 class HostMemory:
-    """numpy arrays: the CPU backend's zero-copy path."""
+    """numpy arrays: the CPU backend's zero-copy path (nothing crosses)."""
 
     device, device_id = "host", 0
 
     def __init__(self) -> None:
-        self.traffic = Traffic()  # nothing crosses
+        self.traffic = Traffic()  # stays zero
 
     def empty(self, shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
@@ -97,6 +158,17 @@ class HostMemory:
     def close(self) -> None:
         """Nothing to do (as ``release``)."""
 
+    def scratch(self, key: str, shape, dtype, alignment: int = 1) -> np.ndarray:
+        """A new array of ``shape`` (not reused, unlike a device's: the host may keep step
+        outputs), starting at a multiple of ``alignment`` bytes."""
+        dtype = np.dtype(dtype)
+        if alignment == 1:
+            return np.empty(shape, dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = np.empty(nbytes + alignment, np.uint8)
+        start = -raw.ctypes.data % alignment
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
+
     def rows(self, buffer: np.ndarray, lead: tuple[int, ...], start: int, stop: int) -> np.ndarray:
         """``buffer[lead][None, start:stop]``: rows of one slab, batch axis added."""
         return buffer[lead][None, start:stop]
@@ -104,10 +176,6 @@ class HostMemory:
     def move_rows(self, buffer: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
         """``buffer[:, :, dst] = buffer[:, :, src]`` (KV layout ``[L, 2, rows, ...]``)."""
         buffer[:, :, dst] = buffer[:, :, src]
-
-    def scratch(self, key: str, shape, dtype) -> None:
-        """No scratch on the host: the runner allocates fresh outputs (returns None)."""
-        return None
 
     def take_rows(self, src: np.ndarray, rows, key: str) -> np.ndarray:
         """``src[rows][None]``: rows of a ``[R, W]`` buffer as a ``[1, n, W]`` tensor."""
@@ -117,12 +185,26 @@ class HostMemory:
         """``dst[dst_row] = src[src_row]`` over the last two axes (``[.., R, W]``)."""
         dst.reshape(-1, dst.shape[-1])[dst_row] = src.reshape(-1, src.shape[-1])[src_row]
 
-    def to_host(self, array: np.ndarray) -> np.ndarray:
-        return array
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst[...] = src`` (same size)."""
+        dst[...] = np.reshape(src, dst.shape)
+
+    def from_host(self, tensor: np.ndarray, array: np.ndarray) -> None:
+        tensor[...] = np.reshape(array, tensor.shape)
+
+    def to_host(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``array`` itself (or copied into ``out``)."""
+        if out is None:
+            return array
+        out[...] = array
+        return out
 
     def rows_to_host(self, array: np.ndarray, rows) -> np.ndarray:
         """``array[0, rows]`` of a ``[1, S, X]`` tensor."""
         return array[0, rows]
+
+    def count_host_io(self, feeds: dict, outputs: dict) -> None:
+        """Nothing crosses: the graphs read and write host arrays in place."""
 
 
 class Allocation(Protocol):
@@ -141,10 +223,10 @@ class DeviceMemory:
     """
 
     def __init__(self, device: str, allocate: Callable[[int], tuple[int, Allocation]],
-                 copier: "Copier", device_id: int = 0, traffic: Traffic | None = None):
+                 copier: "Copier", device_id: int = 0):
         self.device, self.device_id = device, device_id
         self._allocate, self.copier = allocate, copier
-        self.traffic = traffic if traffic is not None else Traffic()
+        self.traffic = Traffic()
         self._owners: dict[int, Allocation] = {}     # pointer -> its allocation
         self._scratch: dict[str, DeviceTensor] = {}
 
@@ -262,6 +344,11 @@ class DeviceMemory:
         self.traffic.d2h += out.nbytes
         return out
 
+    def count_host_io(self, feeds: dict, outputs: dict) -> None:
+        """Host arrays bound to a graph on the device cross: feeds in, outputs back."""
+        self.traffic.h2d += sum(a.nbytes for a in feeds.values() if not is_device(a))
+        self.traffic.d2h += sum(a.nbytes for a in outputs.values() if not is_device(a))
+
 
 ALIGNMENT = 256  # bytes: TensorRT's documented minimum for every I/O tensor address
 
@@ -277,53 +364,50 @@ class AlignedIO:
     ``finish``. ``staged`` counts those device-to-device bytes.
     """
 
-    def __init__(self, memory: DeviceMemory, alignment: int = ALIGNMENT):
-        self.memory, self.alignment = memory, alignment
+    def __init__(self, memory: DeviceMemory, alignment: int = ALIGNMENT, key: str = "io"):
+        self.memory, self.alignment, self.key = memory, alignment, key
         self.staged = 0
         self._back: list[tuple[DeviceTensor, DeviceTensor | np.ndarray]] = []
 
     def inputs(self, feeds: dict) -> dict[str, DeviceTensor]:
         """Aligned device tensors holding ``feeds`` (numpy arrays or device tensors)."""
-        bound = {}
+        bound = self._bound(feeds)
         for name, array in feeds.items():
-            if is_device(array) and self._aligned(array):
-                bound[name] = array
-                continue
-            bound[name] = self._buffer(name, array)
-            if is_device(array):
-                self.memory.copy(bound[name], array)
-                self.staged += array.nbytes
-            else:
-                self.memory.from_host(bound[name], array)
+            if bound[name] is not array:
+                self._move(bound[name], array)
         return bound
 
     def outputs(self, outputs: dict) -> dict[str, DeviceTensor]:
         """Aligned device tensors the call writes ``outputs`` to (``finish`` then moves
         what went to a stand-in into the caller's buffer)."""
-        bound = {}
-        for name, array in outputs.items():
-            if is_device(array) and self._aligned(array):
-                bound[name] = array
-                continue
-            bound[name] = self._buffer(name, array)
-            self._back.append((bound[name], array))
+        bound = self._bound(outputs)
+        self._back += [(bound[name], array) for name, array in outputs.items()
+                       if bound[name] is not array]
         return bound
 
     def finish(self) -> None:
         """After the call: copy the stand-in outputs into their callers' buffers."""
         back, self._back = self._back, []
         for buffer, array in back:
-            if is_device(array):
-                self.memory.copy(array, buffer)
-                self.staged += array.nbytes
-            else:
-                self.memory.to_host(buffer, array)
+            self._move(array, buffer)
 
-    def _aligned(self, tensor: DeviceTensor) -> bool:
-        return tensor.ptr % self.alignment == 0
+    def _bound(self, tensors: dict) -> dict[str, DeviceTensor]:
+        """Each tensor itself where it can be bound (aligned on the device), else its
+        aligned stand-in (one scratch buffer per name)."""
+        return {name: array if is_device(array) and array.ptr % self.alignment == 0
+                else self.memory.scratch(f"{self.key}:{name}", array.shape, array.dtype,
+                                         self.alignment)
+                for name, array in tensors.items()}
 
-    def _buffer(self, name: str, array) -> DeviceTensor:
-        return self.memory.scratch(f"io:{name}", array.shape, array.dtype, self.alignment)
+    def _move(self, dst, src) -> None:
+        """``dst[...] = src`` between a stand-in and a caller's host array or device tensor."""
+        if not is_device(dst):
+            self.memory.to_host(src, dst)
+        elif not is_device(src):
+            self.memory.from_host(dst, src)
+        else:
+            self.memory.copy(dst, src)
+            self.staged += src.nbytes
 
 
 class Copier:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .device import DeviceMemory, HostMemory
+from .device import HostMemory, Memory
 from .errors import PromptTooLongError
 from .specs import past_names, present_names
 
@@ -19,7 +19,7 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype=np.float32, memory: HostMemory | DeviceMemory | None = None):
+                 dtype=np.float32, memory: Memory | None = None):
         self.memory = memory or HostMemory()
         self.buffer = self.memory.empty((num_layers, 2, max_len, kv_heads, head_dim), dtype)
         self.num_layers = num_layers

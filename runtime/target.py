@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import default_memory, make_runner
-from .device import DeviceMemory, DeviceTensor, HostMemory, is_device
+from .device import DeviceTensor, Memory, host_batch, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
@@ -38,7 +38,7 @@ class StepOutput:
 
     raw_logits: np.ndarray | DeviceTensor
     raw_hidden: np.ndarray | DeviceTensor
-    memory: HostMemory | DeviceMemory
+    memory: Memory
     argmax_runner: object = None  # the target's argmax graph, used for device tensors
 
     @property
@@ -73,11 +73,13 @@ class TargetModel:
     commits (plain decoding) or compacts (tree acceptance) the cache. ``memory`` holds the
     caches and step tensors: numpy on the CPU, device allocations on CUDA backends (by
     default per backend, ``backends.default_memory``); ``traffic`` counts what crosses.
+    The graphs' tensors are ``[1, S, ...]`` wherever they live; the host reads and hands in
+    ``[S, ...]`` rows (``embed``, ``prompt_embeds``, ``step``, ``StepOutput``).
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort",
                  threads: int | None = None,
-                 memory: HostMemory | DeviceMemory | None = None):
+                 memory: Memory | None = None):
         self.dir = Path(artifact_dir)
         self.backend, self.threads = backend, threads
         self.manifest = Manifest.load(self.dir, kind="target")
@@ -88,15 +90,13 @@ class TargetModel:
                  "`export --weights int4 --weights-block 64` folder")
         self.memory = memory or default_memory(backend)
         self.traffic = self.memory.traffic
-        # Host arrays bound to a graph cross only when the graph's tensors live on a device.
-        self.io_traffic = self.traffic if isinstance(self.memory, DeviceMemory) else None
         config, self.processor = load_artifact_processor(self.dir)
         self.glue: FamilyGlue = glue_for(config)
         if self.glue.model_type != self.manifest.family:
             raise ManifestError(f"manifest family {self.manifest.family!r} does not match "
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec, threads,
-                                          self.io_traffic, self.memory.device_id)
+                                          self.memory)
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
@@ -140,13 +140,21 @@ class TargetModel:
             self.glue.merge(embeds, prompt.input_ids, features)
         return embeds
 
-    def step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
+    def step(self, cache: KVCache, embeds: np.ndarray, position_ids: np.ndarray,
              mask: np.ndarray) -> StepOutput:
-        """Run the LM over ``embeds`` (``[S, H]`` on the host, or a ``[1, S, H]`` device
-        tensor) after the cache's valid rows; the new K/V land in the cache at
-        ``[length, length + S)`` (not yet committed)."""
-        if not is_device(embeds):
-            embeds = embeds.astype(self.dtype, copy=False)[None]
+        """Run the LM over the host rows ``embeds [S, H]`` after the cache's valid rows; the
+        new K/V land in the cache at ``[length, length + S)`` (not yet committed)."""
+        return self._step(cache, host_batch(embeds, self.dtype), position_ids, mask)
+
+    def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
+                    mask: np.ndarray) -> StepOutput:
+        """``step`` over tokens: their embeddings stay where the LM reads them (on the
+        device for device memory)."""
+        return self._step(cache, self._embed(input_ids), position_ids, mask)
+
+    def _step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
+              mask: np.ndarray) -> StepOutput:
+        """The LM over ``embeds [1, S, H]`` in ``memory``."""
         n = embeds.shape[1]
         feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask,
                  **cache.past()}
@@ -155,20 +163,11 @@ class TargetModel:
         return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
                           self.runners.get(ARGMAX))
 
-    def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
-                    mask: np.ndarray) -> StepOutput:
-        """``step`` over tokens: their embeddings stay where the LM reads them (on the
-        device for device memory)."""
-        embeds = self._embed(input_ids)
-        return self.step(cache, embeds if is_device(embeds) else embeds[0], position_ids, mask)
-
     def _scratch(self, graph: str, names: tuple[str, ...], new: int) -> dict:
-        """Device scratch for outputs ``names`` of ``graph`` at ``new`` tokens (none on the
-        host: the runner allocates numpy arrays)."""
+        """``memory`` scratch for outputs ``names`` of ``graph`` at ``new`` tokens."""
         spec = self.runners[graph].spec
-        tensors = {name: self.memory.scratch(name, spec.shape(name, {NEW: new}),
-                                             spec.tensor(name).np_dtype) for name in names}
-        return {k: v for k, v in tensors.items() if v is not None}
+        return {name: self.memory.scratch(name, spec.shape(name, {NEW: new}),
+                                          spec.tensor(name).np_dtype) for name in names}
 
     def close(self) -> None:
         """Free the graphs' sessions or engines and every buffer of ``memory`` (the caches

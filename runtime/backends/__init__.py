@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..device import DeviceMemory, HostMemory, Traffic
+from ..device import HostMemory, Memory
 from ..errors import VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -12,22 +12,20 @@ BACKENDS = ("ort", "ort-cuda", "tensorrt")
 
 
 def make_runner(backend: str, path: str | os.PathLike, spec: GraphSpec,
-                threads: int | None = None, traffic: Traffic | None = None,
-                device_id: int = 0) -> GraphRunner:
-    """A runner of ``backend`` for the graph at ``path`` (ONNX file or TensorRT engine) on
-    GPU ``device_id`` (CUDA backends); host buffers it binds on a device add their bytes to
-    ``traffic``."""
+                threads: int | None = None, memory: Memory | None = None) -> GraphRunner:
+    """A runner of ``backend`` for the graph at ``path`` (ONNX file or TensorRT engine)
+    whose tensors live in ``memory`` (its GPU for CUDA backends; host arrays it binds count
+    in ``memory.traffic``); by default the backend's own (``default_memory``)."""
     check_backend(backend)
     if backend in ("ort", "ort-cuda"):
         from .ort import CPU, CUDA, OrtRunner
         providers = [CUDA, CPU] if backend == "ort-cuda" else [CPU]
-        return OrtRunner(path, spec, providers=providers, threads=threads, traffic=traffic,
-                         device_id=device_id)
+        return OrtRunner(path, spec, providers=providers, threads=threads, memory=memory)
     from .tensorrt import TrtRunner
-    return TrtRunner(path, spec, traffic=traffic, device_id=device_id)
+    return TrtRunner(path, spec, memory=memory)
 
 
-def default_memory(backend: str, device_id: int = 0) -> HostMemory | DeviceMemory:
+def default_memory(backend: str, device_id: int = 0) -> Memory:
     """Where ``backend`` keeps KV caches and step tensors: numpy for the CPU, one device
     allocation per buffer on GPU ``device_id`` for CUDA backends (``runtime.device``)."""
     check_backend(backend)

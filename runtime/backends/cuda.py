@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from ..device import Copier, DeviceMemory, Traffic
+from ..device import Copier, DeviceMemory
 from ..errors import VispecError
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
@@ -214,10 +214,10 @@ class CudaStream:
             self.copier.check(self.copier.lib.cudaStreamDestroy(ptr), "cudaStreamDestroy")
 
 
-def cuda_memory(device_id: int = 0, traffic: Traffic | None = None) -> DeviceMemory:
+def cuda_memory(device_id: int = 0) -> DeviceMemory:
     """Device memory from ``cudaMalloc`` on GPU ``device_id`` (the TensorRT backend's)."""
     copier = CudaCopier(device_id)
-    return DeviceMemory("cuda", copier.malloc, copier, device_id, traffic)
+    return DeviceMemory("cuda", copier.malloc, copier, device_id)
 
 
 def _cudart() -> ctypes.CDLL:

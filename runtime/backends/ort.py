@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, Traffic
+from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, HostMemory, Memory
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
@@ -77,15 +77,17 @@ class OrtRunner(GraphRunner):
     """One ``InferenceSession`` per graph; inputs and outputs bound by pointer.
 
     numpy arrays are bound as host memory: on CPU this is zero-copy (KV views are read and
-    written in place); on CUDA ONNX Runtime copies them across, and their bytes are added
-    to ``traffic`` when one is given. :class:`DeviceTensor` s are bound on their device.
+    written in place); on a device ONNX Runtime copies them across, counted by ``memory``
+    (the target's: its ``device_id`` is the CUDA provider's). :class:`DeviceTensor` s are
+    bound on their device.
     """
 
     def __init__(self, path: str | os.PathLike, spec: GraphSpec, *,
                  providers: list[str] | None = None, threads: int | None = None,
-                 traffic: Traffic | None = None, device_id: int = 0):
+                 memory: Memory | None = None):
         super().__init__(spec)
-        self.traffic = traffic
+        self.memory = memory or HostMemory()
+        device_id = self.memory.device_id
         providers = providers or [CPU]
         missing = [p for p in providers if p not in available_providers()]
         if missing:
@@ -119,16 +121,11 @@ class OrtRunner(GraphRunner):
             if not isinstance(array, DeviceTensor):
                 array = np.ascontiguousarray(array)
                 keep.append(array)
-                self._count("h2d", array)
             b.bind_input(name, *_where(array))
         for name, array in outputs.items():
-            self._count("d2h", array)
             b.bind_output(name, *_where(array))
+        self.memory.count_host_io(feeds, outputs)
         self.session.run_with_iobinding(b)
-
-    def _count(self, way: str, array) -> None:
-        if self.traffic is not None and not isinstance(array, DeviceTensor):
-            setattr(self.traffic, way, getattr(self.traffic, way) + array.nbytes)
 
     def close(self) -> None:
         self.session = None

@@ -1,12 +1,13 @@
 """TensorRT backend: a serialized engine run through the name-based API of TensorRT 10+.
 
-``tensorrt`` and ``polygraphy`` are imported when a runner is made, so importing this
-module never fails. ``DeviceTensor`` feeds and outputs (a device KV cache's row views,
+``tensorrt`` is imported when a runner is made, so importing this module never fails.
+Buffers, copies and the stream come from the one CUDA layer, ``backends.cuda``, through the
+target's ``DeviceMemory``. ``DeviceTensor`` feeds and outputs (a device KV cache's row views,
 step scratch) are bound by address with ``set_tensor_address``: nothing is copied, unless
 an address is not 256-byte aligned (TensorRT's rule), which ``device.AlignedIO`` stages
-through an aligned buffer on the device. Host numpy feeds are copied to the runner's device
-buffers and host outputs copied back into the caller's arrays; their bytes go to
-``traffic``. Every TensorRT call that reports failure raises, naming the tensor.
+through an aligned buffer on the device. Host numpy feeds are copied to device buffers of
+that memory and host outputs copied back into the caller's arrays; the memory counts their
+bytes in its ``traffic``. Every TensorRT call that reports failure raises, naming the tensor.
 """
 from __future__ import annotations
 
@@ -15,47 +16,53 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import AlignedIO, Traffic
+from ..device import AlignedIO, DeviceMemory, Traffic
 from ..errors import ShapeError, VispecError
 from ..specs import GraphSpec
 from .base import GraphRunner
 
 
 class TensorRTMissingError(VispecError):
-    """The ``tensorrt`` Python package (or polygraphy) cannot be imported."""
+    """The ``tensorrt`` Python package cannot be imported."""
 
 
 def import_tensorrt():
     """The ``tensorrt`` module, or a :class:`TensorRTMissingError` saying what to do."""
     try:
-        import polygraphy.cuda  # noqa: F401  (device buffers and streams)
         import tensorrt
     except ImportError as e:
         raise TensorRTMissingError(
             f"TensorRT is not available ({e}). Expected: the `tensorrt` Python package "
-            f">= 10.3 and polygraphy. Hint: on Jetson install JetPack 6.2+ (it ships "
+            f">= 10.3 (and polygraphy to build engines). Hint: on Jetson install JetPack 6.2+ (it ships "
             f"TensorRT 10.3); on x86 `pip install vispec-export[tensorrt]` on a machine with "
             f"an NVIDIA GPU; or use `--backend ort`") from e
     return tensorrt
 
 
 class TrtRunner(GraphRunner):
-    """One engine, one execution context, one CUDA stream, on GPU ``device_id``; host IO
-    and staging buffers grow on demand.
+    """One engine, one execution context, one CUDA stream, on the GPU of ``memory``: the
+    target's CUDA ``DeviceMemory`` (shared by its runners and drafters), or one of the
+    runner's own on GPU 0. Host IO and staging buffers are scratch of that memory, grown on
+    demand.
 
     With several optimization profiles, each call uses the first one whose ranges hold
     every input shape (the builder makes them disjoint in ``new``).
     """
 
-    def __init__(self, path: str | os.PathLike, spec: GraphSpec, traffic: Traffic | None = None,
-                 device_id: int = 0):
+    def __init__(self, path: str | os.PathLike, spec: GraphSpec,
+                 memory: DeviceMemory | None = None):
         super().__init__(spec)
-        self.traffic = traffic if traffic is not None else Traffic()
         trt = import_tensorrt()
         from .cuda import cuda_memory
 
-        self.memory = cuda_memory(device_id, self.traffic)  # activates device_id
-        self.io = AlignedIO(self.memory)
+        self._own_memory = memory is None
+        self.memory = cuda_memory() if memory is None else memory
+        if not isinstance(self.memory, DeviceMemory) or self.memory.device != "cuda":
+            raise VispecError(f"graph {spec.name!r}: the tensorrt backend binds CUDA device "
+                              f"memory, not {self.memory.device!r} memory. Hint: leave the "
+                              f"target's memory to its default (backends.default_memory)")
+        self.memory.copier.activate()
+        self.io = AlignedIO(self.memory, key=f"io:{spec.name}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
@@ -63,7 +70,7 @@ class TrtRunner(GraphRunner):
             raise VispecError(f"could not load the TensorRT engine {path} (TensorRT "
                               f"{trt.__version__}). Hint: an engine only runs on the TensorRT "
                               f"version and GPU that built it: rebuild it on this device")
-        self._check_io()
+        self._check_io(trt)
         self.context = self.engine.create_execution_context()
         self.stream = self.memory.copier.stream()
         self.ranges = [{name: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(
@@ -71,17 +78,20 @@ class TrtRunner(GraphRunner):
                        for p in range(self.engine.num_optimization_profiles)]
         self.profile = 0
 
-    def _check_io(self) -> None:
-        from polygraphy.datatype import DataType
+    @property
+    def traffic(self) -> Traffic:
+        """Host <-> device bytes of ``memory`` (host IO staged by this runner included)."""
+        return self.memory.traffic
 
+    def _check_io(self, trt) -> None:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         problems = []
         if sorted(names) != sorted(self.spec.input_names + self.spec.output_names):
             problems.append(f"engine tensors {sorted(names)}, spec tensors "
                             f"{sorted(self.spec.input_names + self.spec.output_names)}")
         for name in set(names) & set(self.spec.input_names + self.spec.output_names):
-            dtype = DataType.from_dtype(self.engine.get_tensor_dtype(name), "tensorrt")
-            if dtype != DataType.from_dtype(self.spec.tensor(name).np_dtype):
+            dtype = self.engine.get_tensor_dtype(name)
+            if _numpy_dtype(trt, dtype) != self.spec.tensor(name).np_dtype:
                 problems.append(f"tensor {name!r} | engine dtype {dtype.name}. Expected: "
                                 f"{self.spec.tensor(name).dtype}")
         if problems:
@@ -137,10 +147,21 @@ class TrtRunner(GraphRunner):
                                  f"{array.shape} from the manifest. Hint: rebuild the engine")
 
     def close(self) -> None:
-        """Free the context, engine, stream and this runner's device buffers."""
+        """Free the context, engine and stream (and the memory, when the runner made it;
+        a target's memory is freed by the target)."""
         if self.stream is None:
             return
         self.context = self.engine = None
         self.stream.free()
-        self.memory.close()
         self.stream = None
+        if self._own_memory:
+            self.memory.close()
+
+
+def _numpy_dtype(trt, dtype) -> np.dtype | None:
+    """The numpy dtype of a TensorRT ``DataType`` (``tensorrt.nptype``); None for types
+    numpy lacks (bfloat16, fp8, int4), which no spec tensor has."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        return None

@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..backends import make_runner
+from ..device import host_batch
 from ..drafter_specs import ADAPTOR, DRAFT, EMBEDDED, FEATURES, IMAGE_INPUTS
 from ..errors import ManifestError, VispecError
 from ..kv_cache import KVCache
@@ -101,7 +102,7 @@ class DrafterSession:
                                 f"{sorted(manifest.graphs)}, no {DRAFT!r}). Hint: export the "
                                 f"drafter again with `vispec-export export-drafter`")
         self.runners = {name: make_runner(backend, artifact_dir / g.file, g.spec, threads,
-                                          target.io_traffic, target.memory.device_id)
+                                          target.memory)
                         for name, g in manifest.graphs.items()}
         self.draft_runner = self.runners[DRAFT]
         self.top_k: int = int(self.facts["top_k"])
@@ -133,9 +134,10 @@ class DrafterSession:
                              f"end at {self.prompt_end}")
         else:
             self.cache.truncate(self.prompt_rows)
-        for chunk in self._prefill_chunks(np.asarray(input_ids), embeds, features, next_token,
-                                          start):
-            top = self._commit(*chunk)
+        for ids, rows, feats, positions in self._prefill_chunks(
+                np.asarray(input_ids), embeds, features, next_token, start):
+            top = self._commit(ids, host_batch(rows, np.float32), host_batch(feats, np.float32),
+                               positions)
         # The last row embeds x_L by token id: a longer prompt replaces it (and what followed).
         self.prompt_end, self.prompt_rows = len(input_ids) - 1, self.cache.length - 1
         self.prefills += 1
@@ -165,7 +167,8 @@ class DrafterSession:
         """Append the accepted rows (f_j, embed(tokens_j)); returns the last row's top-k."""
         self._drop_tree()
         positions = self.next_position + np.arange(len(tokens), dtype=np.int64)
-        return self._commit(tokens, self._zero_embeds(len(tokens)), features, positions)
+        return self._commit(tokens, self._zero_embeds(len(tokens)),
+                            host_batch(features, np.float32), positions)
 
     def room(self) -> int:
         """Free rows of the cache after the committed ones (tree rows are dropped)."""
@@ -218,18 +221,14 @@ class DrafterSession:
 
     # -- graph calls ---------------------------------------------------------------------------
     def _draft(self, ids, embeds, features, positions: np.ndarray, mask: np.ndarray,
-               level: int, hidden=None) -> dict:
+               level: int, hidden) -> dict:
         """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache.
-        ``embeds``/``features``: ``[S, H]`` host rows or ``[1, S, H]`` tensors where the graph
-        runs; ``hidden``: where the output hidden states go (else a new buffer)."""
-        embeds, features = (np.ascontiguousarray(x, np.float32)[None] if x.ndim == 2 else x
-                            for x in (embeds, features))
+        ``embeds``/``features``: ``[1, S, H]``, tensors of the target's memory or host rows
+        that ``prefill``/``advance`` batched; ``hidden``: where the output hidden states go."""
         feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None], INPUTS_EMBEDS: embeds,
                  FEATURES: features, POSITION_IDS: positions[None], ATTENTION_MASK: mask,
                  **self.cache.past(), **self._fuse_inputs(level)}
-        outputs = self.cache.present(len(positions))
-        if hidden is not None:
-            outputs[HIDDEN_STATES] = hidden
+        outputs = {**self.cache.present(len(positions)), HIDDEN_STATES: hidden}
         return self.draft_runner.infer(feeds, outputs)
 
     def _commit(self, ids, embeds, features,

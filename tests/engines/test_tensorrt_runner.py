@@ -12,7 +12,7 @@ from vispec.runtime.backends import make_runner
 from vispec.runtime.backends.base import GraphRunner
 from vispec.runtime.backends.ort import OrtRunner, ort_memory
 from vispec.runtime.backends.tensorrt import TensorRTMissingError, TrtRunner
-from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor, Traffic
+from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor
 from vispec.runtime.errors import VispecError
 
 
@@ -68,9 +68,7 @@ def emulated_runner(context: EmulatedContext) -> TrtRunner:
     """A TrtRunner whose engine is ``context`` and whose device is ORT CPU memory."""
     runner = TrtRunner.__new__(TrtRunner)
     GraphRunner.__init__(runner, SPEC)
-    runner.traffic = Traffic()
     runner.memory = ort_memory("cpu")
-    runner.memory.traffic = runner.traffic
     runner.io, runner.context = AlignedIO(runner.memory), context
     runner.stream = SimpleNamespace(ptr=1, synchronize=lambda: None)
     runner.ranges = [{"x": ((1, 1, 32), (1, 8, 32), (1, 64, 32))},
