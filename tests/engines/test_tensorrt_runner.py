@@ -12,7 +12,7 @@ from vispec.runtime.backends import make_runner
 from vispec.runtime.backends.base import GraphRunner
 from vispec.runtime.backends.ort import OrtRunner, ort_memory
 from vispec.runtime.backends.tensorrt import TensorRTMissingError, TrtRunner
-from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor
+from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor, HostMemory
 from vispec.runtime.errors import VispecError
 
 
@@ -26,6 +26,41 @@ def test_runner_without_tensorrt_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTMissingError, match="JetPack.*--backend ort"):
         make_runner("tensorrt", tmp_path / "block.engine", SPEC)
+
+
+def test_runner_takes_cuda_memory_only(tmp_path, monkeypatch):
+    """The runner's buffers, copies and stream come from the memory it is given (the
+    target's, one CUDA layer): host memory is refused before any engine is read."""
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0"))
+    with pytest.raises(VispecError, match="binds CUDA device memory, not 'host' memory"):
+        make_runner("tensorrt", tmp_path / "block.engine", SPEC, memory=HostMemory())
+
+
+def test_engine_dtypes_are_checked_against_the_spec_by_tensorrt_nptype(monkeypatch):
+    """The engine's tensor dtypes are read through ``tensorrt.nptype`` (polygraphy is only
+    the engine builder's); a type numpy lacks (bfloat16) is a mismatch, not a crash."""
+    monkeypatch.setitem(sys.modules, "polygraphy", None)
+    types = {name: SimpleNamespace(name=name) for name in ("FLOAT", "HALF", "BF16")}
+    numpy_types = {"FLOAT": np.float32, "HALF": np.float16}
+
+    def nptype(dtype):
+        if dtype.name not in numpy_types:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return numpy_types[dtype.name]
+
+    trt = SimpleNamespace(nptype=nptype)
+    runner = TrtRunner.__new__(TrtRunner)
+    GraphRunner.__init__(runner, SPEC)
+    for y_type, problem in (("FLOAT", None), ("HALF", "HALF"), ("BF16", "BF16")):
+        dtypes = {"x": types["FLOAT"], "y": types[y_type]}
+        runner.engine = SimpleNamespace(num_io_tensors=2, get_tensor_name=["x", "y"].__getitem__,
+                                        get_tensor_dtype=dtypes.__getitem__)
+        if problem is None:
+            runner._check_io(trt)
+            continue
+        with pytest.raises(VispecError, match=f"tensor 'y' \\| engine dtype {problem}. "
+                                              f"Expected: float32"):
+            runner._check_io(trt)
 
 
 class EmulatedContext:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from vispec.runtime.backends.ort import ort_memory
-from vispec.runtime.device import ALIGNMENT, AlignedIO, DeviceTensor, HostCopier, HostMemory
+from vispec.runtime.device import (
+    ALIGNMENT,
+    AlignedIO,
+    DeviceTensor,
+    HostCopier,
+    HostMemory,
+    Memory,
+)
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.generate import generate_plain, prefill
 from vispec.runtime.kv_cache import KVCache
@@ -66,6 +73,35 @@ def test_device_path_output_equals_host_plain_greedy(device_pair, noise_image, f
         assert generate_plain(device, prompt, 20).tokens == plain
         for tree in (TreeConfig(8, 2, 3), TreeConfig(16, 3, 4)):
             assert generate_speculative(device, drafter, prompt, 20, tree=tree).tokens == plain
+
+
+def test_host_and_device_memory_answer_every_memory_call_alike():
+    """One ``Memory`` protocol: both memories implement every call (nothing returns None
+    for the caller to filter) and give the same values in the same shapes."""
+    calls = {name for name, value in vars(Memory).items()
+             if callable(value) and not name.startswith("_")}
+    data = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    results = []
+    for memory in (HostMemory(), ort_memory("cpu")):
+        assert calls <= set(dir(memory))
+        buffer = memory.empty((6, 4), np.float32)
+        memory.from_host(buffer, data)
+        out = memory.scratch("out", (1, 3, 4), np.float32, alignment=ALIGNMENT)
+        address = out.ptr if isinstance(out, DeviceTensor) else out.ctypes.data
+        assert out.shape == (1, 3, 4) and address % ALIGNMENT == 0
+        memory.copy(out, memory.take_rows(buffer, [5, 0, 2], "rows"))   # [1, 3, 4]
+        memory.copy_row(buffer, 1, out, 0)
+        results.append((memory.to_host(buffer).copy(), memory.rows_to_host(out, [2, 0]),
+                        memory.to_host(out, np.empty((1, 3, 4), np.float32)),
+                        memory.to_host(memory.rows(buffer, (), 2, 5)).copy()))
+        memory.count_host_io({"x": data, "y": buffer}, {"z": np.zeros(2, np.int64)})
+        crossed = (96 + 96, 96 + 32 + 48 + 48 + 16)  # the copies above, then the graph IO
+        assert (memory.traffic.h2d, memory.traffic.d2h) == (
+            (0, 0) if isinstance(memory, HostMemory) else crossed)
+        memory.close()
+    for host, device in zip(*results):
+        assert host.shape == device.shape
+        np.testing.assert_array_equal(host, device)
 
 
 def test_a_plain_step_moves_only_its_small_inputs_and_the_token(device_pair):
