@@ -24,7 +24,7 @@ from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.backends.tensorrt import import_tensorrt
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import PROCESSOR_DIR, GraphEntry, Manifest
-from vispec.runtime.specs import Dim, GraphSpec
+from vispec.runtime.specs import STANDARD, Dim, GraphSpec
 from vispec.runtime.weights import FLOAT, weight_graphs
 
 from .profiles import DEFAULT_SPLITS, ProfileShapes, graph_profiles, split_dim, to_polygraphy
@@ -134,6 +134,7 @@ def plan_build(manifest: Manifest, artifact_dir: str | os.PathLike, config: Buil
     ``quantized`` names the graphs that get Q/DQ (the ones with calibration data); it is
     ignored unless the precision is int8.
     """
+    check_attention(manifest, Path(artifact_dir))
     check_weights(manifest, Path(artifact_dir), config)
     quantized = set(quantized) if config.precision == "int8" else set()
     unknown = set(quantized) - set(manifest.graphs)
@@ -159,6 +160,15 @@ def plan_build(manifest: Manifest, artifact_dir: str | os.PathLike, config: Buil
                                graph_profiles(entry.spec, config.profiles), strongly_typed,
                                flags))
     return plans
+
+
+def check_attention(manifest: Manifest, artifact_dir: Path) -> None:
+    """Refuse an LM graph in ONNX Runtime's fused form (``export --attention gqa``)."""
+    if manifest.model.get("attention", STANDARD) != STANDARD:
+        raise VispecError(f"{artifact_dir} holds the LM in ONNX Runtime's fused CPU form "
+                          f"(--attention {manifest.model['attention']}: GroupQueryAttention and "
+                          f"SkipSimplifiedLayerNormalization, which TensorRT cannot parse). "
+                          f"Hint: export again with --attention {STANDARD} for TensorRT")
 
 
 def check_weights(manifest: Manifest, artifact_dir: Path, config: BuildConfig) -> None:

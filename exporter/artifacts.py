@@ -24,20 +24,22 @@ from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.manifest import GraphEntry, Manifest, config_hash
 from vispec.runtime.specs import GraphSpec
 
-from .onnx_io import export_graph
+from .onnx_io import check_graph_file, export_graph
 
 
 @dataclass(frozen=True)
 class GraphJob:
-    """One graph: ``module`` exported under ``spec`` to ``<name>.onnx``, traced on ``feeds``;
-    ``rewrite`` (if any) then rewrites that file in place, announced by ``rewrite_note``."""
+    """One graph: ``module`` exported under ``spec`` to ``<name>.onnx``, traced on ``feeds``
+    (or written by ``writer(path)`` without tracing: module and feeds unused); ``rewrite``
+    (if any) then rewrites that file in place, announced by ``rewrite_note``."""
 
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None
     spec: GraphSpec
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray] | None
     rewrite: Callable[[Path], object] | None = None
     rewrite_note: str = ""
+    writer: Callable[[Path], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,12 @@ def write_artifact(out_dir: str | os.PathLike, info: ArtifactInfo, jobs: list[Gr
         graphs = {}
         for i, job in enumerate(jobs, 1):
             progress(f"[{i}/{len(jobs)}] exporting {label}{job.name} graph")
-            export_graph(job.module.eval(), job.spec, job.feeds, tmp / f"{job.name}.onnx",
-                         info.opset)
+            path = tmp / f"{job.name}.onnx"
+            if job.writer is None:
+                export_graph(job.module.eval(), job.spec, job.feeds, path, info.opset)
+            else:
+                job.writer(path)
+                check_graph_file(path, job.spec)
             if job.rewrite is not None:
                 progress(f"[{i}/{len(jobs)}] {job.rewrite_note}")
                 job.rewrite(tmp / f"{job.name}.onnx")

@@ -14,6 +14,7 @@ import click
 from vispec.runtime.atomic import check_output_dir
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import OPSETS
+from vispec.runtime.specs import ATTENTION_FORMS, STANDARD
 
 from .cli_runtime import bench, generate, serve, triton_repo
 
@@ -109,6 +110,11 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
 @OPSET
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Precision of the embed/LM graphs and the KV cache.")
+@click.option("--attention", type=click.Choice(list(ATTENTION_FORMS)), default=STANDARD,
+              show_default=True,
+              help="LM graph form: standard ONNX ops (TensorRT and every ONNX Runtime "
+                   "provider), or gqa: ONNX Runtime's fused CPU kernels (GroupQueryAttention, "
+                   "KV written in place; fastest on a CPU, float32, not for TensorRT).")
 @click.option("--weights", type=click.Choice(["float32", "int8", "int4"]), default="float32",
               show_default=True,
               help="Weight-only blockwise quantization of the LM (ONNX Runtime CPU; `build` "
@@ -125,15 +131,16 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
               default=None, help="GPTQ prompts, one per line (image files, each followed by "
                                  "a TAB, may lead a line). Default: a built-in set.")
 @OVERWRITE
-def export(model_dir, out_dir, max_len, max_images, opset, dtype, weights, weights_block,
-           weights_exclude, weights_method, calibration, overwrite):
+def export(model_dir, out_dir, max_len, max_images, opset, dtype, attention, weights,
+           weights_block, weights_exclude, weights_method, calibration, overwrite):
     """Export the target VLM in MODEL_DIR (a local Hugging Face folder: LLaVA-1.5,
     LLaVA-1.6 or Qwen2.5-VL) to ONNX graphs + manifest.json in OUT_DIR."""
     _check_output(out_dir, overwrite, model_dir)
     from .export import export_target
     exclude = tuple(p.strip() for p in weights_exclude.split(",") if p.strip() not in ("", "none"))
     export_target(model_dir, out_dir, max_len=max_len, max_images=max_images, opset=opset,
-                  dtype=dtype, weights=weights, weights_block=int(weights_block),
+                  dtype=dtype, attention=attention, weights=weights,
+                  weights_block=int(weights_block),
                   weights_exclude=exclude, weights_method=weights_method,
                   calibration=calibration, overwrite=overwrite, progress=_progress)
 

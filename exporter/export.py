@@ -1,6 +1,7 @@
 """Export a target VLM to ONNX graphs (embed, vision, lm) plus a manifest, atomically."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -18,9 +19,12 @@ from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, Manifest
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
 from vispec.runtime.specs import (
+    ATTENTION_FORMS,
+    GQA,
     LOGITS,
     NEW,
     PAST,
+    STANDARD,
     GraphSpec,
     argmax_spec,
     embed_spec,
@@ -30,6 +34,7 @@ from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
 from .artifacts import ArtifactInfo, GraphJob, write_artifact
 from .families import FamilyExport
+from .gqa_lm import check_gqa_model, write_gqa_lm
 from .gptq import calibration_forwards, calibration_prompts, gptq_language_model
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
@@ -85,21 +90,22 @@ def read_target_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) 
 
 
 def target_specs(glue: FamilyGlue, facts: dict, max_len: int, max_images: int,
-                 dtype: str) -> dict[str, GraphSpec]:
+                 dtype: str, attention: str = STANDARD) -> dict[str, GraphSpec]:
     """Graph name -> spec of the target's four graphs, in export order."""
     return {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
             "vision": glue.vision_spec(glue.config, max_images),
             "lm": lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                                vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
                                head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
-                               dtype=dtype),
+                               dtype=dtype, attention=attention),
             "argmax": argmax_spec(vocab_size=facts["vocab_size"], max_len=max_len, dtype=dtype)}
 
 
 def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
                 specs: dict[str, GraphSpec], rewrites: dict[str, tuple]) -> list[GraphJob]:
     """The target's graph jobs: each graph's module, traced on example inputs (a prompt with
-    two images for the vision graph), with its weight rewrite if any."""
+    two images for the vision graph), with its weight rewrite if any; an ``lm`` spec of the
+    ``gqa`` form is written by ``gqa_lm`` instead."""
     example_prompt = glue.prepare(processor, "describe", example_images())
     examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
                 "vision": glue.vision_feeds(example_prompt),
@@ -110,8 +116,14 @@ def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
     modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
                "vision": adapter.vision_module(),
                "lm": LMStep(adapter.language_model, adapter.lm_head), "argmax": ArgmaxStep()}
-    return [GraphJob(name, modules[name], spec, examples[name], *rewrites.get(name, ()))
+    jobs = [GraphJob(name, modules[name], spec, examples[name], *rewrites.get(name, ()))
             for name, spec in specs.items()]
+    lm = specs["lm"]
+    if lm.meta["attention"] == GQA:
+        write = functools.partial(write_gqa_lm, adapter.language_model, adapter.lm_head, lm)
+        jobs = [dataclasses.replace(j, module=None, feeds=None, writer=write)
+                if j.name == "lm" else j for j in jobs]
+    return jobs
 
 
 def write_host_files(folder: Path, *, model_dir: Path, glue: FamilyGlue, model) -> dict[str, str]:
@@ -134,6 +146,14 @@ def check_max_len(glue: FamilyGlue, max_len: int) -> None:
                           f"({window}); the exported graph attends to the whole cache, which "
                           f"is exact only within the window. Hint: export with --max-len "
                           f"<= {window}")
+
+
+def check_attention(attention: str, glue: FamilyGlue, dtype: str) -> None:
+    """Refuse an LM graph form that does not exist or cannot express this model."""
+    if attention not in ATTENTION_FORMS:
+        raise VispecError(f"attention {attention!r}. Expected one of {ATTENTION_FORMS}")
+    if attention == GQA:
+        check_gqa_model(glue.text_config, glue.mrope, dtype)
 
 
 def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: str = "rtn") -> None:
@@ -177,7 +197,8 @@ def check_opset(opset: int) -> None:
 
 def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_len: int = 1024, max_images: int = 4, opset: int = DEFAULT_OPSET,
-                  dtype: str = "float32", weights: str = FLOAT, weights_block: int = BLOCK,
+                  dtype: str = "float32", attention: str = STANDARD, weights: str = FLOAT,
+                  weights_block: int = BLOCK,
                   weights_exclude: tuple[str, ...] = DEFAULT_EXCLUDE, weights_method: str = "rtn",
                   calibration: str | os.PathLike | None = None, overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
@@ -187,6 +208,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
     for fp16 engines on strongly typed TensorRT 11, or the ORT CUDA provider).
+    ``attention`` ``gqa``: the LM graph in ONNX Runtime's fused CPU form (``gqa_lm``) instead
+    of standard ops (TensorRT, any provider).
     ``weights`` ``int4``/``int8``: the LM's weights quantized weight-only, blocks of
     ``weights_block`` (``weight_rewrites``); ``weights_exclude`` keeps the LM ``head``
     and/or the ``embed`` table float (default: the embedding). ``weights_method="gptq"``
@@ -204,9 +227,11 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_opset(opset)
     glue = glue_for(read_config(model_dir))
     check_max_len(glue, max_len)
+    check_attention(attention, glue, dtype)
     processor = load_processor(model_dir)  # before the weights: a missing tokenizer is cheap
     adapter, glue = load_target(model_dir, dtype)
-    facts = {**read_target_facts(adapter, glue, model_dir), "dtype": dtype, "weights": weights}
+    facts = {**read_target_facts(adapter, glue, model_dir), "dtype": dtype,
+             "attention": attention, "weights": weights}
     if weights != FLOAT:
         facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude),
                      weights_method=weights_method)
@@ -218,7 +243,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
                             weights_block, progress)
     jobs = target_jobs(adapter, glue, processor,
-                       target_specs(glue, facts, max_len, max_images, dtype),
+                       target_specs(glue, facts, max_len, max_images, dtype, attention),
                        weight_rewrites(weights, weights_block, weights_exclude))
     info = ArtifactInfo(kind="target", family=glue.model_type, source=model_dir,
                         max_len=max_len, opset=opset, model=facts)

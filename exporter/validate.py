@@ -201,7 +201,7 @@ def _tree_reference(adapter, prefix_embeds, prefix_pos, glue, next_pos, tokens, 
 
 def _kv(cache, start: int, stop: int) -> np.ndarray:
     """``[2*layers, n, kvh, hd]`` rows of the runtime cache."""
-    b = cache.buffer[:, :, start:stop]
+    b = cache.to_host()[:, :, start:stop]
     return b.reshape(-1, *b.shape[2:])
 
 

@@ -16,26 +16,37 @@ class KVCache:
     views of this one allocation. ``memory`` says where it lives: a numpy array
     (``HostMemory``, the default) or one device allocation whose row views are bound by
     pointer (``DeviceMemory``); compaction then moves rows on the device.
+
+    ``heads_major`` (the ``gqa`` LM form, host memory): ``buffer [layers, 2, kv_heads,
+    max_len, head_dim]``, each layer's whole ``[1, kvh, max_len, hd]`` slab bound as both its
+    past input and its present output (the graph writes the new rows at ``length``).
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype=np.float32, memory: Memory | None = None):
+                 dtype=np.float32, memory: Memory | None = None, heads_major: bool = False):
         self.memory = memory or HostMemory()
-        self.buffer = self.memory.empty((num_layers, 2, max_len, kv_heads, head_dim), dtype)
+        rows = (kv_heads, max_len) if heads_major else (max_len, kv_heads)
+        self.buffer = self.memory.empty((num_layers, 2, *rows, head_dim), dtype)
+        self.heads_major = heads_major
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
 
     def past(self) -> dict:
-        """Views ``[1, P, kvh, hd]`` of the valid rows, keyed by the past input names."""
+        """Views ``[1, P, kvh, hd]`` of the valid rows (heads-major: the whole slabs), keyed
+        by the past input names."""
         return self._views(past_names, 0, self.length)
 
     def present(self, n: int) -> dict:
-        """Views of the next ``n`` rows, where a step graph writes the new K/V in place."""
+        """Views of the next ``n`` rows (heads-major: the whole slabs), where a step graph
+        writes the new K/V in place."""
         self.ensure_room(n)
         return self._views(present_names, self.length, self.length + n)
 
     def _views(self, names, start: int, stop: int) -> dict:
+        if self.heads_major:
+            return {name: self.buffer[layer, kind][None] for layer in range(self.num_layers)
+                    for kind, name in enumerate(names(layer))}
         rows = self.memory.rows
         return {name: rows(self.buffer, (layer, kind), start, stop)
                 for layer in range(self.num_layers)
@@ -64,12 +75,17 @@ class KVCache:
             raise ValueError("compact needs ascending source rows at or after their targets")
         moved = rows != dest
         if moved.any():
-            self.memory.move_rows(self.buffer, rows[moved], dest[moved])
+            self.memory.move_rows(self._sequence_major(self.buffer), rows[moved], dest[moved])
         self.length = start + len(rows)
 
+    def _sequence_major(self, buffer):
+        """``buffer`` seen as ``[layers, 2, max_len, kv_heads, head_dim]`` (a view)."""
+        return buffer.swapaxes(2, 3) if self.heads_major else buffer
+
     def to_host(self) -> np.ndarray:
-        """The whole buffer as a numpy array (a copy when it lives on a device)."""
-        return self.memory.to_host(self.buffer)
+        """The whole buffer as a numpy array ``[layers, 2, max_len, kvh, hd]`` (a copy when
+        it lives on a device; a view of the heads-major buffer)."""
+        return self._sequence_major(self.memory.to_host(self.buffer))
 
     def truncate(self, length: int) -> None:
         """Forget rows from ``length`` on (the buffer is kept)."""

@@ -244,6 +244,10 @@ NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
 PAST = "past"  # tokens already in the KV cache
 
 
+STANDARD, GQA = "standard", "gqa"  # LM step forms (``kv_tensors``); gqa: ONNX Runtime's fused ops
+ATTENTION_FORMS = (STANDARD, GQA)
+
+
 def past_names(layer: int) -> tuple[str, str]:
     """Names of layer ``layer``'s past key and value inputs."""
     return f"past_key.{layer}", f"past_value.{layer}"
@@ -261,33 +265,39 @@ def step_dims(max_len: int, max_new: int | None = None, opt_new: int = 8) -> tup
             Dim(PAST, 0, max_len // 2, max_len - 1))
 
 
-def kv_tensors(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> tuple[list, list]:
-    """Per-layer past inputs ``[1, past, kv_heads, head_dim]`` and present outputs
-    ``[1, new, kv_heads, head_dim]``.
+def kv_tensors(num_layers: int, kv_heads: int, head_dim: int, dtype: str,
+               attention: str = STANDARD, max_len: int = 0) -> tuple[list, list]:
+    """Per-layer past inputs and present outputs.
 
-    Sequence-major layout: the first ``past`` rows of a preallocated
-    ``[max_len, kv_heads, head_dim]`` slab are contiguous, so the runtime binds views of
-    its KV buffer directly, and writes the new rows in place.
+    ``standard``: past ``[1, past, kv_heads, head_dim]``, present (the new rows only)
+    ``[1, new, kv_heads, head_dim]``. Sequence-major: the first ``past`` rows of a
+    preallocated ``[max_len, kv_heads, head_dim]`` slab are contiguous, so the runtime binds
+    views of its KV buffer directly, and writes the new rows in place.
+    ``gqa``: past and present are the whole head-major cache ``[1, kv_heads, max_len,
+    head_dim]``, one buffer bound to both; the graph writes the new rows into it.
     """
+    if attention not in ATTENTION_FORMS:
+        raise ValueError(f"attention {attention!r} not in {ATTENTION_FORMS}")
+    past = (1, kv_heads, max_len, head_dim) if attention == GQA else (1, PAST, kv_heads, head_dim)
+    new = (1, kv_heads, max_len, head_dim) if attention == GQA else (1, NEW, kv_heads, head_dim)
     ins, outs = [], []
     for layer in range(num_layers):
-        for name in past_names(layer):
-            ins.append(TensorSpec(name, dtype, (1, PAST, kv_heads, head_dim)))
-        for name in present_names(layer):
-            outs.append(TensorSpec(name, dtype, (1, NEW, kv_heads, head_dim)))
+        ins += [TensorSpec(name, dtype, past) for name in past_names(layer)]
+        outs += [TensorSpec(name, dtype, new) for name in present_names(layer)]
     return ins, outs
 
 
 def lm_step_spec(*, num_layers: int, hidden_size: int, vocab_size: int, kv_heads: int,
                  head_dim: int, max_len: int, mrope: bool, dtype: str = "float32",
-                 name: str = "lm") -> GraphSpec:
+                 attention: str = STANDARD, name: str = "lm") -> GraphSpec:
     """The target language model step: serves prefill, decode and tree verification.
 
     ``attention_mask[0, 0, i, j]`` is True where new token i may attend to key j
-    (keys = past then new), so any tree mask can be fed.
+    (keys = past then new), so any tree mask can be fed. ``attention``: the graph's form
+    and its KV layout (``kv_tensors``).
     """
     pos_shape = (3, 1, NEW) if mrope else (1, NEW)
-    kv_in, kv_out = kv_tensors(num_layers, kv_heads, head_dim, dtype)
+    kv_in, kv_out = kv_tensors(num_layers, kv_heads, head_dim, dtype, attention, max_len)
     return GraphSpec(
         name=name,
         inputs=(TensorSpec(INPUTS_EMBEDS, dtype, (1, NEW, hidden_size)),
@@ -299,7 +309,8 @@ def lm_step_spec(*, num_layers: int, hidden_size: int, vocab_size: int, kv_heads
                  *kv_out),
         dims=step_dims(max_len),
         meta={"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
-              "hidden_size": hidden_size, "vocab_size": vocab_size, "mrope": mrope},
+              "hidden_size": hidden_size, "vocab_size": vocab_size, "mrope": mrope,
+              "attention": attention},
     )
 
 

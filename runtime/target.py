@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import default_memory, make_runner
-from .device import DeviceTensor, Memory, host_batch, is_device
+from .device import DeviceTensor, HostMemory, Memory, host_batch, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
 from .kv_cache import KVCache
@@ -16,6 +16,7 @@ from .manifest import Manifest
 from .processors import load_artifact_processor
 from .specs import (
     ATTENTION_MASK,
+    GQA,
     HIDDEN_STATES,
     IMAGE_FEATURES,
     INPUT_IDS,
@@ -23,6 +24,7 @@ from .specs import (
     LOGITS,
     NEW,
     POSITION_IDS,
+    STANDARD,
     TOKEN_IDS,
 )
 from .weights import FLOAT, require_weights_runtime
@@ -88,7 +90,13 @@ class TargetModel:
             built="tensorrt" in self.manifest.versions,
             hint="export again without --weights, or build TensorRT engines from an "
                  "`export --weights int4 --weights-block 64` folder")
+        self.attention = self.manifest.model.get("attention", STANDARD)
         self.memory = memory or default_memory(backend)
+        if self.attention == GQA and not isinstance(self.memory, HostMemory):
+            raise ManifestError(f"the target in {self.dir} is in ONNX Runtime's fused CPU form "
+                                f"(--attention gqa): it runs on the CPU backend (ort) with host "
+                                f"memory. Hint: export again with --attention standard for "
+                                f"{backend} or device memory")
         self.traffic = self.memory.traffic
         config, self.processor = load_artifact_processor(self.dir)
         self.glue: FamilyGlue = glue_for(config)
@@ -111,10 +119,11 @@ class TargetModel:
         return set(self.facts["eos_token_ids"])
 
     def new_cache(self) -> KVCache:
-        """A KV cache sized for this model's ``max_len`` (allocate once per session)."""
+        """A KV cache sized for this model's ``max_len`` (allocate once per session), laid
+        out as the LM graph's form binds it."""
         f = self.facts
         return KVCache(f["num_layers"], f["kv_heads"], f["head_dim"], self.max_len, self.dtype,
-                       self.memory)
+                       self.memory, heads_major=self.attention == GQA)
 
     def prepare(self, text: str, images: list | None = None) -> Prompt:
         return self.glue.prepare(self.processor, text, images)

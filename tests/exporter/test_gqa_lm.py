@@ -1,0 +1,124 @@
+"""The LM step in ONNX Runtime's fused CPU form (``export --attention gqa``): parity with
+PyTorch, the same outputs as the standard graph, exact speculation, KV written in place,
+and the places that refuse it."""
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from vispec.engines.build import BuildConfig, plan_build
+from vispec.exporter.cli import cli
+from vispec.exporter.export import export_target
+from vispec.exporter.report import validate_all
+from vispec.runtime.backends.ort import ort_memory
+from vispec.runtime.drafters import open_drafter
+from vispec.runtime.errors import ManifestError, VispecError
+from vispec.runtime.generate import generate_plain
+from vispec.runtime.manifest import Manifest
+from vispec.runtime.masks import causal_mask
+from vispec.runtime.session import Session
+from vispec.runtime.target import TargetModel
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def gqa_targets(tiny_target, tmp_path_factory):
+    """(model_dir, standard float32 artifacts, gqa float32, gqa int4)."""
+    model_dir, standard = tiny_target("llava")
+    root = tmp_path_factory.mktemp("gqa")
+    export_target(model_dir, root / "fp32", max_len=MAX_LEN, attention="gqa")
+    export_target(model_dir, root / "int4", max_len=MAX_LEN, attention="gqa", weights="int4")
+    return model_dir, standard, root / "fp32", root / "int4"
+
+
+def test_the_gqa_graph_is_a_few_fused_nodes_a_layer(gqa_targets):
+    _, standard, gqa, int4 = gqa_targets
+    facts = Manifest.load(gqa).model
+    assert facts["attention"] == "gqa" and Manifest.load(standard).model["attention"] == "standard"
+    ops = collections.Counter(n.op_type for n in onnx.load(str(gqa / "lm.onnx")).graph.node)
+    layers = facts["num_layers"]
+    assert ops["GroupQueryAttention"] == layers and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert sum(ops.values()) <= 14 * layers + 8
+    standard_nodes = len(onnx.load(str(standard / "lm.onnx")).graph.node)
+    assert sum(ops.values()) * 3 < standard_nodes
+    quantized = collections.Counter(n.op_type for n in onnx.load(str(int4 / "lm.onnx")).graph.node)
+    assert quantized["MatMulNBits"] == 4 * layers + 1 and quantized["MatMul"] == 0  # + LM head
+
+
+def test_gqa_graph_matches_pytorch_and_the_standard_graph(gqa_targets):
+    model_dir, standard, gqa, _ = gqa_targets
+    rows, checks = validate_all(model_dir, gqa, max_new_tokens=12)
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert {r.case.split()[0] for r in rows if r.graph == "lm"} == {"prefill", "decode", "tree"}
+    assert all(c.identical for c in checks)
+    a, b = TargetModel(standard), TargetModel(gqa)
+    prompt = a.prepare("Describe the boat.")
+    embeds = a.prompt_embeds(prompt)
+    positions, _ = a.glue.position_ids(prompt)
+    outs = [t.step(t.new_cache(), embeds, positions, causal_mask(0, len(embeds)))
+            for t in (a, b)]
+    np.testing.assert_allclose(outs[1].logits, outs[0].logits, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_rows_land_in_place_and_compaction_moves_them(gqa_targets):
+    """The graph writes the new rows at the cache's length in the head-major buffer;
+    compaction after a tree moves them as the standard layout's would."""
+    _, standard, gqa, _ = gqa_targets
+    caches = []
+    for art in (standard, gqa):
+        target = TargetModel(art)
+        cache = target.new_cache()
+        embeds = target.embed(np.arange(5, 17))
+        target.step(cache, embeds[:8], np.arange(8)[None], causal_mask(0, 8))
+        cache.commit(8)
+        mask = np.ones((1, 1, 4, 12), bool)
+        mask[0, 0, :, 8:] = np.tril(np.ones((4, 4), bool))
+        target.step(cache, embeds[8:], np.array([[8, 9, 9, 10]]), mask)
+        cache.compact(np.array([8, 10, 11]), 8)
+        caches.append(cache)
+    assert caches[1].heads_major and caches[1].length == caches[0].length == 11
+    np.testing.assert_allclose(caches[1].to_host()[:, :, :11], caches[0].to_host()[:, :, :11],
+                               atol=1e-5)
+
+
+def test_greedy_speculative_equals_plain_on_gqa_targets(gqa_targets, tiny_drafter,
+                                                        assert_greedy_exact):
+    _, _, gqa, int4 = gqa_targets
+    for art in (gqa, int4):
+        target = TargetModel(art)
+        for kind in ("vispec", "hivis", "eagle"):
+            assert_greedy_exact(target, open_drafter(tiny_drafter(kind, "llava")[1], target))
+
+
+def test_session_reuses_a_gqa_cache_across_turns(gqa_targets):
+    """Turn 2 prefills only its new rows after the cached ones (the graph's keys are the
+    cache's first ``length`` rows) and equals generating it from scratch."""
+    _, _, gqa, _ = gqa_targets
+    target = TargetModel(gqa)
+    user = lambda text: {"role": "user", "content": [{"type": "text", "text": text}]}  # noqa: E731
+    first = [user("Name a colour.")]
+    session = Session(target)
+    reply = session.generate_plain(target.glue.prepare_chat(target.processor, first, []), 8)
+    second = target.glue.prepare_chat(target.processor, first + [
+        {"role": "assistant", "content": [{"type": "text", "text": reply.text}]},
+        user("And another?")], [])
+    result = session.generate_plain(second, 12)
+    assert result.stats.reused_tokens > 0
+    assert result.tokens == generate_plain(target, second, 12).tokens
+
+
+def test_gqa_is_refused_where_it_cannot_run(gqa_targets, tiny_target, tmp_path):
+    _, _, gqa, _ = gqa_targets
+    with pytest.raises(ManifestError, match="fused CPU form.*Hint: export again with "
+                                            "--attention standard"):
+        TargetModel(gqa, memory=ort_memory("cpu"))
+    with pytest.raises(VispecError, match="TensorRT cannot parse.*--attention standard"):
+        plan_build(Manifest.load(gqa), gqa, BuildConfig(), "10.13")
+    model_dir, _ = tiny_target("qwen2_5_vl")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["export", str(model_dir), str(out), "--attention", "gqa"])
+    assert result.exit_code == 2 and "M-RoPE" in result.output and not out.exists()
+    assert "Hint: export with --attention standard" in result.output
