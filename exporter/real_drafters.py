@@ -29,6 +29,7 @@ from vispec.runtime.cache import cache_dir
 
 from .drafters.distill import HELD_OUT_CHAT
 from .real_target import WEIGHTS as VISION_WEIGHTS
+from .settings import check_fields
 
 Progress = Callable[[str], None]
 KINDS = ("vispec", "hivis", "eagle")
@@ -58,9 +59,8 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        bad = [f"{k}={v}" for k, v in asdict(self).items() if k != "seed" and not v > 0]
-        if bad:
-            raise ValueError(f"DistillConfig | {', '.join(bad)}. Expected: every field > 0")
+        check_fields(self, "every field > 0",
+                     (lambda v: v > 0, [f.name for f in dataclasses.fields(self) if f.name != "seed"]))
 
     def key(self, fields: tuple[str, ...], extra: str = "") -> str:
         """A short hash of ``fields``' values, ``VERSION`` and ``extra`` (the weights' hash)."""

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .settings import check_fields
 from .synthetic_images import ATTRIBUTES, COLOURS, POSITIONS, QUESTION, SHAPES, Example, examples, sample, score
 
 Progress = Callable[[str], None]
@@ -44,14 +45,10 @@ class VisionTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        bad = [f"{k}={getattr(self, k)}" for k in ("pretrain_steps", "steps", "position_steps", "polish_steps")
-               if getattr(self, k) < 0]
-        bad += [f"{k}={getattr(self, k)}" for k in ("pretrain_batch", "batch") if getattr(self, k) < 1]
-        bad += [f"{k}={getattr(self, k)}" for k in ("pretrain_lr", "lr", "polish_lr", "position_weight")
-                if not getattr(self, k) > 0]
-        if bad:
-            raise ValueError(f"VisionTrainConfig | {', '.join(bad)}. Expected: steps >= 0, "
-                             f"batches >= 1, learning rates and position_weight > 0")
+        check_fields(self, "steps >= 0, batches >= 1, learning rates and position_weight > 0",
+                     (lambda v: v >= 0, ("pretrain_steps", "steps", "position_steps", "polish_steps")),
+                     (lambda v: v >= 1, ("pretrain_batch", "batch")),
+                     (lambda v: v > 0, ("pretrain_lr", "lr", "polish_lr", "position_weight")))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and the two exportable graphs over them (draft, adaptor).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -85,13 +86,15 @@ class ImageAdaptor(torch.nn.Module):
 
 
 class Drafter(torch.nn.Module):
-    """Shared parts of every drafter; subclasses add their fusion parameters and ``fuse``.
+    """Shared parts of every drafter, with ``fc`` fusing ``fc_inputs`` rows of ``[1,S,H]``
+    into one; subclasses add their other fusion parameters and ``fuse``.
 
     ``state_dict()`` keys are exactly the official checkpoint's. The LM head is the target's
     and is not part of the drafter (see :class:`DraftGraph`).
     """
 
     kind: str
+    fc_inputs: ClassVar[int] = 2  # rows concatenated into ``fc``: e and f (or f fused with g)
 
     def __init__(self, c: DrafterConfig):
         super().__init__()
@@ -99,6 +102,7 @@ class Drafter(torch.nn.Module):
         self.embed_tokens = torch.nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = torch.nn.ModuleList([DrafterLayer(c)])
         self.rotary = LlamaRotaryEmbedding(c.llama_config())
+        self.fc = torch.nn.Linear(self.fc_inputs * c.hidden_size, c.hidden_size, bias=c.fc_bias)
 
     def fuse(self, embeds: torch.Tensor, features: torch.Tensor, extra: torch.Tensor):
         """Decoder-layer input rows ``[1,S,H]`` from ``e``, ``f`` and the kind's extra input."""
@@ -117,10 +121,6 @@ class EagleDrafter(Drafter):
 
     kind = "eagle"
 
-    def __init__(self, c: DrafterConfig):
-        super().__init__(c)
-        self.fc = torch.nn.Linear(2 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
-
     def fuse(self, embeds, features, extra=None):
         return self.fc(torch.cat([embeds, features], dim=-1))
 
@@ -134,7 +134,6 @@ class VispecDrafter(Drafter):
     def __init__(self, c: DrafterConfig):
         super().__init__(c)
         h = c.hidden_size
-        self.fc = torch.nn.Linear(2 * h, h, bias=c.fc_bias)
         self.img_fc = torch.nn.Linear(2 * h, h, bias=c.fc_bias)
         self.imadpt = ImageAdaptor(c)
         with torch.no_grad():  # a new drafter starts as EAGLE: img_fc passes f through
@@ -153,10 +152,10 @@ class HivisDrafter(Drafter):
     """HiViS: ``fc(cat(e, f, residual[k]))``, ``k`` picked per call."""
 
     kind = "hivis"
+    fc_inputs = 3  # e, f and the residual row
 
     def __init__(self, c: DrafterConfig):
         super().__init__(c)
-        self.fc = torch.nn.Linear(3 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
         self.residual = torch.nn.Parameter(torch.zeros(c.residual_rows, c.hidden_size))
 
     def fuse(self, embeds, features, residual_index):
