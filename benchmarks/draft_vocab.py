@@ -147,7 +147,7 @@ def main() -> None:
     fp32_full = one.get(label("full", "float32"))
     for (size, weights), (name, out) in zip(variants, artifacts.items()):
         full, layer = label("full", weights), LAYER + label("", weights)
-        pipe = Pipeline(work / "target-onnx", drafter_dir=out, tree=tree)
+        pipe = Pipeline(work / "target-onnx", drafter_dir=out)  # `auto`, run_bench's third row
         plain, spec, _ = run_bench(pipe, [(p, []) for p in PROMPTS], [tree],
                                    args.max_new_tokens, args.repeats)
         print(f"| {name} | {mb[name]:.1f} | {mb[name] / mb[full]:.3f} | {one[name]:.2f} | "

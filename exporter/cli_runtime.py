@@ -35,8 +35,8 @@ def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _tree_fields(total_tokens, depth, top_k):
-    """Explicit tree fields, or ``"auto"`` when none was given."""
+def _tree_setting(total_tokens, depth, top_k):
+    """The tree fields given (``tree_policy.TreeSetting``), or ``"auto"`` when none was."""
     if total_tokens is None and depth is None and top_k is None:
         return "auto"
     return total_tokens, depth, top_k
@@ -68,13 +68,9 @@ def _pipeline(model, drafter, backend, threads, sampling=None, image_input=ADAPT
     hide_torch()
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.sampling import Sampling
-    from vispec.runtime.speculative import tree_config
-    pipe = Pipeline(model, drafter_dir=drafter, backend=backend, threads=threads,
-                    sampling=sampling or Sampling(), drafter_image_input=image_input,
+    return Pipeline(model, drafter_dir=drafter, backend=backend, threads=threads,
+                    tree=tree, sampling=sampling or Sampling(), drafter_image_input=image_input,
                     progress=_progress)
-    if pipe.drafter is not None and tree != "auto":
-        pipe.tree = tree_config(pipe.drafter.kind, backend, *tree)
-    return pipe
 
 
 def _mode(pipe, result) -> str:
@@ -83,7 +79,8 @@ def _mode(pipe, result) -> str:
         return "plain"
     if pipe.tree != "auto":
         from vispec.runtime.tree import tree_name
-        return f"speculative ({pipe.drafter.kind}, tree {tree_name(pipe.tree)})"
+        trees = ", ".join(tree_name(t) for t in pipe.tree_policy().trees)
+        return f"speculative ({pipe.drafter.kind}, tree {trees})"
     used = result.stats.rounds_per_tree().items()
     rounds = ", ".join(f"{k}: {v}" for k, v in used) or "no decode pass"
     return f"speculative ({pipe.drafter.kind}, tree auto; rounds per tree: {rounds})"
@@ -144,7 +141,7 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
         raise click.BadParameter(str(e)) from None
     pictures = _images(images)
     pipe = _pipeline(model, drafter, backend, threads, sampling, drafter_image_input,
-                     _tree_fields(total_tokens, depth, top_k))
+                     _tree_setting(total_tokens, depth, top_k))
     streamer = None
     if not as_json:
         from vispec.runtime.streaming import TextStreamer
@@ -259,12 +256,11 @@ def serve(artifacts, drafter, host, port, workers, queue, api_key, allow_local_i
     streamed or not, images as data: URIs; GET /v1/models, GET /health) until SIGTERM."""
     _extra("fastapi", "serve")
     _extra("uvicorn", "serve")
-    tree = _tree_fields(total_tokens, depth, top_k)
+    tree = _tree_setting(total_tokens, depth, top_k)
     pipes = []
     for _ in range(workers):
         pipes.append(_pipeline(artifacts, drafter, backend, threads, tree=tree))
-        if pipes[-1].drafter is not None:
-            pipes[-1].tree_policy()  # `auto` measures once, before any request
+        pipes[-1].tree_policy()  # `auto` measures once, before any request
     from vispec.runtime.serve.app import Settings
     from vispec.runtime.serve.server import serve as run
     settings = Settings(model_name or Path(artifacts).resolve().name, queue, api_key,

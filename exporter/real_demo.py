@@ -81,13 +81,12 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
             repeats: int = REPEATS) -> dict[str, list[BenchRow]]:
     """Per prompt group ("image", "text"): a plain row and one row per drafter kind, timed
     by ``bench.interleaved`` (warm-up, ``repeats`` rotating passes, contention sampled)."""
-    fixed = tree if isinstance(tree, TreeConfig) else None
+    fixed = None if tree == DEMO_TREE else tree
     plain_pipe = Pipeline(target_onnx, tree=None)
     pipes = {k: Pipeline(target_onnx, drafter_dir=d, tree=tree, progress=progress)
              for k, d in drafters.items()}
-    if tree == DEMO_TREE:
-        for pipe in pipes.values():
-            pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
+    for pipe in pipes.values():
+        pipe.tree_policy()  # `auto` measures its costs before any timing (cached afterwards)
     replies: dict[str, str] = {}  # prompt -> plain reply (its first, the reference)
 
     def plain(text, images):

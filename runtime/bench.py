@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,8 +24,8 @@ from .generate import GenerationResult
 from .pipeline import Pipeline
 from .speculative import check_tree_width
 from .tree import PLAIN, TreeConfig, tree_name
+from .tree_policy import AUTO, TreePolicy
 
-AUTO = "auto"
 Generate = Callable[[str, list], GenerationResult]  # (text, images) -> one generation
 
 
@@ -104,17 +105,18 @@ class BenchRow:
 def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequence[TreeConfig],
               max_new_tokens: int = 64, repeats: int = 3,
               progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Rows for plain decoding, each tree of ``trees`` and ``auto`` (greedy sampling
-    assumed for the identity check; with sampling ``identical`` is not meaningful)."""
+    """Rows for plain decoding, each tree of ``trees`` and ``auto``, the policy of ``pipe``
+    (built with ``tree="auto"``, the default). Greedy sampling is assumed for the identity
+    check; with sampling ``identical`` is not meaningful."""
+    if pipe.tree != AUTO:
+        raise VispecError(f"run_bench compares fixed trees with 'auto', but the pipeline's tree "
+                          f"is {pipe.tree!r}. Hint: build the Pipeline with tree='auto'")
     check_tree_width(trees, pipe.drafter)  # before the auto tree's measurements
-    settings: list[tuple[str, TreeConfig | str | None]] = [(PLAIN, None)]
-    settings += [(tree_name(t), t) for t in trees] + [(AUTO, AUTO)]
-    pipe.tree = AUTO
-    pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
-    rows = [(BenchRow(name, tree if isinstance(tree, TreeConfig) else None),
-             lambda text, images, tree=tree: _generate(pipe, tree, text, images, max_new_tokens))
-            for name, tree in settings]
-    return interleaved(rows, prompts, repeats, progress)
+    auto = pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
+    settings: list[tuple[BenchRow, TreePolicy | None]] = [(BenchRow(PLAIN, None), None)]
+    settings += [(BenchRow(tree_name(t), t), t) for t in trees] + [(BenchRow(AUTO, None), auto)]
+    return interleaved([(row, partial(_generate, pipe, tree, max_new_tokens))
+                        for row, tree in settings], prompts, repeats, progress)
 
 
 def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence[tuple[str, list]],
@@ -148,11 +150,12 @@ def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence
     return [row for row, _ in settings]
 
 
-def _generate(pipe: Pipeline, tree, text: str, images: list, max_new_tokens: int):
+def _generate(pipe: Pipeline, tree: TreePolicy | None, max_new_tokens: int, text: str,
+              images: list) -> GenerationResult:
+    """One generation: plain where ``tree`` is None, else speculative with that policy."""
     if tree is None:
         return pipe.generate(text, images, max_new_tokens, draft=False)
-    pipe.tree = tree
-    return pipe.generate(text, images, max_new_tokens)
+    return pipe.generate(text, images, max_new_tokens, tree=tree)
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -15,8 +15,7 @@ from .manifest import EXPORT_COMMAND, MANIFEST_NAME, Manifest
 from .sampling import Sampling
 from .session import Cancel, Session
 from .target import TargetModel
-from .tree import TreeConfig
-from .tree_policy import AutoTree
+from .tree_policy import AUTO, TreePolicy, TreeSetting, resolve_tree
 
 
 def load_image(image) -> Image.Image:
@@ -46,17 +45,17 @@ class Pipeline:
     """Target (and optional drafter) artifacts plus one preallocated KV cache, loaded once;
     ``generate`` and ``chat`` reuse them for every request, in one ``Session`` (a request
     that extends the conversation replied to last prefills only its new rows).
+    ``tree``: any ``tree_policy.TreeSetting`` ("auto": fitted to this machine, measured on
+    first use; a ``TreeConfig``; None: the backend's default tree), resolved once by
+    ``tree_policy()``; ``generate(..., tree=policy)`` overrides it for one call.
     ``drafter_image_input``: see ``drafters.open_drafter`` ("adaptor" or "official-llava15").
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
                  drafter_dir: str | os.PathLike | None = None, backend: str = "ort",
-                 threads: int | None = None, tree: TreeConfig | str | None = "auto",
+                 threads: int | None = None, tree: TreeSetting = AUTO,
                  sampling: Sampling = Sampling(), drafter_image_input: str = ADAPTOR,
                  progress: Callable[[str], None] | None = None):
-        if isinstance(tree, str) and tree != "auto":
-            raise VispecError(f"tree={tree!r}. Expected: 'auto', a TreeConfig or None. Hint: "
-                              f"use 'auto' to fit the tree to this machine")
         if threads is not None and threads < 1:
             raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
                               f"ONNX Runtime's default")
@@ -70,57 +69,66 @@ class Pipeline:
             self.drafter = open_drafter(Path(drafter_dir), self.target, backend=backend,
                                         threads=threads, image_input=drafter_image_input)
         self.drafter_dir = drafter_dir
-        self.tree = tree  # "auto": fitted to this machine; None: the backend's default tree
         self.progress = progress
-        self._auto: AutoTree | None = None  # measured once, learns acceptance across calls
+        self._tree = tree
+        self._policy: TreePolicy | None = None  # resolved once; `auto` learns across calls
         self.sampling = sampling
         self.cache = self.target.new_cache()
         self.session = Session(self.target, self.drafter, self.cache)  # the conversation held
+        if tree != AUTO:  # a fixed setting is checked now; `auto` measures on first use
+            self.tree_policy()
+
+    @property
+    def tree(self) -> TreeSetting:
+        """The tree setting as given (read-only: ``tree_policy()`` holds what it became)."""
+        return self._tree
 
     def generate(self, prompt: str, images: list | None = None, max_new_tokens: int = 64,
                  draft: bool = True, on_tokens: OnTokens | None = None, *,
-                 sampling: Sampling | None = None, cancel: Cancel | None = None
-                 ) -> GenerationResult:
+                 sampling: Sampling | None = None, tree: TreePolicy | None = None,
+                 cancel: Cancel | None = None) -> GenerationResult:
         """Reply to one user turn (text + optional images: paths or PIL images).
 
         Speculative when a drafter is loaded and ``draft`` is True; plain otherwise.
         ``on_tokens`` is called with each pass's new token ids (streaming); ``sampling``
-        overrides the pipeline's for this call; ``cancel`` ends it at the next pass.
+        and ``tree`` (a ``TreeConfig`` or another policy) override the pipeline's for this
+        call; ``cancel`` ends it at the next pass.
         """
         if not prompt.strip():
             raise VispecError("the prompt is empty. Hint: pass the user message as --prompt")
         prepared = self.target.prepare(prompt, [load_image(i) for i in images or []])
         return self.reply(prepared, max_new_tokens, draft, on_tokens, sampling=sampling,
-                          cancel=cancel)
+                          tree=tree, cancel=cancel)
 
     def chat(self, messages: list[dict], images: list | None = None, max_new_tokens: int = 64,
              draft: bool = True, on_tokens: OnTokens | None = None, *,
-             sampling: Sampling | None = None, cancel: Cancel | None = None
-             ) -> GenerationResult:
+             sampling: Sampling | None = None, tree: TreePolicy | None = None,
+             cancel: Cancel | None = None) -> GenerationResult:
         """The assistant's next reply to a conversation (HF chat messages; ``{"type":
         "image"}`` parts take ``images`` in order). A conversation that extends the one
         replied to last reuses its cached rows: only the new turn is prefilled."""
         prepared = self.target.glue.prepare_chat(self.target.processor, messages,
                                                  [load_image(i) for i in images or []])
         return self.reply(prepared, max_new_tokens, draft, on_tokens, sampling=sampling,
-                          cancel=cancel)
+                          tree=tree, cancel=cancel)
 
     def reply(self, prompt: Prompt, max_new_tokens: int = 64, draft: bool = True,
               on_tokens: OnTokens | None = None, *, sampling: Sampling | None = None,
-              cancel: Cancel | None = None) -> GenerationResult:
+              tree: TreePolicy | None = None, cancel: Cancel | None = None
+              ) -> GenerationResult:
         """Generate after a prepared prompt in this pipeline's session."""
         check_fits(prompt, max_new_tokens, self.target.max_len)  # before `auto` measures
         options = dict(sampling=sampling or self.sampling, on_tokens=on_tokens, cancel=cancel)
         if self.drafter is not None and draft:
-            return self.session.generate_speculative(prompt, max_new_tokens,
-                                                     tree=self.tree_policy(), **options)
+            policy = self.tree_policy() if tree is None else tree
+            return self.session.generate_speculative(prompt, max_new_tokens, tree=policy,
+                                                     **options)
         return self.session.generate_plain(prompt, max_new_tokens, **options)
 
-    def tree_policy(self) -> TreeConfig | AutoTree | None:
-        """The tree setting of speculative calls; ``"auto"`` is measured on first use."""
-        if self.tree != "auto":
-            return self.tree
-        if self._auto is None:
-            from .tree_calibration import auto_tree
-            self._auto = auto_tree(self.target, self.drafter, self.drafter_dir, self.progress)
-        return self._auto
+    def tree_policy(self) -> TreePolicy:
+        """The policy of this pipeline's ``tree`` setting, resolved once (``auto`` measures
+        this machine's costs on first use, or reads them from its cache)."""
+        if self._policy is None:
+            self._policy = resolve_tree(self._tree, self.target, self.drafter,
+                                        self.drafter_dir, self.progress)
+        return self._policy

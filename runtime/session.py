@@ -1,9 +1,10 @@
 """One conversation's decoding state: its caches, the tokens in them, positions, sampling.
 
     session = Session(target, drafter)
-    session.generate_speculative(turn_1, 64)   # prefill the prompt, decode the reply
-    session.generate_speculative(turn_2, 64)   # turn_2 = turn 1, its reply, a new user turn:
-                                               # only the rows after the cached ones run
+    session.generate_speculative(turn_1, 64, tree=policy)  # prefill the prompt, decode the reply
+    session.generate_speculative(turn_2, 64, tree=policy)  # turn_2 = turn 1, its reply, a new
+                                                           # user turn: only the rows after the
+                                                           # cached ones run
 A prompt is compared with the cached rows token by token (images by their pixels): the
 rows up to the first difference are kept, the others dropped, and the prompt's rest is
 prefilled (new images through the vision graph). Kept rows hold exactly what a fresh
@@ -35,7 +36,7 @@ from .generate import (
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
-from .speculative import Drafter, draft, fitting, policy_for, verify
+from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
 from .target import StepOutput, TargetModel
 from .tree import TreeConfig
 from .tree_policy import TreePolicy
@@ -96,26 +97,27 @@ class Session:
             self._decode_plain(turn)
         return self._finish(turn, t0)
 
-    def generate_speculative(self, prompt: Prompt, max_new_tokens: int, *,
-                             tree: TreeConfig | TreePolicy | None = None,
+    def generate_speculative(self, prompt: Prompt, max_new_tokens: int, *, tree: TreePolicy,
                              sampling: Sampling = Sampling(), on_tokens: OnTokens | None = None,
                              cancel: Cancel | None = None) -> GenerationResult:
         """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling.
 
-        ``tree``: one tree for every round, or a policy choosing each round's tree
-        (``AutoTree``), which may switch to plain decoding for the rest of the generation.
+        ``tree``: the policy picking each round's tree: a ``TreeConfig`` (that tree every
+        round) or, e.g., ``AutoTree``, which may switch to plain decoding for the rest of the
+        generation (``tree_policy.resolve_tree`` makes one from a user's setting).
         """
         check_fits(prompt, max_new_tokens, self.target.max_len)
-        policy = policy_for(tree, self.drafter, self.target)
-        policy.start()
+        check_tree_width(tree.trees, self.drafter)
+        check_tree_size(tree.trees, self.target.max_len)
+        tree.start()
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
             drafter_start = self._start(prompt, turn)
             t0 = time.perf_counter()
-            config = None if turn.done else policy.choose()
+            config = None if turn.done else tree.next_tree()
             if config is not None:
                 topk = self._draft_prompt(prompt, drafter_start, turn.tokens[-1])
-                self._speculate(turn, policy, fitting(config, self.cache, self.drafter), topk)
+                self._speculate(turn, tree, fitting(config, self.cache, self.drafter), topk)
             self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
         return self._finish(turn, t0)
 
@@ -210,7 +212,7 @@ class Session:
             policy.observe(config, len(verification.accepted) - 1)
             used, r3 = config, time.perf_counter()
             if not turn.done:
-                config = policy.choose()
+                config = policy.next_tree()
                 if config is not None:
                     topk = self.drafter.advance(features, new)
                     config = fitting(config, self.cache, self.drafter)

@@ -10,8 +10,8 @@
 
 Greedy verification keeps exactly the target's own argmax chain; sampling verification
 keeps the target's distribution (``acceptance.accept_sampling``). The loop is
-``session.Session.generate_speculative`` (a conversation's state); its steps and the tree
-settings are here.
+``session.Session.generate_speculative`` (a conversation's state); its steps and the checks
+of its trees are here. Each round's tree comes from a ``tree_policy.TreePolicy``.
 """
 from __future__ import annotations
 
@@ -28,31 +28,7 @@ from .masks import tree_mask
 from .sampling import Sampling, TokenChooser
 from .target import StepOutput, TargetModel
 from .tree import DraftTree, TreeConfig, build_draft_tree, tree_name
-from .tree_policy import FixedTree, TreePolicy
-
-# Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS): for GPU backends.
-DEFAULT_TREES = {
-    "vispec": TreeConfig(total_tokens=30, depth=3, top_k=8),
-    "eagle": TreeConfig(total_tokens=60, depth=5, top_k=10),
-    "hivis": TreeConfig(total_tokens=60, depth=5, top_k=10),
-}
-# On a CPU verifying T tokens costs ~1.6x one token at T=16 but ~3x at 60
-# (benchmarks/RESULTS.md): large trees cannot pay off there.
-CPU_TREE = TreeConfig(total_tokens=16, depth=3, top_k=4)
-CPU_BACKENDS = ("ort",)
-
-
-def tree_config(kind: str, backend: str = "ort", total_tokens: int | None = None,
-                depth: int | None = None, top_k: int | None = None) -> TreeConfig:
-    """The default tree for drafter ``kind`` on ``backend`` (CPU-sized for CPU backends,
-    the published one otherwise), with any of its fields overridden."""
-    base = CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
-    try:
-        return TreeConfig(total_tokens=base.total_tokens if total_tokens is None else total_tokens,
-                          depth=base.depth if depth is None else depth,
-                          top_k=base.top_k if top_k is None else top_k)
-    except ValueError as e:
-        raise VispecError(f"{e} Hint: adjust --total-tokens, --depth or --top-k") from None
+from .tree_policy import TreePolicy
 
 
 class Drafter(Protocol):
@@ -100,11 +76,12 @@ def verify(target: TargetModel, cache: KVCache, tree: DraftTree, position: int,
 
 
 def generate_speculative(target: TargetModel, drafter: Drafter, prompt: Prompt,
-                         max_new_tokens: int, *, tree: TreeConfig | TreePolicy | None = None,
+                         max_new_tokens: int, *, tree: TreePolicy,
                          sampling: Sampling = Sampling(), cache: KVCache | None = None,
                          on_tokens: OnTokens | None = None) -> GenerationResult:
     """Speculative decoding; the output equals ``generate_plain``'s under greedy sampling.
-    A one-generation ``session.Session`` (``Session.generate_speculative``)."""
+    A one-generation ``session.Session`` (``Session.generate_speculative``); ``tree``: a
+    ``TreeConfig`` or another policy."""
     from .session import Session
 
     return Session(target, drafter, cache).generate_speculative(
@@ -119,17 +96,6 @@ def fitting(tree: TreeConfig, cache: KVCache, drafter: Drafter) -> TreeConfig | 
     if cache.length + tree.total_tokens > cache.max_len:
         return None
     return tree if tree.drafter_rows <= drafter.room() else None
-
-
-def policy_for(tree: TreeConfig | TreePolicy | None, drafter: Drafter,
-               target: TargetModel) -> TreePolicy:
-    """``tree`` as a policy (the backend's default tree when None), checked against the
-    drafter graph's top-k width and the caches."""
-    if tree is None or isinstance(tree, TreeConfig):
-        tree = FixedTree(tree or tree_config(drafter.kind, target.backend))
-    check_tree_width(tree.trees, drafter)
-    check_tree_size(tree.trees, target.max_len)
-    return tree
 
 
 def check_tree_size(trees, max_len: int) -> None:

@@ -46,6 +46,20 @@ class TreeConfig:
         ``top_k`` tree rows, then (those dropped) the accepted path and the bonus token."""
         return max(self.depth * self.top_k, self.depth + 2)
 
+    # A fixed tree is its own ``tree_policy.TreePolicy``: the same tree every round.
+    @property
+    def trees(self) -> tuple[TreeConfig, ...]:
+        return (self,)
+
+    def start(self) -> None:
+        pass
+
+    def next_tree(self) -> TreeConfig:
+        return self
+
+    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
+        pass
+
 
 PLAIN = "plain"  # the name of a plain decoding step where a tree is named
 

@@ -1,5 +1,9 @@
 """Which draft tree to verify next, or none: fixed trees and the cost-aware ``auto`` policy.
 
+A tree setting, in whichever form a user gives it (``TreeSetting``), becomes one
+``TreePolicy`` in ``resolve_tree``; the loop asks that policy for each round's tree
+(``TreePolicy.next_tree``). A ``TreeConfig`` is itself the policy of one fixed tree.
+
 ``AutoTree`` picks, before every round, the tree with the most expected tokens per second
 
     rate(tree)  = E[tokens | tree] / round_ms(tree)        round_ms measured on this machine
@@ -28,12 +32,18 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
+from .errors import VispecError
 from .tree import TreeConfig, build_draft_tree
+
+if TYPE_CHECKING:
+    from .speculative import Drafter
+    from .target import TargetModel
 
 # Trees the auto policy chooses from, smallest first (EAGLE-2 / ViSpec shapes and smaller
 # ones for CPUs and edge GPUs). Those wider than the drafter's top-k or longer than the
@@ -49,53 +59,89 @@ CANDIDATES = (
 
 
 class TreePolicy(Protocol):
-    """What the speculative loop asks before and tells after every round."""
+    """What the speculative loop asks before and tells after every round (a ``TreeConfig``
+    is the policy of that one tree)."""
 
-    trees: tuple[TreeConfig, ...]  # every tree it may choose
+    trees: tuple[TreeConfig, ...]  # every tree it may pick
 
     def start(self) -> None:
         """A generation begins."""
 
-    def choose(self) -> TreeConfig | None:
+    def next_tree(self) -> TreeConfig | None:
         """The tree of the next round, or ``None``: decode plainly to the end."""
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
         """A round with ``tree`` accepted ``accepted_levels`` drafted tokens."""
 
 
-@dataclass
-class FixedTree:
-    """The same tree every round (explicit ``--total-tokens/--depth/--top-k``)."""
-
-    tree: TreeConfig
-
-    @property
-    def trees(self) -> tuple[TreeConfig, ...]:
-        return (self.tree,)
-
-    def start(self) -> None:
-        pass
-
-    def choose(self) -> TreeConfig:
-        return self.tree
-
-    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
-        pass
-
-
 class PlainDecoding:
-    """No tree at all (``auto`` where the cache has room for none of the candidates)."""
+    """No tree at all (no drafter, or ``auto`` where the cache has room for none of the
+    candidates)."""
 
     trees: tuple[TreeConfig, ...] = ()
 
     def start(self) -> None:
         pass
 
-    def choose(self) -> None:
+    def next_tree(self) -> None:
         return None
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
         pass
+
+
+AUTO = "auto"  # the setting fitted to this machine's measured costs (``AutoTree``)
+# Published defaults per drafter type (ViSpec paper; EAGLE-2 / HiViS): for GPU backends.
+DEFAULT_TREES = {
+    "vispec": TreeConfig(total_tokens=30, depth=3, top_k=8),
+    "eagle": TreeConfig(total_tokens=60, depth=5, top_k=10),
+    "hivis": TreeConfig(total_tokens=60, depth=5, top_k=10),
+}
+# On a CPU verifying T tokens costs ~1.6x one token at T=16 but ~3x at 60
+# (benchmarks/RESULTS.md): large trees cannot pay off there.
+CPU_TREE = TreeConfig(total_tokens=16, depth=3, top_k=4)
+CPU_BACKENDS = ("ort",)
+TreeFields = tuple[int | None, int | None, int | None]  # total_tokens, depth, top_k
+TreeSetting = str | TreeConfig | TreeFields | TreePolicy | None  # what a user passes
+
+
+def default_tree(kind: str, backend: str = "ort", total_tokens: int | None = None,
+                 depth: int | None = None, top_k: int | None = None) -> TreeConfig:
+    """The default tree for drafter ``kind`` on ``backend`` (CPU-sized for CPU backends,
+    the published one otherwise), with any of its fields overridden."""
+    base = CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
+    try:
+        return TreeConfig(total_tokens=base.total_tokens if total_tokens is None else total_tokens,
+                          depth=base.depth if depth is None else depth,
+                          top_k=base.top_k if top_k is None else top_k)
+    except ValueError as e:
+        raise VispecError(f"{e} Hint: adjust --total-tokens, --depth or --top-k") from None
+
+
+def resolve_tree(setting: TreeSetting, target: TargetModel, drafter: Drafter | None,
+                 drafter_dir: str | os.PathLike | None,
+                 progress: Callable[[str], None] | None = None) -> TreePolicy:
+    """The one policy a tree setting stands for, whichever form it takes:
+
+        "auto"                          ``AutoTree`` on this machine's costs for these
+                                        artifacts (``tree_calibration.auto_tree``: read
+                                        from its cache, or measured now)
+        None                            the backend's default tree for the drafter kind
+        (total_tokens, depth, top_k)    that default with the fields given (None: kept)
+        a TreeConfig or a policy        itself
+
+    Without a drafter every generation is plain (``PlainDecoding``)."""
+    if isinstance(setting, str) and setting != AUTO:
+        raise VispecError(f"tree={setting!r}. Expected: 'auto', a TreeConfig or None. Hint: "
+                          f"use 'auto' to fit the tree to this machine")
+    if drafter is None:
+        return PlainDecoding()
+    if setting == AUTO:
+        from .tree_calibration import auto_tree  # it runs the loop, which imports this module
+        return auto_tree(target, drafter, drafter_dir, progress)
+    if setting is None or isinstance(setting, tuple):
+        return default_tree(drafter.kind, target.backend, *(setting or ()))
+    return setting
 
 
 def levels(tree: TreeConfig) -> int:
@@ -215,7 +261,7 @@ class AutoTree:
             out[tree] = self.expected_tokens(tree, posterior) / ms
         return out
 
-    def choose(self) -> TreeConfig | None:
+    def next_tree(self) -> TreeConfig | None:
         if self.fallen_back:
             return None
         rates = self.rates()

@@ -17,7 +17,7 @@ from PIL import Image
 from vispec.exporter.cli import cli
 from vispec.runtime.atomic import MARKER, atomic_output_dir
 from vispec.runtime.errors import VispecError
-from vispec.runtime.speculative import tree_config
+from vispec.runtime.tree_policy import default_tree
 
 
 def run(*args):
@@ -247,7 +247,7 @@ def test_an_output_in_a_read_only_folder_is_refused_before_any_work(env, read_on
 @pytest.mark.parametrize("field", ["total_tokens", "depth", "top_k"])
 def test_a_zero_tree_field_is_refused_not_defaulted(field):
     with pytest.raises(VispecError, match=f"{field}=0.*Hint:"):
-        tree_config("eagle", "ort", **{field: 0})
+        default_tree("eagle", "ort", **{field: 0})
 
 
 @pytest.mark.parametrize("command", ["export", "demo"])

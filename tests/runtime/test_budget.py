@@ -50,7 +50,7 @@ def test_budget_beyond_the_cache_is_refused_before_auto_measures(tiny_target, ti
         pipe.generate("sea " * 300, max_new_tokens=4)
     with pytest.raises(PromptTooLongError, match="lower --max-new-tokens"):
         pipe.generate("hi", max_new_tokens=250)
-    assert pipe._auto is None  # nothing was measured
+    assert pipe._policy is None  # nothing was measured
 
 
 def test_drafter_with_a_shorter_cache_is_refused_at_load(small_export, tiny_target):

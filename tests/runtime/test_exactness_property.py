@@ -24,7 +24,7 @@ from vispec.runtime.target import TargetModel
 from vispec.runtime.ties import first_divergence
 from vispec.runtime.tree import TreeConfig
 from vispec.runtime.tree_calibration import auto_tree, usable_trees
-from vispec.runtime.tree_policy import AutoTree
+from vispec.runtime.tree_policy import AutoTree, default_tree
 
 CI_CASES, STRESS_CASES = 90, 1200
 WORDS = ("the red boat sails over a calm sea while birds fly and a child waves tell me about "
@@ -137,6 +137,8 @@ def run_case(entry: Entry, seed: int) -> str | None:
     tree = random_tree(rng, drafter, target.max_len)
     if tree == "auto":
         tree = entry.auto
+    elif tree is None:
+        tree = default_tree(drafter.kind, target.backend)
     eos = set(target.eos_token_ids)
     if rng.random() < 0.25:  # an EOS id the plain output meets mid-way
         plain = generate_plain(target, prompt, budget).tokens

@@ -114,8 +114,8 @@ def test_speculative_sampling_keeps_the_target_distribution(runtime_pair, draft_
 
 
 def test_default_trees_fit_the_backend():
-    from vispec.runtime.speculative import CPU_TREE, tree_config
-    assert tree_config("vispec", "ort") == CPU_TREE
-    assert tree_config("vispec", "ort-cuda") == TreeConfig(30, 3, 8)
-    assert tree_config("hivis", "tensorrt") == TreeConfig(60, 5, 10)
-    assert tree_config("eagle", "ort", total_tokens=10, depth=2) == TreeConfig(10, 2, 4)
+    from vispec.runtime.tree_policy import CPU_TREE, default_tree
+    assert default_tree("vispec", "ort") == CPU_TREE
+    assert default_tree("vispec", "ort-cuda") == TreeConfig(30, 3, 8)
+    assert default_tree("hivis", "tensorrt") == TreeConfig(60, 5, 10)
+    assert default_tree("eagle", "ort", total_tokens=10, depth=2) == TreeConfig(10, 2, 4)

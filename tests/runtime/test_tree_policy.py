@@ -2,16 +2,18 @@
 back to plain decoding mid-generation, stays exact, and re-measures on another artifact or
 machine."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from vispec.runtime.errors import VispecError
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.speculative import generate_speculative
 from vispec.runtime.tree import TreeConfig
 from vispec.runtime.tree_calibration import auto_tree, calibration_key
-from vispec.runtime.tree_policy import CANDIDATES, AutoTree, FixedTree, rank_probs, reach
+from vispec.runtime.tree_policy import CANDIDATES, CPU_TREE, AutoTree, PlainDecoding, rank_probs, reach, resolve_tree
 
 CHAIN, SMALL, MID, WIDE = TreeConfig(3, 1, 1), TreeConfig(4, 2, 2), TreeConfig(8, 2, 3), \
     TreeConfig(16, 3, 4)
@@ -25,7 +27,7 @@ def policy(small_ms=2.0, wide_ms=3.0, plain_ms=1.0, **kw) -> AutoTree:
 def test_a_tree_that_cannot_win_is_never_tried():
     # 4 levels at most (5 tokens) for 6 plain steps: plain decoding from the start
     p = policy(small_ms=6.0, wide_ms=6.0)
-    assert p.choose() is None and p.choose() is None
+    assert p.next_tree() is None and p.next_tree() is None
 
 
 def test_acceptance_decides_between_trees_and_plain():
@@ -34,9 +36,9 @@ def test_acceptance_decides_between_trees_and_plain():
         accepting.observe(WIDE, 4)
         rejecting.observe(WIDE, 0)
         rejecting.observe(SMALL, 0)
-    assert accepting.choose() == WIDE   # 5 tokens in 2.2 ms beat 4 in 2.0 ms and 1 in 1.0
-    assert rejecting.choose() is None
-    assert rejecting.choose() is None  # fell back: plain for the rest of this generation
+    assert accepting.next_tree() == WIDE   # 5 tokens in 2.2 ms beat 4 in 2.0 ms and 1 in 1.0
+    assert rejecting.next_tree() is None
+    assert rejecting.next_tree() is None  # fell back: plain for the rest of this generation
     before = rejecting.seen[WIDE].copy()
     rejecting.start()                  # the next generation weighs the past 0.9 as much
     assert np.allclose(rejecting.seen[WIDE], 0.9 * before)
@@ -51,7 +53,7 @@ def test_a_tree_must_beat_plain_by_the_margin():
         for accepted in rounds:
             p.observe(CHAIN, accepted)
         assert 1.25 < p.expected_tokens(CHAIN) < 1.3
-        assert p.choose() == chosen
+        assert p.next_tree() == chosen
 
 
 def test_the_latest_rounds_decide():
@@ -62,7 +64,7 @@ def test_the_latest_rounds_decide():
         for accepted in [2] * 20 + [0] * 20:
             p.observe(CHAIN, accepted)
             p.observe(MID, accepted)
-        assert (p.choose() is not None) == speculates
+        assert (p.next_tree() is not None) == speculates
 
 
 def test_a_losing_drafter_is_tried_at_most_every_other_generation():
@@ -72,7 +74,7 @@ def test_a_losing_drafter_is_tried_at_most_every_other_generation():
     for _ in range(12):
         never.start()
         tried.append(0)
-        while (tree := never.choose()) is not None:
+        while (tree := never.next_tree()) is not None:
             never.observe(tree, 0)
             tried[-1] += 1
     assert tried[0] <= 4 and sum(tried[1:]) <= 6
@@ -96,7 +98,7 @@ def test_width_is_learnt_from_every_tree():
         p.observe(CHAIN, 0)
         p.observe(WIDE, 1)
     assert p.expected_tokens(MID) > 1.5 > p.expected_tokens(CHAIN)
-    assert p.choose() == MID
+    assert p.next_tree() == MID
     # Rounds of one small tree that accept everything make every tree look good.
     q = policy()
     for _ in range(10):
@@ -113,7 +115,7 @@ def simulate(policy, probs, round_ms, plain_ms, answers=12, answer_tokens=9, see
         policy.start()
         left = answer_tokens
         while left > 0:
-            tree = policy.choose()
+            tree = policy.next_tree()
             if tree is None:
                 ms, tokens, left = ms + left * plain_ms, tokens + left, 0
                 continue
@@ -134,7 +136,7 @@ def test_auto_nears_the_best_setting_on_short_answers(h, g):
     def rate(make):
         return np.mean([simulate(make(), probs, round_ms, 26.0, seed=s) for s in range(4)])
 
-    best = max([rate(lambda: FixedTree(t)) for t in CANDIDATES] + [1 / 26.0])
+    best = max([rate(lambda: t) for t in CANDIDATES] + [1 / 26.0])  # a tree: its own policy
     assert rate(lambda: AutoTree(round_ms=round_ms, plain_ms=26.0)) >= 0.9 * best
 
 
@@ -192,6 +194,23 @@ def test_pipeline_auto_generates_what_plain_does(tiny_target, tiny_drafter):
     assert spec.tokens == pipe.generate(PROMPT, max_new_tokens=24, draft=False).tokens
     with pytest.raises(Exception, match="Expected: 'auto'"):
         Pipeline(tiny_target("llava")[1], tree="fast")
+    with pytest.raises(AttributeError):
+        pipe.tree = MID  # fixed at construction; one call may pass its own policy:
+    fixed = pipe.generate(PROMPT, max_new_tokens=24, tree=MID)
+    assert fixed.tokens == spec.tokens and {r.tree for r in fixed.stats.rounds} <= {MID, None}
+
+
+def test_every_tree_setting_resolves_to_one_policy():
+    target, drafter = SimpleNamespace(backend="ort"), SimpleNamespace(kind="eagle")
+    auto = policy()
+    assert resolve_tree(None, target, drafter, None) == CPU_TREE  # the backend's default
+    assert resolve_tree((10, 2, None), target, drafter, None) == TreeConfig(10, 2, 4)
+    assert resolve_tree(MID, target, drafter, None) is MID
+    assert MID.trees == (MID,) and MID.next_tree() is MID  # a tree is its own policy
+    assert resolve_tree(auto, target, drafter, None) is auto
+    assert isinstance(resolve_tree("auto", target, None, None), PlainDecoding)  # no drafter
+    with pytest.raises(VispecError, match="Expected: 'auto'"):
+        resolve_tree("fast", target, drafter, None)
 
 
 def test_a_near_tie_goes_to_the_cheapest_tree():
@@ -203,7 +222,7 @@ def test_a_near_tie_goes_to_the_cheapest_tree():
     for tie in (0.0, AutoTree.tie):
         p = AutoTree(round_ms=round_ms, plain_ms=37.7, tie=tie)
         p.observe(SMALL, 1)
-        chosen[tie] = p.choose()
+        chosen[tie] = p.next_tree()
     rates = p.rates()
     del rates[None]
     assert max(rates, key=rates.get) == WIDE == chosen[0.0]
@@ -224,7 +243,7 @@ def test_a_tree_the_model_underprices_is_tried():
         for _ in range(4):
             p.start()
             for accepted in (2, 2, 1):
-                used[explore].append(p.choose())
+                used[explore].append(p.next_tree())
                 p.observe(used[explore][-1], accepted)
     assert set(used[1.01]) == {WIDE}
     assert MID in used[AutoTree.explore] and used[AutoTree.explore][-1] != WIDE
