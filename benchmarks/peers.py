@@ -210,6 +210,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="fp32,int4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="gqa", help="the project's LM graph form: "
+                        "gqa (ONNX Runtime's fused CPU kernels) or standard")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=4, help="held-out image prompts (project)")
@@ -237,11 +239,11 @@ def main() -> None:
         say("onnxruntime_genai is not installed (pip install -e '.[peers]'): project side only")
     precisions = args.precisions.split(",")
     model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
-    targets = {p: work / f"target-{p}" for p in {"fp32", *precisions}}
+    targets = {p: work / f"target-{p}-{args.attention}" for p in {"fp32", *precisions}}
     for p, out in targets.items():
         if not (out / "manifest.json").exists():
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
-                          progress=say)
+                          attention=args.attention, progress=say)
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
         checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]

@@ -31,6 +31,11 @@ class KVCache:
         self.num_layers = num_layers
         self.max_len = max_len
         self.length = 0
+        # heads-major: the same slab views every step (a runner keeps them bound)
+        self._slabs = {names: {name: self.buffer[layer, kind][None]
+                               for layer in range(num_layers)
+                               for kind, name in enumerate(names(layer))}
+                       for names in (past_names, present_names)} if heads_major else None
 
     def past(self) -> dict:
         """Views ``[1, P, kvh, hd]`` of the valid rows (heads-major: the whole slabs), keyed
@@ -45,8 +50,7 @@ class KVCache:
 
     def _views(self, names, start: int, stop: int) -> dict:
         if self.heads_major:
-            return {name: self.buffer[layer, kind][None] for layer in range(self.num_layers)
-                    for kind, name in enumerate(names(layer))}
+            return self._slabs[names]
         rows = self.memory.rows
         return {name: rows(self.buffer, (layer, kind), start, stop)
                 for layer in range(self.num_layers)

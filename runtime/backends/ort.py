@@ -15,6 +15,7 @@ from .base import GraphRunner
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+SPINNING_ENV = "VISPEC_ORT_SPINNING"  # "0": idle pool workers sleep (a loaded machine)
 LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
                ort_errors.NoSuchFile, ort_errors.InvalidArgument)
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
@@ -100,9 +101,15 @@ class OrtRunner(GraphRunner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        # Several sessions (target + drafter graphs) run back to back on the same cores:
-        # spinning pools of one session would steal the cores the next one needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Workers spin between a run's ops (waking a sleeping pool costs more than a small
+        # op: quiet decode steps took ~1.6x as long without) and stop when the run ends:
+        # several sessions (target + drafter graphs) run back to back on the same cores, and
+        # a pool still spinning would steal the cores the next one needs. Where other
+        # processes load the cores, spinning threads fight them (steps ~2x slower):
+        # VISPEC_ORT_SPINNING=0 lets idle workers sleep.
+        spinning = os.environ.get(SPINNING_ENV, "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=provider_options(providers, device_id))
@@ -111,21 +118,30 @@ class OrtRunner(GraphRunner):
                                 f"file is truncated or corrupt; copy it again or re-export") from e
         check_graph(self.session, spec, path)
         self.binding = self.session.io_binding()
+        self._bound: dict[str, tuple] = {}  # name -> (array, _where(array)) bound last
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
+        """Bind what differs from the last call (a buffer bound to the same place, shape
+        and dtype stays bound: the KV slabs of a ``gqa`` graph are bound once), then run."""
         keep = []  # contiguous copies must outlive the run
         for name, array in feeds.items():
             if not isinstance(array, DeviceTensor):
                 array = np.ascontiguousarray(array)
                 keep.append(array)
-            b.bind_input(name, *_where(array))
+            self._bind(self.binding.bind_input, name, array)
         for name, array in outputs.items():
-            b.bind_output(name, *_where(array))
+            self._bind(self.binding.bind_output, name, array)
         self.memory.count_host_io(feeds, outputs)
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(self.binding)
+
+    def _bind(self, bind, name: str, array) -> None:
+        last = self._bound.get(name)
+        if last is not None and last[0] is array:  # the same buffer object: bound already
+            return
+        where = _where(array)
+        if last is None or last[1] != where:
+            bind(name, *where)
+        self._bound[name] = (array, where)
 
     def close(self) -> None:
         self.session = None
