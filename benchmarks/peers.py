@@ -67,8 +67,16 @@ class Run:
         return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds else 0.0
 
 
+SETTLE_SECONDS = 0.2  # idle before each timed run: the last run's thread pool stops spinning
+
+
 def timed(fn, own_pid: int = os.getpid()):
-    """``fn()`` -> (tokens, ttft, decode seconds), with the CPU use of everything else."""
+    """``fn()`` -> (tokens, ttft, decode seconds), with the CPU use of everything else.
+
+    Runs after ``SETTLE_SECONDS`` of idle: ORT-GenAI's pool workers spin on after its run
+    (the project's stop when a run ends), and a next run timed while they spin loses its
+    cores to them (measured: the project's TTFT doubled right after a peer run)."""
+    time.sleep(SETTLE_SECONDS)
     before, t0 = sample_cpu(), time.perf_counter()
     tokens, ttft, decode = fn()
     seconds, after = time.perf_counter() - t0, sample_cpu()

@@ -11,6 +11,7 @@ to both, into which ``GroupQueryAttention`` writes the new rows in place. Per la
     ┌─ MatMul(down) ◄─ Sigmoid·Mul·Mul ◄─ Split ◄─ MatMul(gate|up) ◄─ SkipSimplifiedLayerNorm
     └─► next layer's SkipSimplifiedLayerNorm (adds it to the residual stream)
 
+The LM head runs on ``logit_rows`` only (a prompt's prefill: its last row).
 14 nodes a layer instead of ~200: on a CPU a decode step of a small model is bound by
 per-node overhead as much as by weight bytes. Rotary tables are the HF rotary module's own
 (any rope scaling it implements), precomputed for ``max_len`` positions. Float32 only;
@@ -30,6 +31,7 @@ from vispec.runtime.specs import (
     ATTENTION_MASK,
     HIDDEN_STATES,
     INPUTS_EMBEDS,
+    LOGIT_ROWS,
     LOGITS,
     POSITION_IDS,
     GraphSpec,
@@ -175,7 +177,8 @@ def build_gqa_lm(language_model: torch.nn.Module, lm_head: torch.nn.Linear, spec
     w, eps = _norm_weight(language_model.norm)
     g.node("SkipSimplifiedLayerNormalization", [pending, x, g.init("norm", w)],
            [HIDDEN_STATES], "norm", domain=MS, epsilon=eps)
-    head = g.node("MatMul", [HIDDEN_STATES, g.init("lm_head.weight", _weight(lm_head))],
+    rows = g.node("Gather", [HIDDEN_STATES, LOGIT_ROWS], 1, "logit_rows", axis=1)[0]
+    head = g.node("MatMul", [rows, g.init("lm_head.weight", _weight(lm_head))],
                   [LOGITS if lm_head.bias is None else "lm_head/out"], "lm_head")[0]
     if lm_head.bias is not None:
         g.node("Add", [head, g.init("lm_head.bias", lm_head.bias.detach().float().numpy())],

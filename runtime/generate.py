@@ -122,7 +122,8 @@ def prefill(target: TargetModel, cache: KVCache, prompt: Prompt, keep: int = 0) 
     embeds = target.prompt_embeds(target.glue.tail(prompt, keep) if keep else prompt)
     positions, next_position = target.glue.position_ids(prompt)
     cache.truncate(keep)
-    out = target.step(cache, embeds, positions[..., keep:], causal_mask(keep, len(embeds)))
+    out = target.step(cache, embeds, positions[..., keep:], causal_mask(keep, len(embeds)),
+                      last_logits=True)
     cache.commit(len(embeds))
     return Prefilled(out, embeds, next_position)
 

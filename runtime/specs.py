@@ -235,6 +235,7 @@ POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
+LOGIT_ROWS = "logit_rows"  # gqa LM step: the new rows the LM head runs on (a prefill: its last)
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
 TOKEN_IDS = "token_ids"
@@ -242,6 +243,7 @@ TOKEN_IDS = "token_ids"
 # Dims shared by every step graph.
 NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
 PAST = "past"  # tokens already in the KV cache
+ROWS = "rows"  # rows whose logits a gqa LM step computes (LOGIT_ROWS)
 
 
 STANDARD, GQA = "standard", "gqa"  # LM step forms (``kv_tensors``); gqa: ONNX Runtime's fused ops
@@ -294,20 +296,27 @@ def lm_step_spec(*, num_layers: int, hidden_size: int, vocab_size: int, kv_heads
 
     ``attention_mask[0, 0, i, j]`` is True where new token i may attend to key j
     (keys = past then new), so any tree mask can be fed. ``attention``: the graph's form
-    and its KV layout (``kv_tensors``).
+    and its KV layout (``kv_tensors``); the ``gqa`` form also takes ``logit_rows``, the
+    rows the LM head runs on (``logits [1, rows, V]``: a prefill needs its last row's only).
     """
     pos_shape = (3, 1, NEW) if mrope else (1, NEW)
     kv_in, kv_out = kv_tensors(num_layers, kv_heads, head_dim, dtype, attention, max_len)
+    dims = step_dims(max_len)
+    rows = NEW
+    if attention == GQA:
+        rows = ROWS
+        dims += (Dim(ROWS, 1, dims[0].opt, dims[0].max),)
+        kv_in = [TensorSpec(LOGIT_ROWS, "int64", (ROWS,)), *kv_in]
     return GraphSpec(
         name=name,
         inputs=(TensorSpec(INPUTS_EMBEDS, dtype, (1, NEW, hidden_size)),
                 TensorSpec(POSITION_IDS, "int64", pos_shape),
                 TensorSpec(ATTENTION_MASK, "bool", (1, 1, NEW, f"{PAST}+{NEW}")),
                 *kv_in),
-        outputs=(TensorSpec(LOGITS, dtype, (1, NEW, vocab_size)),
+        outputs=(TensorSpec(LOGITS, dtype, (1, rows, vocab_size)),
                  TensorSpec(HIDDEN_STATES, dtype, (1, NEW, hidden_size)),
                  *kv_out),
-        dims=step_dims(max_len),
+        dims=dims,
         meta={"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
               "hidden_size": hidden_size, "vocab_size": vocab_size, "mrope": mrope,
               "attention": attention},

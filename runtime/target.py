@@ -21,9 +21,11 @@ from .specs import (
     IMAGE_FEATURES,
     INPUT_IDS,
     INPUTS_EMBEDS,
+    LOGIT_ROWS,
     LOGITS,
     NEW,
     POSITION_IDS,
+    ROWS,
     STANDARD,
     TOKEN_IDS,
 )
@@ -42,10 +44,12 @@ class StepOutput:
     raw_hidden: np.ndarray | DeviceTensor
     memory: Memory
     argmax_runner: object = None  # the target's argmax graph, used for device tensors
+    first_logit_row: int = 0  # rows before it have no logits (``step(last_logits=True)``)
 
     @property
     def logits(self) -> np.ndarray:
-        """``[S, V]`` on the host (the whole tensor crosses when it lives on a device)."""
+        """``[S, V]`` on the host (the whole tensor crosses when it lives on a device);
+        rows from ``first_logit_row`` on."""
         return self.memory.to_host(self.raw_logits)[0]
 
     @property
@@ -54,7 +58,13 @@ class StepOutput:
         return self.memory.to_host(self.raw_hidden)[0]
 
     def logits_row(self, row: int) -> np.ndarray:
-        """``logits[row]`` ``[V]``: only that row crosses."""
+        """``logits[row]`` ``[V]`` (a negative row counts from the end): only that row
+        crosses."""
+        if row >= 0:
+            row -= self.first_logit_row
+            if row < 0:
+                raise ValueError(f"row {row + self.first_logit_row}: this step computed "
+                                 f"logits from row {self.first_logit_row} on")
         return self.memory.rows_to_host(self.raw_logits, [row])[0]
 
     def hidden_rows(self, rows) -> np.ndarray:
@@ -108,7 +118,10 @@ class TargetModel:
                         for name, g in self.manifest.graphs.items()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
-        self.dtype = self.manifest.graph("lm").spec.tensor(INPUTS_EMBEDS).np_dtype  # LM + KV
+        lm = self.manifest.graph("lm").spec
+        self.dtype = lm.tensor(INPUTS_EMBEDS).np_dtype  # LM + KV
+        self.selects_logits = LOGIT_ROWS in lm.input_names  # the LM head runs on chosen rows
+        self._rows = np.arange(self.max_len, dtype=np.int64)  # LOGIT_ROWS feeds: slices
 
     @property
     def max_len(self) -> int:
@@ -150,10 +163,13 @@ class TargetModel:
         return embeds
 
     def step(self, cache: KVCache, embeds: np.ndarray, position_ids: np.ndarray,
-             mask: np.ndarray) -> StepOutput:
+             mask: np.ndarray, last_logits: bool = False) -> StepOutput:
         """Run the LM over the host rows ``embeds [S, H]`` after the cache's valid rows; the
-        new K/V land in the cache at ``[length, length + S)`` (not yet committed)."""
-        return self._step(cache, host_batch(embeds, self.dtype), position_ids, mask)
+        new K/V land in the cache at ``[length, length + S)`` (not yet committed).
+        ``last_logits``: only the last row's logits are wanted (a prompt's prefill); a graph
+        that can (``selects_logits``) skips the LM head on the others."""
+        return self._step(cache, host_batch(embeds, self.dtype), position_ids, mask,
+                          last_logits)
 
     def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
                     mask: np.ndarray) -> StepOutput:
@@ -162,20 +178,27 @@ class TargetModel:
         return self._step(cache, self._embed(input_ids), position_ids, mask)
 
     def _step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
-              mask: np.ndarray) -> StepOutput:
+              mask: np.ndarray, last_logits: bool = False) -> StepOutput:
         """The LM over ``embeds [1, S, H]`` in ``memory``."""
         n = embeds.shape[1]
         feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask,
                  **cache.past()}
-        outputs = {**cache.present(n), **self._scratch("lm", (LOGITS, HIDDEN_STATES), n)}
+        sizes, first = {NEW: n}, 0
+        if self.selects_logits:
+            first = n - 1 if last_logits else 0
+            feeds[LOGIT_ROWS] = self._rows[first:n]
+            sizes[ROWS] = n - first
+        outputs = {**cache.present(n), **self._scratch("lm", (LOGITS, HIDDEN_STATES), sizes)}
         out = self.runners["lm"].infer(feeds, outputs)
         return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
-                          self.runners.get(ARGMAX))
+                          self.runners.get(ARGMAX), first)
 
-    def _scratch(self, graph: str, names: tuple[str, ...], new: int) -> dict:
-        """``memory`` scratch for outputs ``names`` of ``graph`` at ``new`` tokens."""
+    def _scratch(self, graph: str, names: tuple[str, ...], sizes: dict[str, int] | int) -> dict:
+        """``memory`` scratch for outputs ``names`` of ``graph`` at ``sizes`` (an int: that
+        many ``new`` tokens)."""
         spec = self.runners[graph].spec
-        return {name: self.memory.scratch(name, spec.shape(name, {NEW: new}),
+        sizes = {NEW: sizes} if isinstance(sizes, int) else sizes
+        return {name: self.memory.scratch(name, spec.shape(name, sizes),
                                           spec.tensor(name).np_dtype) for name in names}
 
     def close(self) -> None:

@@ -122,3 +122,20 @@ def test_gqa_is_refused_where_it_cannot_run(gqa_targets, tiny_target, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(model_dir), str(out), "--attention", "gqa"])
     assert result.exit_code == 2 and "M-RoPE" in result.output and not out.exists()
     assert "Hint: export with --attention standard" in result.output
+
+
+def test_a_prefill_computes_the_last_rows_logits_only(gqa_targets):
+    """``last_logits``: the LM head runs on the last row (what a prompt's first token needs);
+    that row equals the full step's, and asking for another row is refused."""
+    _, _, gqa, _ = gqa_targets
+    target = TargetModel(gqa)
+    embeds = target.embed(np.arange(3, 13))
+    args = (embeds, np.arange(10)[None], causal_mask(0, 10))
+    full = target.step(target.new_cache(), *args)
+    last = target.step(target.new_cache(), *args, last_logits=True)
+    assert full.logits.shape[0] == 10 and last.logits.shape[0] == 1
+    np.testing.assert_array_equal(last.logits_row(-1), full.logits_row(9))
+    np.testing.assert_array_equal(last.logits_row(9), full.logits_row(-1))
+    np.testing.assert_array_equal(last.hidden, full.hidden)
+    with pytest.raises(ValueError, match="from row 9 on"):
+        last.logits_row(3)
