@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="ORT threads per graph")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    from vispec.exporter.cli_runtime import hide_torch
+    from vispec.runtime.cli import hide_torch
     hide_torch()
     results = run(args)
     if args.json:

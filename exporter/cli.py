@@ -12,11 +12,10 @@ from pathlib import Path
 import click
 
 from vispec.runtime.atomic import check_output_dir
+from vispec.runtime.cli import bench, generate, serve, triton_repo
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import OPSETS
 from vispec.runtime.specs import ATTENTION_FORMS, STANDARD
-
-from .cli_runtime import bench, generate, serve, triton_repo
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as a shell reports it

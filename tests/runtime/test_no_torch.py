@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     sys.modules["torch"] = None  # any `import torch` now raises ImportError
     from vispec.runtime.pipeline import Pipeline
-    import vispec.runtime.backends.ort, vispec.runtime.speculative, vispec.runtime.drafters
+    import vispec.runtime.backends.ort, vispec.runtime.speculative, vispec.runtime.drafters, vispec.runtime.cli
     result = Pipeline(sys.argv[1]).generate("What is this?", max_new_tokens=4)
     assert len(result.tokens) >= 1
     assert sys.modules["torch"] is None

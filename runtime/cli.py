@@ -1,4 +1,5 @@
-"""The runtime's commands, ``generate`` and ``bench``: no torch is imported or needed.
+"""The runtime's commands, ``generate``, ``bench``, ``serve`` and ``triton-repo``: no torch
+is imported or needed. The exporter's CLI (``vispec-export``) mounts them beside its own.
 
 With torch installed, transformers would import it (seconds) just to build a processor;
 these commands hide it from transformers, as on a machine without torch.
