@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.draft_vocab import COUNTS_FILE
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
+from vispec.exporter.fixtures.drafters import build_tiny_drafter
+from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.exporter.onnx_io import example_feeds
-from vispec.exporter.tiny_models import build_tiny_model
 from vispec.runtime.backends import make_runner
 from vispec.runtime.bench import run_bench
 from vispec.runtime.drafter_specs import DRAFT, RESIDUAL_INDEX

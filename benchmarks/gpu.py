@@ -113,10 +113,10 @@ def build(name: str, text: dict, work: Path, max_len: int) -> tuple[Path, Path, 
     builds and exports them)."""
     import torch
 
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
-    from vispec.exporter.tiny_models import build_tiny_model
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
+    from vispec.exporter.fixtures.models import build_tiny_model
 
     model_dir = build_tiny_model("llava", work / f"{name}-model", text=text, dtype=torch.float16)
     log(f"{name}: built the random fp16 target")

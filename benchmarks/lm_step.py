@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from vispec.exporter.export import export_target
+from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.exporter.lm_step import LMStep
 from vispec.exporter.loading import load_target
-from vispec.exporter.tiny_models import build_tiny_model
 from vispec.runtime.masks import causal_mask, tree_mask
 from vispec.runtime.target import TargetModel
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
-from vispec.exporter.tiny_models import build_tiny_model
+from vispec.exporter.fixtures.drafters import build_tiny_drafter
+from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.runtime.bench import format_table, plot, run_bench
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.tree import TreeConfig

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vispec.exporter.export import export_target
-from vispec.exporter.tiny_models import build_tiny_model
+from vispec.exporter.fixtures.models import build_tiny_model
 
 
 def median_wall(cmd: list[str], repeats: int) -> float:

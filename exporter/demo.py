@@ -17,8 +17,8 @@ from vispec.runtime.pipeline import Pipeline
 from .drafters.export import export_drafter, validate_drafter
 from .drafters.train import TrainConfig, train_drafter
 from .export import export_target
+from .fixtures.models import build_tiny_model
 from .report import print_parity, validate_all
-from .tiny_models import build_tiny_model
 
 PROMPT = "What is in this picture?"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vispec.exporter.drafters.checkpoint import build_tiny_drafter
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
-from vispec.exporter.tiny_models import build_tiny_model
+from vispec.exporter.fixtures.drafters import build_tiny_drafter
+from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.exporter.validate import validate_target
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.sampling import Sampling

@@ -39,7 +39,7 @@ def private_cache_dir(tmp_path_factory):
 def tiny_target(tmp_path_factory):
     """``tiny_target(family) -> (model_dir, artifact_dir)``, built and exported once."""
     from vispec.exporter.export import export_target
-    from vispec.exporter.tiny_models import build_tiny_model
+    from vispec.exporter.fixtures.models import build_tiny_model
 
     built = {}
 
@@ -62,8 +62,8 @@ DRAFTER_MAX_LEN = 256
 def tiny_drafter(tiny_target, tmp_path_factory):
     """``tiny_drafter(kind, family, seed=0) -> (drafter_dir, artifact_dir)``, built and
     exported once."""
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
     from vispec.exporter.drafters.export import export_drafter
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
 
     built = {}
 

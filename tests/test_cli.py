@@ -128,7 +128,7 @@ def test_generate_prints_text_and_statistics(tiny_target, noise_image, tmp_path)
 
 
 def test_export_drafter_and_generate_speculatively(tiny_target, tmp_path):
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
     model_dir, artifacts = tiny_target("llava")
     drafter = build_tiny_drafter("hivis", model_dir, tmp_path / "drafter")
     result = run("export-drafter", drafter, tmp_path / "onnx", "--target", model_dir, "--max-len", "256")

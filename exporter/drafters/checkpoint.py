@@ -7,7 +7,6 @@ then reads the weight file's keys and shapes, detects the kind (``imadpt.*`` -> 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from pathlib import Path
@@ -174,20 +173,3 @@ def new_drafter(kind: str, target_model_dir: str | os.PathLike, seed: int = 0) -
     drafter.embed_tokens.weight.copy_(read_text_weight(target_model_dir, "embed_tokens.weight"))
     return drafter
 
-
-@torch.no_grad()
-def build_tiny_drafter(kind: str, target_model_dir: str | os.PathLike,
-                       out_dir: str | os.PathLike, seed: int = 0,
-                       fmt: str = "safetensors") -> Path:
-    """A random drafter of ``kind`` for a (tiny) target: ``new_drafter`` with every weight
-    but ``embed_tokens`` random (img_fc too, so that tests see the global feature)."""
-    drafter = new_drafter(kind, target_model_dir, seed)
-    for name, param in drafter.named_parameters():
-        if name.startswith("embed_tokens"):
-            continue
-        if name.endswith("layernorm.weight"):
-            param.uniform_(0.5, 1.5)
-        else:
-            fan_in = param.shape[-1] if param.ndim > 1 else drafter.config.hidden_size
-            param.normal_(0.0, 1.5 / math.sqrt(fan_in))
-    return write_checkpoint(drafter, out_dir, fmt)

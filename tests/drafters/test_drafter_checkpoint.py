@@ -8,12 +8,12 @@ from safetensors.torch import load_file, save_file
 
 from vispec.exporter.drafters.checkpoint import (
     DrafterCheckpointError,
-    build_tiny_drafter,
     detect_kind,
     drafter_config,
     load_drafter,
     write_checkpoint,
 )
+from vispec.exporter.fixtures.drafters import build_tiny_drafter
 from vispec.runtime.errors import ModelDirError
 
 KINDS = ("eagle", "vispec", "hivis")
@@ -111,7 +111,8 @@ def test_old_rotary_buffers_are_ignored_and_missing_embeddings_come_from_the_tar
     import torch
     from safetensors.torch import load_file
 
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter, load_drafter
+    from vispec.exporter.drafters.checkpoint import load_drafter
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
     from vispec.exporter.loading import read_text_weight
 
     model_dir, _ = tiny_target("llava")

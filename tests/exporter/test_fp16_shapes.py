@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vispec.exporter.export import export_target
+from vispec.exporter.fixtures.models import FAMILIES, build_tiny_model
 from vispec.exporter.parity import tolerance
-from vispec.exporter.tiny_models import FAMILIES, build_tiny_model
 from vispec.exporter.validate import validate_target
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vispec.exporter.fixtures.models import FAMILIES
 from vispec.exporter.loading import load_target, read_text_weight
-from vispec.exporter.tiny_models import FAMILIES
 from vispec.runtime.errors import ModelDirError
 
 

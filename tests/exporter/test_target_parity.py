@@ -3,8 +3,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from vispec.exporter.fixtures.models import FAMILIES
 from vispec.exporter.parity import compare
-from vispec.exporter.tiny_models import FAMILIES
 from vispec.exporter.validate import validate_target
 from vispec.runtime.manifest import Manifest
 

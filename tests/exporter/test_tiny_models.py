@@ -14,7 +14,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from vispec.exporter.tiny_models import FAMILIES, build_tiny_model
+from vispec.exporter.fixtures.models import FAMILIES, build_tiny_model
 from vispec.runtime.processors import load_processor
 
 MODEL_CLASSES = {

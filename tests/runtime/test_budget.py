@@ -16,9 +16,9 @@ from vispec.runtime.tree_policy import PlainDecoding
 def small_export(tmp_path_factory, tiny_target):
     """``small_export(family, max_len) -> (target dir, drafter dir)``: an EAGLE pair with a
     short cache."""
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
 
     def get(family, max_len):
         model_dir, _ = tiny_target(family)

@@ -43,10 +43,10 @@ class Entry:
 @pytest.fixture(scope="module")
 def pool(tiny_target, tiny_drafter, tmp_path_factory):
     """Targets and drafters of every shape the cases draw from (built once)."""
-    from vispec.exporter.drafters.checkpoint import build_tiny_drafter
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
-    from vispec.exporter.tiny_models import build_tiny_model
+    from vispec.exporter.fixtures.drafters import build_tiny_drafter
+    from vispec.exporter.fixtures.models import build_tiny_model
 
     entries = []
 

@@ -1,9 +1,9 @@
 """Plain greedy decoding through the ONNX Runtime backend == transformers' generate."""
 import pytest
 
+from vispec.exporter.fixtures.models import FAMILIES
 from vispec.exporter.loading import load_target
 from vispec.exporter.reference import hf_greedy
-from vispec.exporter.tiny_models import FAMILIES
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.target import TargetModel
 

@@ -14,7 +14,7 @@ from vispec.runtime.errors import ModelDirError
 from vispec.runtime.families import supported_model_types
 from vispec.runtime.processors import load_processor
 
-tiny_models = pytest.importorskip("vispec.exporter.tiny_models", reason="building the tiny models needs torch")
+fixture_models = pytest.importorskip("vispec.exporter.fixtures.models", reason="building the tiny models needs torch")
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 EXPECTED_KEYS = {
@@ -47,7 +47,7 @@ print(json.dumps(report))
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {family: tiny_models.build_tiny_model(family, root / family) for family in tiny_models.FAMILIES}
+    return {family: fixture_models.build_tiny_model(family, root / family) for family in fixture_models.FAMILIES}
 
 
 def _process(processor):
@@ -55,7 +55,7 @@ def _process(processor):
     return processor(text=[text], images=[Image.new("RGB", (56, 56))], return_tensors="np")
 
 
-@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+@pytest.mark.parametrize("family", fixture_models.FAMILIES)
 def test_processor_returns_numpy_with_the_family_inputs(model_dirs, family):
     processor = load_processor(model_dirs[family])
     with_image = _process(processor)
@@ -82,7 +82,7 @@ def test_qwen_processor_has_no_video_part_and_saves_under_official_name(model_di
     assert saved["processor_class"] == "Qwen2_5_VLProcessor"
 
 
-@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+@pytest.mark.parametrize("family", fixture_models.FAMILIES)
 def test_loads_legacy_layout_of_real_checkpoints(model_dirs, family, tmp_path):
     """Hub checkpoints keep the image processor in preprocessor_config.json."""
     legacy = shutil.copytree(model_dirs[family], tmp_path / family)
@@ -96,7 +96,7 @@ def test_loads_legacy_layout_of_real_checkpoints(model_dirs, family, tmp_path):
 
 
 def test_every_family_has_a_processor():
-    assert supported_model_types() == sorted(tiny_models.FAMILIES)
+    assert supported_model_types() == sorted(fixture_models.FAMILIES)
 
 
 @pytest.mark.parametrize("content,message", [

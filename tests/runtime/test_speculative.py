@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vispec.exporter.tiny_models import FAMILIES
+from vispec.exporter.fixtures.models import FAMILIES
 from vispec.runtime.acceptance import target_probs
 from vispec.runtime.drafter_specs import DRAFTER_TYPES
 from vispec.runtime.generate import generate_plain
