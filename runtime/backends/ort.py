@@ -1,13 +1,16 @@
 """ONNX Runtime backend: IO binding by pointer onto caller-owned buffers, host or device."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from ..cpu_load import QUIET_CORES, contention, sample_cpu
 from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, HostMemory, Memory
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
@@ -15,7 +18,8 @@ from .base import GraphRunner
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-SPINNING_ENV = "VISPEC_ORT_SPINNING"  # "0": idle pool workers sleep (a loaded machine)
+SPINNING_ENV = "VISPEC_ORT_SPINNING"  # "1" / "0" overrides spinning()'s choice
+LOAD_SAMPLE_SECONDS = 0.2
 LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
                ort_errors.NoSuchFile, ort_errors.InvalidArgument)
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
@@ -37,6 +41,24 @@ def shadowed_gpu_wheel() -> str | None:
                 "shadows the GPU one (no CUDAExecutionProvider): `pip uninstall -y "
                 "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
     return None
+
+
+@functools.cache
+def spinning(threads: int | None) -> bool:
+    """Whether pool workers spin between a run's ops (they stop when it ends: target and
+    drafter sessions alternate on the same cores). Spinning saves each op a wake-up (quiet
+    int4 decode steps took ~1.4x as long without) but fights other processes for the
+    cores (~2x slower steps where they run): so it is on when ``threads`` cores are free,
+    from a ``LOAD_SAMPLE_SECONDS`` sample of the others' CPU use (once per process and
+    thread count); ``VISPEC_ORT_SPINNING=1`` or ``0`` decides instead."""
+    forced = os.environ.get(SPINNING_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    before, start = sample_cpu(), time.perf_counter()
+    time.sleep(LOAD_SAMPLE_SECONDS)
+    others = contention(before, sample_cpu(), os.getpid(), time.perf_counter() - start).cores
+    cores = os.cpu_count() or 1
+    return others <= QUIET_CORES * 2 + cores - min(threads or cores, cores)
 
 
 def provider_options(providers: list[str], device_id: int = 0) -> list:
@@ -101,14 +123,8 @@ class OrtRunner(GraphRunner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        # Workers spin between a run's ops (waking a sleeping pool costs more than a small
-        # op: quiet decode steps took ~1.6x as long without) and stop when the run ends:
-        # several sessions (target + drafter graphs) run back to back on the same cores, and
-        # a pool still spinning would steal the cores the next one needs. Where other
-        # processes load the cores, spinning threads fight them (steps ~2x slower):
-        # VISPEC_ORT_SPINNING=0 lets idle workers sleep.
-        spinning = os.environ.get(SPINNING_ENV, "1")
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if spinning(threads) else "0")
         options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(path), options,
