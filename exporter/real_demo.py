@@ -17,6 +17,7 @@ from vispec.runtime.bench import BenchRow, interleaved
 from vispec.runtime.cpu_load import QUIET_CORES
 from vispec.runtime.errors import VispecError
 from vispec.runtime.pipeline import Pipeline
+from vispec.runtime.specs import GQA
 from vispec.runtime.tree import TreeConfig
 
 from .drafters.export import export_drafter, validate_drafter
@@ -31,6 +32,7 @@ DEMO_TREE = "auto"  # what a user gets: fitted to this machine's measured costs 
 DRAFT_VOCAB = 4096  # head rows the drafters keep (of 49,216; from their training counts)
 DRAFT_WEIGHTS = "int8"  # drafting ~1.5x cheaper on a CPU, proposals as good (RESULTS.md)
 MAX_LEN = 512
+ATTENTION = GQA  # the LM graph in ONNX Runtime's fused CPU form (DESIGN.md: LM graph forms)
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 REPEATS = 2  # timed passes after the warm-up (each setting, each prompt)
 DETAILED = 2  # held-out images also asked DETAIL_QUESTION
@@ -54,7 +56,7 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str
     console = Console(width=110)
     model_dir = cached_target(progress)
     target_onnx = out / "target-onnx"
-    export(model_dir, target_onnx, max_len=MAX_LEN, progress=progress)
+    export(model_dir, target_onnx, max_len=MAX_LEN, attention=ATTENTION, progress=progress)
     rows, greedy = validate_all(model_dir, target_onnx, progress=progress)
     ok = print_parity(rows, greedy, console)
 
@@ -127,7 +129,8 @@ def print_answer(console: Console, label: str, reply: str) -> None:
 
 
 def print_speed(results: dict[str, list[BenchRow]], console: Console) -> None:
-    table = Table(title="Plain vs speculative decoding (greedy, ONNX Runtime CPU, tree "
+    table = Table(title=f"Plain vs speculative decoding (greedy, ONNX Runtime CPU, {ATTENTION} "
+                        f"LM graph, tree "
                         f"{DEMO_TREE}, draft vocabulary {DRAFT_VOCAB}, {DRAFT_WEIGHTS} drafter "
                         f"weights; medians over quiet repeats)")
     for col in ("prompts", "decoding", "tokens/pass", "decode tok/s", "speedup",
