@@ -15,8 +15,19 @@ from typing import Protocol
 import numpy as np
 
 
+class StaticPolicy:
+    """A ``tree_policy.TreePolicy`` that learns nothing from its rounds (a fixed tree, or
+    plain decoding): nothing to reset or observe."""
+
+    def start(self) -> None:
+        pass
+
+    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
-class TreeConfig:
+class TreeConfig(StaticPolicy):
     """Shape of the draft tree: ``total_tokens`` nodes including the root."""
 
     total_tokens: int
@@ -51,14 +62,8 @@ class TreeConfig:
     def trees(self) -> tuple[TreeConfig, ...]:
         return (self,)
 
-    def start(self) -> None:
-        pass
-
     def next_tree(self) -> TreeConfig:
         return self
-
-    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
-        pass
 
 
 PLAIN = "plain"  # the name of a plain decoding step where a tree is named

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 
 from .errors import VispecError
-from .tree import TreeConfig, build_draft_tree
+from .tree import StaticPolicy, TreeConfig, build_draft_tree
 
 if TYPE_CHECKING:
     from .speculative import Drafter
@@ -74,20 +74,14 @@ class TreePolicy(Protocol):
         """A round with ``tree`` accepted ``accepted_levels`` drafted tokens."""
 
 
-class PlainDecoding:
+class PlainDecoding(StaticPolicy):
     """No tree at all (no drafter, or ``auto`` where the cache has room for none of the
     candidates)."""
 
     trees: tuple[TreeConfig, ...] = ()
 
-    def start(self) -> None:
-        pass
-
     def next_tree(self) -> None:
         return None
-
-    def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
-        pass
 
 
 AUTO = "auto"  # the setting fitted to this machine's measured costs (``AutoTree``)
