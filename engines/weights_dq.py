@@ -11,6 +11,9 @@ which it fuses into a weight-only GEMM. So, value for value:
     GatherBlockQuantized(table, ids, scales) -> Gather(dequantized float table, ids)
 
 (an embedding gather reads S rows a step: its float table costs memory, not time).
+``--weights-method minmax`` graphs map the same way: their block sums are extra INT4 output
+columns of the ``MatMulNBits`` and their block minima a float ``MatMul`` + ``Add`` (standard
+ops); their LM head is 8-bit, so TensorRT takes them with ``--weights-exclude head``.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from vispec.runtime.errors import VispecError
 TRT_INT4_BLOCKS = (64, 128)
 DQ_OPSET = 21  # blocked DequantizeLinear
 CONTRIB = "com.microsoft"
+MINMAX_HEAD = " (--weights-method minmax keeps the LM head 8-bit: add --weights-exclude head)"
 
 
 def _attrs(node) -> dict:
@@ -48,7 +52,7 @@ def check_int4_blocks(bits: int, block: int, k: int, where: str) -> None:
             f"weight-only quantization with blocks of {' or '.join(map(str, TRT_INT4_BLOCKS))} "
             f"dividing K. Hint: export with `--weights int4 --weights-block "
             f"{next((b for b in TRT_INT4_BLOCKS[::-1] if k % b == 0), 64)}` for TensorRT, or "
-            f"without --weights and build --precision fp16/int8")
+            f"without --weights and build --precision fp16/int8{MINMAX_HEAD if bits == 8 else ''}")
 
 
 def to_dequantize_linear(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -76,7 +80,8 @@ def to_dequantize_linear(src: str | os.PathLike, dst: str | os.PathLike) -> Path
             k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
             check_int4_blocks(bits, block, k, f"{Path(src).name}: {node.name}")
             q = unpack(data.reshape(n, -1), bits, k).T  # [K, N]
-            packed = (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)  # INT4 row-major pairs
+            flat = np.pad(q.reshape(-1), (0, q.size % 2))  # INT4: row-major pairs (odd N too)
+            packed = (flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)
             w, s = f"{node.input[1]}_int4", f"{node.input[2]}_kn"
             graph.initializer.extend([
                 helper.make_tensor(w, TensorProto.INT4, [k, n], packed.astype(np.uint8).tobytes(), raw=True),

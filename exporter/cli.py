@@ -123,9 +123,11 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
 @click.option("--weights-exclude", default="embed", show_default=True,
               help="Parts kept float, comma-separated: head (the LM head), embed (the token "
                    "embedding); 'none' quantizes both.")
-@click.option("--weights-method", type=click.Choice(["rtn", "gptq"]), default="rtn",
-              show_default=True, help="Round to nearest, or GPTQ on calibration prompts "
-                                      "(minutes; more accurate).")
+@click.option("--weights-method", type=click.Choice(["rtn", "gptq", "minmax"]), default="rtn",
+              show_default=True, help="Round to nearest, GPTQ on calibration prompts "
+                                      "(minutes; more accurate), or (int4) min/max per block "
+                                      "with a float minimum, the head int8 (exact for GGUF "
+                                      "Q4_1/Q8_0 weights).")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="GPTQ prompts, one per line (image files, each followed by "
                                  "a TAB, may lead a line). Default: a built-in set.")

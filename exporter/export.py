@@ -34,18 +34,19 @@ from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
 from .artifacts import ArtifactInfo, GraphJob, write_artifact
 from .families import FamilyExport
-from .gqa_lm import check_gqa_model, write_gqa_lm
 from .gptq import calibration_forwards, calibration_prompts, gptq_language_model
+from .gqa_lm import check_gqa_model, write_gqa_lm
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
 from .onnx_io import example_feeds
-from .weight_quant import BLOCK, check_block, quantize_gathers, quantize_matmuls
+from .weight_quant import BLOCK, check_block, quantize_gathers, quantize_matmuls, quantize_minmax
 
 DEFAULT_OPSET = 17
 EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
 WEIGHT_PARTS = ("head", "embed")  # besides the decoder layers: the LM head, the embedding
 DEFAULT_EXCLUDE = ("embed",)  # a Gather reads S rows a step: quantizing it saves no time
-METHODS = ("rtn", "gptq")  # round to nearest; GPTQ on calibration prompts first (minutes)
+METHODS = ("rtn", "gptq", "minmax")  # round to nearest; GPTQ on calibration prompts first
+# (minutes); int4 min/max per block with a float minimum, the head int8 (exact for GGUF Q4_1/Q8_0)
 
 
 def copy_processor_files(model_dir: Path, dest: Path) -> None:
@@ -162,6 +163,10 @@ def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: st
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
     if method not in METHODS:
         raise VispecError(f"weights method {method!r}. Expected one of {METHODS}")
+    if method == "minmax" and weights not in ("int4", FLOAT):
+        raise VispecError(f"weights method 'minmax' with weights {weights!r}. Expected int4 "
+                          f"(4-bit min/max blocks; int8 is symmetric). Hint: --weights int4, or "
+                          f"--weights-method rtn for int8")
     check_block(block)
     unknown = set(exclude) - set(WEIGHT_PARTS)
     if unknown:
@@ -169,21 +174,27 @@ def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: st
     require_weights_runtime(weights, "ort", f"export --weights {weights}")
 
 
-def weight_rewrites(weights: str, block: int,
-                    exclude: tuple[str, ...]) -> dict[str, tuple[Callable[[Path], object], str]]:
+def weight_rewrites(weights: str, block: int, exclude: tuple[str, ...],
+                    method: str = "rtn") -> dict[str, tuple[Callable[[Path], object], str]]:
     """Graph name -> (rewrite of its exported file, progress note) quantizing the ``lm``
     graph's MatMuls (its LM head unless excluded) and the ``embed`` graph's table (unless
-    excluded) (``weight_quant``); none for float weights."""
+    excluded) (``weight_quant``); none for float weights. ``minmax``: the decoder's MatMuls
+    4-bit min/max, the head and the embedding table int8 (symmetric, ``max |w| / 127``)."""
     if weights == FLOAT:
         return {}
     keep = (LOGITS,) if "head" in exclude else ()
-    rewrites = {"lm": (functools.partial(quantize_matmuls, bits=BITS[weights], block=block,
-                                         keep=keep),
-                       f"quantizing the LM's weights to {weights} (blocks of {block}"
-                       f"{', LM head float' if keep else ''})")}
+    bits = 8 if method == "minmax" else BITS[weights]  # the head's and the table's
+    if method == "minmax":
+        lm = functools.partial(quantize_minmax, block=block, keep=keep,
+                               int8=() if keep else (LOGITS,))
+        note = f"{', LM head float' if keep else ', LM head int8'}, min/max"
+    else:
+        lm = functools.partial(quantize_matmuls, bits=bits, block=block, keep=keep)
+        note = ', LM head float' if keep else ''
+    rewrites = {"lm": (lm, f"quantizing the LM's weights to {weights} (blocks of {block}{note})")}
     if "embed" not in exclude:
-        rewrites["embed"] = (functools.partial(quantize_gathers, bits=BITS[weights], block=block),
-                             f"quantizing the embedding table to {weights} (blocks of {block})")
+        rewrites["embed"] = (functools.partial(quantize_gathers, bits=bits, block=block),
+                             f"quantizing the embedding table to int{bits} (blocks of {block})")
     return rewrites
 
 
@@ -214,7 +225,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``weights_block`` (``weight_rewrites``); ``weights_exclude`` keeps the LM ``head``
     and/or the ``embed`` table float (default: the embedding). ``weights_method="gptq"``
     rounds the LM's weights with GPTQ first (``gptq``), calibrated on the prompts of
-    ``calibration`` (a file) or a built-in set.
+    ``calibration`` (a file) or a built-in set. ``weights_method="minmax"`` (int4): 4-bit
+    min/max blocks with a float minimum, the head and embedding int8 (``weight_quant``).
     """
     if dtype not in DTYPES:
         raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
@@ -244,7 +256,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                             weights_block, progress)
     jobs = target_jobs(adapter, glue, processor,
                        target_specs(glue, facts, max_len, max_images, dtype, attention),
-                       weight_rewrites(weights, weights_block, weights_exclude))
+                       weight_rewrites(weights, weights_block, weights_exclude, weights_method))
     info = ArtifactInfo(kind="target", family=glue.model_type, source=model_dir,
                         max_len=max_len, opset=opset, model=facts)
     return write_artifact(out_dir, info, jobs, inputs=[model_dir], overwrite=overwrite,

@@ -11,7 +11,20 @@ float scale per block of ``block`` weights along the input dimension:
   ``GatherBlockQuantized`` (blocks along H; uint8 storage, 4-bit values packed two a byte
   low nibble first, zero point 2^(bits-1) implied), which dequantizes only the rows it reads.
 
-Both are ONNX Runtime contrib ops (``vispec.runtime.weights``: CPU provider, >= 1.22);
+``quantize_minmax`` (``--weights-method minmax``) rounds 4-bit weights asymmetrically instead:
+per block of ``block`` inputs a scale ``d = (max - min) / 15`` and a float minimum, the
+values ``min + d * q`` with ``q`` in 0..15 (exact for weights that are a dequantized GGUF
+Q4_1, ``min`` in float where ``MatMulNBits`` has only integer zero points)::
+
+    x @ W = MatMulNBits(x, q, d) + blocksum(x) @ Offsets   (zero point 8 implied,
+                                                             Offsets [K/b, N] = min + 8 d)
+
+blocksum(x) ``[.., K/b]`` (x summed over each block of inputs) comes from the same
+``MatMulNBits`` call: ``K/b`` extra output columns whose 4-bit weights are 1 on their own
+block and 0 elsewhere (exact), split off and multiplied by the offsets. Its LM head is 8-bit,
+symmetric, ``d = max |w| / 127`` (exact for GGUF Q8_0).
+
+All are ONNX Runtime contrib ops (``vispec.runtime.weights``: CPU provider, >= 1.22);
 ``vispec.engines.weights_dq`` rewrites them into the standard-op form TensorRT parses.
 """
 from __future__ import annotations
@@ -94,6 +107,122 @@ def fuse_shared_inputs(graph) -> None:
             "MatMulNBits", [first.input[0], f"{first.name}_fused_q", f"{first.name}_fused_scales"],
             [fused], name=fused, domain="com.microsoft", K=k, N=sum(n for _, n in members),
             bits=bits, block_size=block, accuracy_level=level))
+
+
+def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collection[str] = (),
+                    int8: Collection[str] = ()) -> Path:
+    """Rewrite the graph at ``path`` in place: every constant-weight MatMul as ``MatMulNBits``
+    with 4-bit min/max weights (module docstring), except those producing an output named in
+    ``keep`` (left float) or in ``int8`` (8-bit, symmetric, ``max |w| / 127`` a block: an LM
+    head). MatMuls reading the same input (a standard graph's q/k/v, gate/up) become one call
+    over their weights stacked along N, split back after the offsets are added.
+
+    Nodes per 4-bit product: ``MatMulNBits -> Split(y, blocksum) -> MatMul(blocksum,
+    offsets) -> Add`` (3 more than round to nearest's one), plus the group's ``Split``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    check_block(block)
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple[str, int], list] = {}
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2 or set(node.output) & set(keep):
+            continue
+        groups.setdefault((node.input[0], 8 if set(node.output) & set(int8) else 4), []).append(node)
+    replaced = {}
+    for (x, bits), members in groups.items():
+        first = members[0].name or members[0].output[0]
+        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+        sizes = [w.shape[1] for w in weights]
+        w = np.concatenate(weights, axis=1)  # [K, N]
+        k, n = w.shape
+        pack = pack_minmax if bits == 4 else pack_symmetric
+        packed, scales, offsets = pack(np.ascontiguousarray(w.T), block)
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{first}.q{bits}"),
+                                  numpy_helper.from_array(scales, f"{first}.scales")])
+        product = f"{first}/nbits" if bits == 4 or len(members) > 1 else members[0].output[0]
+        nodes = [helper.make_node(
+            "MatMulNBits", [x, f"{first}.q{bits}", f"{first}.scales"], [product],
+            name=f"{first}_nbits", domain="com.microsoft", K=k, N=packed.shape[0], bits=bits,
+            block_size=block, accuracy_level=ACCURACY_LEVEL)]
+        if bits == 4:
+            summed = f"{first}/offset" if len(members) > 1 else members[0].output[0]
+            graph.initializer.extend([
+                numpy_helper.from_array(offsets, f"{first}.offsets"),
+                numpy_helper.from_array(np.array([n, len(offsets)], np.int64), f"{first}.split")])
+            nodes += [helper.make_node("Split", [product, f"{first}.split"],
+                                       [f"{first}/y", f"{first}/blocksum"], axis=-1,
+                                       name=f"{first}_blocksum"),
+                      helper.make_node("MatMul", [f"{first}/blocksum", f"{first}.offsets"],
+                                       [f"{first}/mins"], name=f"{first}_mins"),
+                      helper.make_node("Add", [f"{first}/y", f"{first}/mins"], [summed],
+                                       name=f"{first}_add_mins")]
+            product = summed
+        if len(members) > 1:
+            graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64),
+                                                             f"{first}.sizes"))
+            nodes.append(helper.make_node("Split", [product, f"{first}.sizes"],
+                                          [m.output[0] for m in members], axis=-1,
+                                          name=f"{first}_split"))
+        replaced[id(members[0])] = nodes
+        replaced.update({id(m): [] for m in members[1:]})
+    kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    used = {i for node in graph.node for i in node.input}
+    for name, tensor in inits.items():
+        if name not in used and len(tensor.dims) == 2:
+            graph.initializer.remove(tensor)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return save_model(model, path)
+
+
+def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
+    """``weight [N, K]`` -> ``[N, ceil(K / block), block]``, a last partial block padded with
+    its own first value (which changes neither its minimum nor its maximum)."""
+    rows, width = weight.shape
+    pad = -width % block
+    return np.pad(weight, ((0, 0), (0, pad)), mode="edge").reshape(rows, -1, block)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """``q [..., block]`` in 0..15 -> uint8 ``[..., block / 2]``, low nibble first."""
+    q = q.astype(np.uint8)
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+
+
+def pack_minmax(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``weight [N, K]`` -> ``MatMulNBits`` 4-bit data ``[N + nb, nb, block / 2]``, scales
+    ``[N + nb, nb]`` and offsets ``[nb, N]`` (nb = ceil(K / block)): per block ``d = (max -
+    min) / 15``, ``q = round((w - min) / d)`` in 0..15, so ``w ~ d (q - 8) + (min + 8 d)``
+    (``MatMulNBits``'s implied zero point 8; the offset ``min + 8 d`` is the float part). The
+    ``nb`` extra rows are the block sums: 1 (stored 9) on their own block, 0 (8) elsewhere."""
+    blocks = _blocks(weight, block)  # [N, nb, block]
+    rows, nb, _ = blocks.shape
+    low, high = blocks.min(-1), blocks.max(-1)
+    scales = (high - low) / 15
+    safe = np.where(scales > 0, scales, 1.0)
+    q = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 15)
+    offsets = (low + 8 * scales).T  # [nb, N]
+    ones = np.full((nb, nb, block), 8) + np.eye(nb, dtype=np.int64)[..., None]
+    data = _nibbles(np.concatenate([q, ones]))
+    scales = np.concatenate([scales, np.ones((nb, nb))])
+    return data, scales.astype(np.float32), np.ascontiguousarray(offsets, np.float32)
+
+
+def pack_symmetric(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """``weight [N, K]`` -> ``MatMulNBits`` 8-bit data ``[N, nb, block]`` and scales
+    ``[N, nb]``: ``d = max |w| / 127`` a block, ``q = round(w / d)`` stored ``q + 128``
+    (the implied zero point), the grid of GGUF Q8_0."""
+    blocks = _blocks(weight, block)
+    scales = np.abs(blocks).max(-1) / 127
+    safe = np.where(scales > 0, scales, 1.0)[..., None]
+    q = np.clip(np.rint(blocks / safe), -127, 127) + 128
+    return q.astype(np.uint8), scales.astype(np.float32), None
 
 
 def quantize_gathers(path: str | os.PathLike, bits: int, block: int = BLOCK) -> Path:

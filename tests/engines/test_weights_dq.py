@@ -91,3 +91,32 @@ def test_build_refuses_what_tensorrt_cannot_take(exports, weights, block, config
     artifacts = exports(weights, block)
     with pytest.raises(VispecError, match=message):
         plan_build(Manifest.load(artifacts), artifacts, config, "10.3.0")
+
+
+def test_build_maps_minmax_int4_with_the_head_float(tiny_target, tmp_path,
+                                                   fake_tensorrt):  # noqa: F811
+    """``--weights-method minmax``: the block sums are extra INT4 columns and the offsets
+    standard ops, so the DequantizeLinear form computes the same graph; its int8 head is
+    refused with the way out."""
+    model_dir = tiny_target("llava")[0]
+    head_int8 = tmp_path / "head-int8"
+    export_target(model_dir, head_int8, max_len=256, weights="int4", weights_block=64,
+                  weights_method="minmax")
+    with pytest.raises(VispecError, match="8-bit.*minmax.*--weights-exclude head"):
+        plan_build(Manifest.load(head_int8), head_int8, BuildConfig(precision="fp16"), "10.3.0")
+    artifacts = tmp_path / "head-float"
+    export_target(model_dir, artifacts, max_len=256, weights="int4", weights_block=64,
+                  weights_method="minmax", weights_exclude=("head", "embed"))
+    plan_build(Manifest.load(artifacts), artifacts, BuildConfig(precision="fp16"), "10.3.0")
+    reference = onnx.load(str(artifacts / "lm.onnx"))
+    for node in reference.graph.node:
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = 0
+    rewritten = to_dequantize_linear(artifacts / "lm.onnx", tmp_path / "lm.onnx")
+    feeds = example_feeds(Manifest.load(artifacts).graph("lm").spec, {NEW: 5, PAST: 7},
+                          np.random.default_rng(0))
+    want = _session(reference, optimize=False).run(None, feeds)
+    got = _session(str(rewritten), optimize=False).run(None, feeds)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
