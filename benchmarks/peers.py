@@ -15,6 +15,7 @@ cores on average is marked contended (ratios flip under load: see shared/PITFALL
     pip install -e '.[peers]'     # onnxruntime-genai; this script installs nothing
     python benchmarks/peers.py [--precisions fp32,int4] [--threads 2] [--repeats 3]
         [--max-new-tokens 128] [--images 4] [--drafter vispec|none] [--png peers.png]
+        [--attention gqa|standard] [--weights-method rtn|gptq|minmax]
         [--json FILE] [--workdir DIR]
 """
 from __future__ import annotations
@@ -220,6 +221,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="gqa", help="the project's LM graph form: "
                         "gqa (ONNX Runtime's fused CPU kernels) or standard")
+    parser.add_argument("--weights-method", default="rtn", help="the project's int4/int8 "
+                        "rounding: rtn (as the peer's builder), gptq or minmax")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=4, help="held-out image prompts (project)")
@@ -247,11 +250,12 @@ def main() -> None:
         say("onnxruntime_genai is not installed (pip install -e '.[peers]'): project side only")
     precisions = args.precisions.split(",")
     model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
-    targets = {p: work / f"target-{p}-{args.attention}" for p in {"fp32", *precisions}}
+    method = {p: "rtn" if p == "fp32" else args.weights_method for p in {"fp32", *precisions}}
+    targets = {p: work / f"target-{p}-{args.attention}-{method[p]}" for p in method}
     for p, out in targets.items():
         if not (out / "manifest.json").exists():
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
-                          attention=args.attention, progress=say)
+                          attention=args.attention, weights_method=method[p], progress=say)
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
         checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]
