@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct: same HF folder, same prompt ids, same thread count, one warm process.
 
 ORT-GenAI's own builder makes the peer model from the HF folder the demo converts the GGUF
-into (``exporter/real_lm.py``); the project exports the demo's LLaVA target around the same
+into (``exporter/demo/real_lm.py``); the project exports the demo's LLaVA target around the same
 language model. Per precision (fp32, int4) every text prompt is decoded greedily by the peer,
 by the project plainly and by the project speculatively (the demo's drafter, ``auto`` tree),
 in an order that rotates between repeats, after a warm-up pass; image prompts (held-out
@@ -235,11 +235,11 @@ def main() -> None:
     args = parser.parse_args()
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
-    from vispec.exporter.real_demo import DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
-    from vispec.exporter.real_drafters import demo_drafters
-    from vispec.exporter.real_lm import smollm2_dir
-    from vispec.exporter.real_target import cached_target
-    from vispec.exporter.synthetic_images import QUESTION, examples
+    from vispec.exporter.demo.real_demo import DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
+    from vispec.exporter.demo.real_drafters import demo_drafters
+    from vispec.exporter.demo.real_lm import smollm2_dir
+    from vispec.exporter.demo.real_target import cached_target
+    from vispec.exporter.demo.synthetic_images import QUESTION, examples
     from vispec.runtime.pipeline import Pipeline
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -35,7 +35,7 @@ def image_uri(image) -> str:
 
 def prompts(n_images: int, text: bool) -> list[tuple[str, list]]:
     """(question, PIL images): held-out synthetic images (the demo's), then text prompts."""
-    from vispec.exporter.synthetic_images import QUESTION, examples
+    from vispec.exporter.demo.synthetic_images import QUESTION, examples
     out = [(QUESTION, [e.image]) for e in examples(n_images, 0, "heldout")]
     return out + ([(q, []) for q in TEXT_PROMPTS] if text else [])
 

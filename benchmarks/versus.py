@@ -32,7 +32,10 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__modu
                     and "editable" not in getattr(f, "__name__", "").lower()]
 sys.path.insert(0, sys.argv[1])
 args = json.loads(sys.argv[2])
-from vispec.exporter.synthetic_images import QUESTION, examples
+try:
+    from vispec.exporter.demo.synthetic_images import QUESTION, examples
+except ImportError:  # a commit from before the demo sub-package
+    from vispec.exporter.synthetic_images import QUESTION, examples
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.generate import generate_plain
 from vispec.runtime.speculative import generate_speculative

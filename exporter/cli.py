@@ -315,7 +315,7 @@ def demo(out_dir, tiny, family, drafter_kind, train, overwrite):
     it, speed table and chart. --tiny: the same flow on a tiny random model. Exit 1 if a
     check fails."""
     _check_output(out_dir, overwrite)
-    from .demo import run_demo
+    from .demo.run import run_demo
     ok = run_demo(out_dir, tiny=tiny, family=family, drafter_kind=drafter_kind, train=train,
                   overwrite=overwrite, progress=_progress)
     raise SystemExit(0 if ok else 1)

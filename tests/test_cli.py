@@ -170,7 +170,7 @@ def test_export_beyond_a_sliding_window_is_refused(tiny_target, tmp_path):
 
 
 def test_interrupted_demo_leaves_nothing(tmp_path, monkeypatch):
-    from vispec.exporter import demo
+    from vispec.exporter.demo import run as demo
 
     def interrupt(model, out, **kwargs):
         assert (model / "config.json").exists()  # the tiny model was written (temporarily)

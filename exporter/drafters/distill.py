@@ -36,7 +36,7 @@ from vispec.runtime.processors import load_processor
 
 from ..loading import load_target
 from ..reference import hf_lm, hf_prompt_embeds
-from ..synthetic_images import DETAIL_QUESTION, QUESTION, examples
+from ..demo.synthetic_images import DETAIL_QUESTION, QUESTION, examples
 from . import shards
 from .distributed import World, world_group
 from .progress import ProgressBar

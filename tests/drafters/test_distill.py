@@ -28,7 +28,7 @@ from vispec.exporter.drafters.distill import (
 )
 from vispec.exporter.loading import load_target
 from vispec.exporter.reference import hf_greedy
-from vispec.exporter.synthetic_images import ATTRIBUTES, examples, score
+from vispec.exporter.demo.synthetic_images import ATTRIBUTES, examples, score
 from vispec.runtime.errors import VispecError
 from vispec.runtime.processors import load_processor
 

@@ -1,7 +1,7 @@
 """What the real-LM demo prints reaches the screen as written."""
 from rich.console import Console
 
-from vispec.exporter.real_demo import print_answer
+from vispec.exporter.demo.real_demo import print_answer
 
 
 def test_an_answer_line_keeps_its_brackets():
@@ -13,8 +13,8 @@ def test_an_answer_line_keeps_its_brackets():
 
 
 def test_speed_table_times_like_bench_and_marks_contention(tiny_target, tiny_drafter, noise_image):
-    from vispec.exporter.real_demo import measure, print_speed
-    from vispec.exporter.synthetic_images import DETAIL_QUESTION, QUESTION, Scene
+    from vispec.exporter.demo.real_demo import measure, print_speed
+    from vispec.exporter.demo.synthetic_images import DETAIL_QUESTION, QUESTION, Scene
     from vispec.runtime.tree import TreeConfig
 
     scene = Scene(2, "red", "circle", "top left")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from vispec.exporter.drafters.checkpoint import load_drafter
 from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
 from vispec.exporter.drafters.train import TrainConfig, train_drafter
-from vispec.exporter.real_drafters import (
+from vispec.exporter.demo.real_drafters import (
     RECIPE_FILE,
     VISION_WEIGHTS,
     Recipe,
@@ -19,7 +19,7 @@ from vispec.exporter.real_drafters import (
     shipped_drafters,
     write_weights,
 )
-from vispec.exporter.real_lm import installed_gguf
+from vispec.exporter.demo.real_lm import installed_gguf
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

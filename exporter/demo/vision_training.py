@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .settings import check_fields
+from ..settings import check_fields
 from .synthetic_images import ATTRIBUTES, COLOURS, POSITIONS, QUESTION, SHAPES, Example, examples, sample, score
 
 Progress = Callable[[str], None]

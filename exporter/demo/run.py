@@ -14,11 +14,11 @@ from rich.markup import escape
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.pipeline import Pipeline
 
-from .drafters.export import export_drafter, validate_drafter
-from .drafters.train import TrainConfig, train_drafter
-from .export import export_target
-from .fixtures.models import build_tiny_model
-from .report import print_parity, validate_all
+from ..drafters.export import export_drafter, validate_drafter
+from ..drafters.train import TrainConfig, train_drafter
+from ..export import export_target
+from ..fixtures.models import build_tiny_model
+from ..report import print_parity, validate_all
 
 PROMPT = "What is in this picture?"
 

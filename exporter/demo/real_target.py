@@ -7,7 +7,7 @@
 The tower and projector are trained on the synthetic task of ``synthetic_images`` with the
 LM frozen (``vision_training``); their weights ship in ``assets/`` (fp16, ~2 MB), so
 ``make_target`` only converts the GGUF (cached) and assembles the folder. Reproduce the
-shipped weights with ``python -m vispec.exporter.real_target --write-weights``.
+shipped weights with ``python -m vispec.exporter.demo.real_target --write-weights``.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def cached_target(progress: Progress = lambda msg: None) -> Path:
     weights' hash): built once (~30 s), then reused."""
     if not WEIGHTS.is_file():
         raise ModelDirError(f"the vision weights {WEIGHTS} are missing. Hint: reproduce them "
-                            f"with `python -m vispec.exporter.real_target --write-weights`")
+                            f"with `python -m vispec.exporter.demo.real_target --write-weights`")
     digest = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
     out = Path(cache_dir()) / "smollm2-llava" / f"target-{digest}"
     if (out / "config.json").is_file():

@@ -2,7 +2,7 @@
 
     shipped : assets/drafters/<kind>/ (config.json, model.safetensors in float16 without the
               target's embedding table, token_counts.json) and assets/drafters/recipe.json;
-              reproduce with ``python -m vispec.exporter.real_drafters --write-weights``
+              reproduce with ``python -m vispec.exporter.demo.real_drafters --write-weights``
               (also under ``torchrun --nproc_per_node N``: both stages split over the ranks)
     recipe  : distill-data (built-in text prompts of many kinds + synthetic images asked a
               short and a detailed description) -> train-drafter per kind -> float16 files
@@ -27,9 +27,9 @@ import numpy as np
 from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.cache import cache_dir
 
-from .drafters.distill import HELD_OUT_CHAT
+from ..drafters.distill import HELD_OUT_CHAT
 from .real_target import WEIGHTS as VISION_WEIGHTS
-from .settings import check_fields
+from ..settings import check_fields
 
 Progress = Callable[[str], None]
 KINDS = ("vispec", "hivis", "eagle")
@@ -124,10 +124,10 @@ def real_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS,
     from vispec.runtime.families import glue_for
     from vispec.runtime.model_dir import read_config
 
-    from .drafters.checkpoint import new_drafter, write_checkpoint
-    from .drafters.distill import DistillDataConfig, distill_data
-    from .drafters.export import target_lm_head
-    from .drafters.train import TrainConfig, fit, load_samples, save_token_counts
+    from ..drafters.checkpoint import new_drafter, write_checkpoint
+    from ..drafters.distill import DistillDataConfig, distill_data
+    from ..drafters.export import target_lm_head
+    from ..drafters.train import TrainConfig, fit, load_samples, save_token_counts
 
     folder = cache_folder(model_dir, config)
     wanted = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS)}" for kind in kinds}
@@ -185,7 +185,7 @@ def demo_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS, 
         return shipped
     if not train:
         progress("no shipped drafters for these vision weights (reproduce them with `python -m "
-                 "vispec.exporter.real_drafters --write-weights`): training short ones")
+                 "vispec.exporter.demo.real_drafters --write-weights`): training short ones")
     return real_drafters(model_dir, kinds, config, progress)
 
 
@@ -212,12 +212,12 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
     from vispec.runtime.families import glue_for
     from vispec.runtime.model_dir import read_config
 
-    from .artifacts import versions
-    from .drafters.checkpoint import load_drafter
-    from .drafters.distill import DistillDataConfig, data_summary, distill_data
-    from .drafters.distributed import world_group
-    from .drafters.export import target_lm_head
-    from .drafters.train import LOG_FILE, TrainConfig, evaluate, load_samples, train_drafter
+    from ..artifacts import versions
+    from ..drafters.checkpoint import load_drafter
+    from ..drafters.distill import DistillDataConfig, data_summary, distill_data
+    from ..drafters.distributed import world_group
+    from ..drafters.export import target_lm_head
+    from ..drafters.train import LOG_FILE, TrainConfig, evaluate, load_samples, train_drafter
     from .real_target import cached_target
 
     start = time.perf_counter()

@@ -20,11 +20,11 @@ from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.specs import GQA
 from vispec.runtime.tree import TreeConfig
 
-from .drafters.export import export_drafter, validate_drafter
-from .export import export_target
+from ..drafters.export import export_drafter, validate_drafter
+from ..export import export_target
 from .real_drafters import KINDS, DistillConfig, demo_drafters, held_out_text_prompts
 from .real_target import cached_target
-from .report import print_parity, validate_all
+from ..report import print_parity, validate_all
 from .synthetic_images import DETAIL_QUESTION, QUESTION, examples, score
 
 Progress = Callable[[str], None]
