@@ -5,7 +5,10 @@
               reproduce with ``python -m vispec.exporter.demo.real_drafters --write-weights``
               (also under ``torchrun --nproc_per_node N``: both stages split over the ranks)
     recipe  : distill-data (built-in text prompts of many kinds + synthetic images asked a
-              short and a detailed description) -> train-drafter per kind -> float16 files
+              short and a detailed description) -> train-drafter per kind -> float16 files;
+              its work under ``cache_dir()/smollm2-llava/recipe-v<VERSION>/``: text answers
+              (any vision weights), image answers (per vision weights), held-out chat
+              answers, checkpoints (per settings), each folder keyed by what shapes it
     --train : the demo's short run (DistillConfig: 96 images, 64 questions, 300 steps),
               data and checkpoints cached under ``cache_dir()/smollm2-llava/``
 """
@@ -28,8 +31,8 @@ from vispec.runtime.atomic import atomic_output_dir
 from vispec.runtime.cache import cache_dir
 
 from ..drafters.distill import HELD_OUT_CHAT
-from .real_target import WEIGHTS as VISION_WEIGHTS
 from ..settings import check_fields
+from .real_target import WEIGHTS as VISION_WEIGHTS
 
 Progress = Callable[[str], None]
 KINDS = ("vispec", "hivis", "eagle")
@@ -73,12 +76,12 @@ class DistillConfig:
 class Recipe:
     """The shipped drafters' recipe: distillation data, then each kind trained on it."""
 
-    text_prompts: int = 1000     # built-in prompts (~180 answer tokens each; a few dropped)
-    synthetic_images: int = 512  # each asked a short and a detailed description
+    text_prompts: int = 600      # built-in prompts (~180 answer tokens each; ~85 dropped)
+    synthetic_images: int = 384  # each asked a short and a detailed description (~67 tokens)
     max_new_tokens: int = 192
     image_tokens: int = 64
     generate_batch: int = 16
-    steps: int = 1500   # ~8 passes over ~1.5k answers
+    steps: int = 400    # ~2.5 passes over ~1.3k answers (sized for ~2 hours on 2 shared cores)
     batch: int = 8
     lr: float = 1e-3
     train_vocab: int = 8192  # the loss over these most frequent answer tokens (demo: 4096)
@@ -87,6 +90,10 @@ class Recipe:
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
 _TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
+# Recipe fields that shape the text and the image answers (the rest shape the training):
+# a run with new training settings or new vision weights reuses what it can
+_RECIPE_TEXT = ("text_prompts", "max_new_tokens", "generate_batch", "seed")
+_RECIPE_IMAGES = ("synthetic_images", "image_tokens", "generate_batch", "seed")
 
 
 def text_prompts(n: int, seed: int = 0) -> list[str]:
@@ -221,46 +228,95 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
     from .real_target import cached_target
 
     start = time.perf_counter()
-    model_dir = cached_target(progress)
-    key = hashlib.sha256(json.dumps([asdict(recipe), VERSION, file_hash(VISION_WEIGHTS)])
-                         .encode()).hexdigest()[:12]
-    work = Path(work or Path(cache_dir()) / "smollm2-llava" / f"recipe-{key}")
+    folders = recipe_folders(recipe, work)
+    trained = folders.trained
     with world_group() as world:
-        data = distill_data(model_dir, work / "data", DistillDataConfig(
-            text_prompts=recipe.text_prompts, synthetic_images=recipe.synthetic_images,
-            max_new_tokens=recipe.max_new_tokens, image_tokens=recipe.image_tokens,
-            batch=recipe.generate_batch, seed=recipe.seed), progress=progress)
-        held_out = distill_data(model_dir, work / "held-out", DistillDataConfig(
+        if world.main:  # built once (the others would race to build the same folder)
+            cached_target(progress)
+        world.barrier()
+        model_dir = cached_target(progress)
+        data = distill_recipe(model_dir, recipe, folders, progress=progress)
+        held_out = distill_data(model_dir, folders.held_out, DistillDataConfig(
             synthetic_images=0, max_new_tokens=recipe.max_new_tokens, batch=len(HELD_OUT_CHAT)),
             prompts=list(HELD_OUT_CHAT), progress=progress)
         train = TrainConfig(steps=recipe.steps, batch=recipe.batch, lr=recipe.lr,
                             vocab=recipe.train_vocab, seed=recipe.seed)
         for kind in kinds:
-            if not (work / kind / "config.json").is_file():
-                train_drafter(model_dir, work / kind, kind=kind, config=train, data=data,
+            if not (trained / kind / "config.json").is_file():
+                train_drafter(model_dir, trained / kind, kind=kind, config=train, data=data,
                               progress=progress)
         if not world.main:
             return out
     check = load_samples(held_out)
     glue, lm_head = glue_for(read_config(model_dir)), target_lm_head(model_dir)
+    summaries = [data_summary(d) for d in data]
     record = {"recipe": asdict(recipe), "version": VERSION, "processes": world.size,
-              "vision_weights": file_hash(VISION_WEIGHTS), "data": data_summary(data),
+              "vision_weights": file_hash(VISION_WEIGHTS),
+              "data": {k: sum(d[k] for d in summaries) for k in summaries[0]},
               "versions": versions(), "drafters": {}, "seconds": 0}
     with atomic_output_dir(out, overwrite=True) as tmp:
         for kind in kinds:
-            log = json.loads((work / kind / LOG_FILE).read_text())
-            held = evaluate(load_drafter(work / kind, model_dir), lm_head, glue, check)
+            log = json.loads((trained / kind / LOG_FILE).read_text())
+            held = evaluate(load_drafter(trained / kind, model_dir), lm_head, glue, check)
             record["drafters"][kind] = {
                 "final_loss": float(np.mean(log["loss"][-50:])),
                 "final_top1": float(np.mean(log["top1"][-50:])),
                 "held_out_chat_top1": held.top1,
-                "bytes": pack_drafter(work / kind, tmp / kind).joinpath(
+                "train_seconds": log["seconds"],
+                "bytes": pack_drafter(trained / kind, tmp / kind).joinpath(
                     "model.safetensors").stat().st_size}
             progress(f"{kind}: {record['drafters'][kind]}")
         record["seconds"] = round(time.perf_counter() - start)
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1))
     progress(f"shipped drafters -> {out} ({record['seconds']}s)")
     return out
+
+
+@dataclass(frozen=True)
+class RecipeFolders:
+    """Where a recipe's run keeps its work: the text answers (the LM's alone: any vision
+    weights), the image answers of these vision weights, the held-out chat answers and the
+    checkpoints of these training settings."""
+
+    text: Path
+    images: Path
+    held_out: Path
+    trained: Path
+
+
+def recipe_folders(recipe: Recipe, work: Path | None = None) -> RecipeFolders:
+    """The folders of ``recipe`` under ``work`` (default: the cache), each keyed by the
+    settings that shape it: a run with new training settings or new vision weights reuses
+    the data it can."""
+    settings, vision = asdict(recipe), file_hash(VISION_WEIGHTS)
+
+    def key(fields, *extra) -> str:
+        values = [{k: settings[k] for k in fields}, VERSION, *extra]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    work = Path(work or Path(cache_dir()) / "smollm2-llava" / f"recipe-v{VERSION}")
+    return RecipeFolders(work / f"text-{key(_RECIPE_TEXT)}",
+                         work / f"images-{key(_RECIPE_IMAGES, vision)}",
+                         work / f"held-out-{key(('max_new_tokens',))}",
+                         work / f"train-{key(tuple(settings), vision)}")
+
+
+def distill_recipe(model_dir: Path, recipe: Recipe, folders: RecipeFolders, *,
+                   parts: tuple[str, ...] = ("text", "images"),
+                   progress: Progress = lambda msg: None) -> list[Path]:
+    """The recipe's distillation data (every rank calls it alike): the built-in text prompts'
+    answers, then the synthetic images' (each asked both questions)."""
+    from .drafters.distill import DistillDataConfig, distill_data
+
+    common = dict(batch=recipe.generate_batch, seed=recipe.seed)
+    jobs = {"text": (folders.text, DistillDataConfig(
+                text_prompts=recipe.text_prompts, synthetic_images=0,
+                max_new_tokens=recipe.max_new_tokens, **common), None),
+            "images": (folders.images, DistillDataConfig(
+                text_prompts=0, synthetic_images=recipe.synthetic_images,
+                image_tokens=recipe.image_tokens, **common), [])}
+    return [distill_data(model_dir, jobs[p][0], jobs[p][1], prompts=jobs[p][2], progress=progress)
+            for p in parts]
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:

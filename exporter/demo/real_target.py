@@ -3,11 +3,14 @@
     image 64x64 ─► CLIP tower (3 layers, hidden 128, 16 px patches) ─► 16 patch features
                ─► projector (128 -> 576 -> 576) ─► 16 image tokens in the SmolLM2 prompt
     prompt     "<|im_start|>user\\n<image>\\nDescribe the image.<|im_end|>\\n<|im_start|>assistant\\n"
+               (or "Describe the picture in detail.": the ~55-token detailed description)
 
 The tower and projector are trained on the synthetic task of ``synthetic_images`` with the
 LM frozen (``vision_training``); their weights ship in ``assets/`` (fp16, ~2 MB), so
 ``make_target`` only converts the GGUF (cached) and assembles the folder. Reproduce the
-shipped weights with ``python -m vispec.exporter.demo.real_target --write-weights``.
+shipped weights with ``python -m vispec.exporter.demo.real_target --write-weights`` (stages 1-5
+from scratch); the detailed description comes from stage 5 run alone on stages 1-4's file
+(``--write-weights --detail-only``, see ``vision_training``).
 """
 from __future__ import annotations
 
@@ -39,8 +42,16 @@ from vispec.runtime.cache import cache_dir
 from vispec.runtime.errors import ModelDirError
 
 from .real_lm import smollm2_dir
-from .synthetic_images import IMAGE_SIZE, QUESTION, examples
-from .vision_training import Evaluation, VisionTrainConfig, evaluate, fit_answers, scored, train_vision
+from .synthetic_images import DETAIL_QUESTION, IMAGE_SIZE, QUESTION, examples
+from .vision_training import (
+    Evaluation,
+    VisionTrainConfig,
+    evaluate,
+    fit_answers,
+    fit_detail,
+    scored,
+    train_vision,
+)
 
 Progress = Callable[[str], None]
 WEIGHTS = Path(__file__).parent / "assets" / "smollm2_llava_vision.safetensors"
@@ -165,19 +176,24 @@ def remove_other_targets(keep: Path) -> list[Path]:
 
 
 def write_weights(path: str | os.PathLike = WEIGHTS, config: VisionTrainConfig = VisionTrainConfig(),
-                  continue_steps: int = 0, progress: Progress = lambda msg: None) -> Path:
+                  continue_steps: int = 0, detail_only: bool = False,
+                  progress: Progress = lambda msg: None) -> Path:
     """Train from scratch (``continue_steps`` > 0: continue the weights at ``path`` with that
-    many more stage-2 steps on fresh images), report held-out accuracy, write
+    many more stage-2 steps on fresh images; ``detail_only``: continue them with stage 5
+    alone, as the shipped file was made), report held-out accuracy, write
     ``trained_state`` to ``path``."""
     lm_dir = smollm2_dir(progress=progress)
     processor = build_processor(lm_dir)
     model = build_model(lm_dir, processor, config.seed)
-    if continue_steps > 0:
+    if continue_steps > 0 or detail_only:
         load_trained(model, path)
+    if continue_steps > 0:
         more = dataclasses.replace(config, steps=continue_steps, seed=config.seed + 1)
         fit_answers(model, processor, more, progress)
         model.eval()
-    else:
+    if detail_only:
+        fit_detail(model, processor, config, progress)
+    elif continue_steps <= 0:
         train_vision(model, processor, config, progress)
     report = evaluate(model, processor, progress=progress)
     progress(report.summary())
@@ -200,19 +216,20 @@ def evaluate_artifacts(artifact_dir: str | os.PathLike, n: int = 128, seed: int 
                        progress: Progress = lambda msg: None) -> Evaluation:
     """Held-out accuracy of an exported target (e.g. ``export --weights int4``) under the
     runtime: plain greedy answers (ONNX Runtime CPU) to the images ``evaluate_weights``
-    scores, 16 new tokens at most as there."""
+    scores, both questions, 16 and 64 new tokens at most as there."""
     from vispec.runtime.generate import generate_plain
     from vispec.runtime.target import TargetModel
 
     target = TargetModel(artifact_dir)
     held_out = examples(n, seed, "heldout")
-    answers = []
+    answers: dict[str, list[str]] = {QUESTION: [], DETAIL_QUESTION: []}
     for i, example in enumerate(held_out, 1):
-        tokens = generate_plain(target, target.prepare(QUESTION, [example.image]), 16).tokens
-        answers.append(target.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+        for question, budget in ((QUESTION, 16), (DETAIL_QUESTION, 64)):
+            tokens = generate_plain(target, target.prepare(question, [example.image]), budget).tokens
+            answers[question].append(target.processor.tokenizer.decode(tokens, skip_special_tokens=True))
         if i % 16 == 0 or i == n:
             progress(f"evaluated {i}/{n} held-out images")
-    return scored(answers, held_out)
+    return scored(answers[QUESTION], held_out, answers[DETAIL_QUESTION])
 
 
 if __name__ == "__main__":
@@ -223,6 +240,9 @@ if __name__ == "__main__":
                         help="score a weights file on --images held-out images")
     parser.add_argument("--continue-steps", type=int, default=0,
                         help="continue the weights file with this many stage-2 steps")
+    parser.add_argument("--detail-only", action="store_true",
+                        help="continue the weights file with stage 5 alone (both questions), "
+                             "as the shipped file was made from stages 1-4's")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--artifacts", type=Path, default=None,
                         help="with --evaluate: score this exported target (ONNX Runtime) instead")
@@ -232,4 +252,5 @@ if __name__ == "__main__":
     elif args.evaluate:
         print(evaluate_weights(args.evaluate, args.images).summary())
     else:
-        write_weights(args.write_weights, continue_steps=args.continue_steps, progress=print)
+        write_weights(args.write_weights, continue_steps=args.continue_steps,
+                      detail_only=args.detail_only, progress=print)

@@ -12,6 +12,7 @@ the same arguments; the "train" and "heldout" splits use disjoint random streams
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,21 @@ class Scene:
                 f"{'Each shape is' if many else 'The shape is'} a {self.colour} {self.shape}, "
                 f"{f'and there are {count} of them' if many else 'and it is the only shape'}. "
                 f"The rest of the picture is empty.")
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene (3 counts x 6 colours x 4 shapes x 4 positions)."""
+    return [Scene(n, c, s, p) for n in range(1, 4) for c in COLOURS for s in SHAPES for p in POSITIONS]
+
+
+@functools.lru_cache(maxsize=1)
+def _detailed_answers() -> frozenset[str]:
+    return frozenset(s.detailed_answer() for s in all_scenes())
+
+
+def detailed_form(answer: str) -> bool:
+    """Is ``answer`` (stripped) the detailed answer of some scene, word for word?"""
+    return answer.strip() in _detailed_answers()
 
 
 @dataclass(frozen=True)

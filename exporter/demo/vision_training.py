@@ -7,7 +7,18 @@
             only (tower + projector); logits are computed at the answer rows alone
     stage 3: stage 2 again with the position words' loss weighted (left/right is the part
             the LM learns last)
-    evaluate: greedy answers on held-out images, scored per attribute
+    stage 4: stage 3 at a lower learning rate
+    stage 5 (both questions): mixed batches, each image asked QUESTION or DETAIL_QUESTION,
+            answered "Two red circles at the top left." or ``Scene.detailed_answer()``
+            (~55 tokens); the frozen LM tells the questions apart, the image tokens carry
+            the facts
+    evaluate: greedy answers to both questions on held-out images, scored per attribute;
+            a detailed answer counts as right only in the detailed form
+
+Stages 1-4 made the weights file of commit d7a25c5 (sha256 ed459594a593...); stage 5 runs
+alone on it (``python -m vispec.exporter.demo.real_target --write-weights --detail-only``,
+which loads the file it rewrites; torch on one thread: two spun on a busy 2-core machine,
+19 s a step instead of ~4); ``--write-weights`` alone runs stages 1-5 from scratch.
 """
 from __future__ import annotations
 
@@ -20,17 +31,34 @@ import numpy as np
 import torch
 
 from ..settings import check_fields
-from .synthetic_images import ATTRIBUTES, COLOURS, POSITIONS, QUESTION, SHAPES, Example, examples, sample, score
+from .synthetic_images import (
+    ATTRIBUTES,
+    COLOURS,
+    COUNTS,
+    DETAIL_QUESTION,
+    POSITIONS,
+    QUESTION,
+    SHAPES,
+    Example,
+    detailed_form,
+    examples,
+    sample,
+    score,
+)
 
 Progress = Callable[[str], None]
 POSITION_WORDS = ("top", "bottom", "left", "right")  # the tokens an answer's position hangs on
+# the words that name an attribute (stage 5 weights them all: the detailed answer's ~55
+# tokens are mostly the fixed form, which must not drown the facts)
+ATTRIBUTE_WORDS = (*COUNTS, *(c.capitalize() for c in COUNTS), *COLOURS, *SHAPES,
+                   *(s + "s" for s in SHAPES), *POSITION_WORDS)
 _CLASSES = {"count": 3, "colour": len(COLOURS), "shape": len(SHAPES), "position": len(POSITIONS)}
 
 
 @dataclass(frozen=True)
 class VisionTrainConfig:
-    """Every stage's settings; stages 2-4 dominate the time (~1.5 s per step of 8 on 2
-    quiet cores: ~13 minutes in all)."""
+    """Every stage's settings; stages 2-5 dominate the time (~1.5 s per step of 8 on 2
+    quiet cores in stages 2-4: ~13 minutes; stage 5's longer answers ~3 s per step)."""
 
     pretrain_steps: int = 300
     pretrain_batch: int = 64
@@ -42,13 +70,20 @@ class VisionTrainConfig:
     position_weight: float = 3.0
     polish_steps: int = 200
     polish_lr: float = 5e-4
+    detail_steps: int = 240
+    detail_lr: float = 1e-3
+    detail_fraction: float = 0.5  # of each stage-5 batch asked DETAIL_QUESTION
+    detail_tower: bool = True  # the projector alone (5e-4) learnt no detailed form (0.03)
     seed: int = 0
 
     def __post_init__(self):
-        check_fields(self, "steps >= 0, batches >= 1, learning rates and position_weight > 0",
-                     (lambda v: v >= 0, ("pretrain_steps", "steps", "position_steps", "polish_steps")),
+        check_fields(self, "steps >= 0, batches >= 1, learning rates and position_weight > 0, "
+                           "detail_fraction in [0, 1]",
+                     (lambda v: v >= 0, ("pretrain_steps", "steps", "position_steps", "polish_steps",
+                                         "detail_steps")),
                      (lambda v: v >= 1, ("pretrain_batch", "batch")),
-                     (lambda v: v > 0, ("pretrain_lr", "lr", "polish_lr", "position_weight")))
+                     (lambda v: v > 0, ("pretrain_lr", "lr", "polish_lr", "detail_lr", "position_weight")),
+                     (lambda v: 0 <= v <= 1, ("detail_fraction",)))
 
 
 @dataclass(frozen=True)
@@ -56,7 +91,11 @@ class Evaluation:
     """Greedy answers on held-out images and their per-attribute accuracy."""
 
     answers: tuple[str, ...]
-    accuracy: dict[str, float]  # attribute -> fraction named right; "all": every attribute right
+    # attribute -> fraction named right; "all": every attribute right; with detailed answers
+    # also "detailed <attribute>", "detailed form" (the answer is some scene's
+    # ``detailed_answer()``) and "detailed all" (the form and every attribute right)
+    accuracy: dict[str, float]
+    detailed_answers: tuple[str, ...] = ()
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.accuracy.items())
@@ -107,65 +146,96 @@ def pretrain_tower(model, processor, config: VisionTrainConfig, progress: Progre
     tower.eval()
 
 
-def _prompt_ids(processor, image) -> torch.Tensor:
-    """The prompt's ids ``[P]`` (image tokens expanded) for QUESTION about one image."""
-    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+def _prompt_ids(processor, image, question: str = QUESTION) -> torch.Tensor:
+    """The prompt's ids ``[P]`` (image tokens expanded) for ``question`` about one image."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
     chat = processor.apply_chat_template([{"role": "user", "content": content}],
                                          add_generation_prompt=True, tokenize=False)
     return processor(text=[chat], images=[image], return_tensors="pt")["input_ids"][0]
 
 
-def _answer_batch(processor, prompt: torch.Tensor, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids [B, L]`` (prompt, answer, <|im_end|>, padding) and ``labels [B, L - P]``
-    (-100 on padding): the tokens each answer row predicts."""
+def _answer(example: Example, question: str) -> str:
+    return example.scene.detailed_answer() if question == DETAIL_QUESTION else example.scene.answer()
+
+
+def _answer_batch(processor, prompt: torch.Tensor, batch: list[Example],
+                  question: str = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [B, L]`` (prompt, answer to ``question``, <|im_end|>, right padding) and
+    ``labels [B, L]``: the token each position predicts, -100 outside the answers (right
+    padding: the causal rows before it are untouched)."""
     tokenizer = processor.tokenizer
-    answers = [tokenizer(e.scene.answer(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for e in batch]
+    answers = [tokenizer(_answer(e, question), add_special_tokens=False)["input_ids"]
+               + [tokenizer.eos_token_id] for e in batch]
     width = max(map(len, answers))
-    labels = torch.full((len(batch), width), -100)
+    ids = torch.cat([prompt.expand(len(batch), -1),
+                     torch.full((len(batch), width), tokenizer.eos_token_id)], dim=1)
+    labels = torch.full_like(ids, -100)
     for i, a in enumerate(answers):
-        labels[i, :len(a)] = torch.tensor(a)
-    ids = torch.cat([prompt.expand(len(batch), -1), labels.clamp(min=0)], dim=1)
+        ids[i, len(prompt):len(prompt) + len(a)] = torch.tensor(a)
+        labels[i, len(prompt) - 1:len(prompt) + len(a) - 1] = torch.tensor(a)
     return ids, labels
 
 
-def _trained_params(model) -> list[torch.nn.Parameter]:
-    """The vision tower's and the projector's parameters (the LM stays frozen)."""
-    return [p for m in (model.model.vision_tower, model.model.multi_modal_projector) for p in m.parameters()]
+def _answer_logits(model, processor, prompt: torch.Tensor, batch: list[Example],
+                   question: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's logits ``[N, V]`` at the answer rows of ``batch`` asked ``question`` and
+    the tokens ``[N]`` they should predict."""
+    ids, labels = _answer_batch(processor, prompt, batch, question)
+    hidden = model.model(input_ids=ids, pixel_values=_pixels(processor, batch)).last_hidden_state
+    keep = labels >= 0                                                    # [B, L]
+    return model.lm_head(hidden[keep]), labels[keep]
+
+
+def _trained_params(model, tower: bool = True) -> list[torch.nn.Parameter]:
+    """The vision tower's (if ``tower``) and the projector's parameters (the LM stays frozen)."""
+    modules = (model.model.vision_tower, model.model.multi_modal_projector)[0 if tower else 1:]
+    return [p for m in modules for p in m.parameters()]
+
+
+def _word_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
+    """The ids of ``words`` after a space (``ATTRIBUTE_WORDS``' capitalised counts also
+    without: they open the short answer)."""
+    texts = [" " + w for w in words] + [w for w in words if w[0].isupper()]
+    return sorted({i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]})
 
 
 def fit_answers(model, processor, config: VisionTrainConfig, progress: Progress,
-                position_weight: float = 1.0, stage: int = 2) -> None:
-    """Stages 2-4: tower + projector learn to make the frozen LM answer right (the position
-    words' loss weighted ``position_weight``)."""
+                position_weight: float = 1.0, stage: int = 2, detail_fraction: float = 0.0,
+                weighted: tuple[str, ...] = POSITION_WORDS, tower: bool = True) -> None:
+    """Stages 2-5: tower (if ``tower``) + projector learn to make the frozen LM answer
+    right (the ``weighted`` words' loss weighted ``position_weight``); ``detail_fraction``
+    of each batch's images (rounded) are asked DETAIL_QUESTION, the others QUESTION."""
     model.requires_grad_(False)
-    params = _trained_params(model)
+    params = _trained_params(model, tower)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / max(1, config.steps)))
     rng = np.random.default_rng([config.seed, 0, 2])
-    prompt = _prompt_ids(processor, sample(rng, 1)[0].image)
+    image = sample(rng, 1)[0].image
+    detailed = round(config.batch * detail_fraction)
+    # one forward per question (answers of one length: little padding)
+    groups = [(q, n) for q, n in ((DETAIL_QUESTION, detailed), (QUESTION, config.batch - detailed)) if n]
+    prompts = {q: _prompt_ids(processor, image, q) for q, _ in groups}
     weights = torch.ones(model.config.text_config.vocab_size)
-    for word in POSITION_WORDS:
-        word_ids = processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        weights[word_ids] = position_weight
+    weights[_word_ids(processor.tokenizer, weighted)] = position_weight
     start, window = time.perf_counter(), []
     for step in range(1, config.steps + 1):
         batch = sample(rng, config.batch)
-        ids, labels = _answer_batch(processor, prompt, batch)
-        hidden = model.model(input_ids=ids, pixel_values=_pixels(processor, batch)).last_hidden_state
-        logits = model.lm_head(hidden[:, len(prompt) - 1:-1])            # [B, A, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                 weight=weights)
+        parts, first = [], 0
+        for question, n in groups:
+            parts.append(_answer_logits(model, processor, prompts[question],
+                                        batch[first:first + n], question))
+            first += n
+        logits, labels = (torch.cat(t) for t in zip(*parts))            # [N, V], [N]
+        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        keep = labels >= 0
-        window.append((loss.item(), float((logits.argmax(-1) == labels)[keep].float().mean())))
+        window.append((loss.item(), float((logits.argmax(-1) == labels).float().mean())))
         if step % max(1, config.steps // 10) == 0 or step == config.steps:
             loss_mean, top1 = np.mean(window, axis=0)
             window = []
@@ -185,7 +255,8 @@ def train_vision(model, processor, config: VisionTrainConfig = VisionTrainConfig
                  progress: Progress = lambda msg: None) -> None:
     """Every stage in place on ``model`` (a LlavaForConditionalGeneration): 1 tower
     pretraining, 2 answers, 3 answers with the position words weighted, 4 the same at a
-    lower learning rate (top left and top right were the last errors)."""
+    lower learning rate (top left and top right were the last errors), 5 both questions
+    (``fit_detail``)."""
     start = time.perf_counter()
     pretrain_tower(model, processor, config, progress)
     progress(f"stage 1 done in {time.perf_counter() - start:.0f}s")
@@ -197,30 +268,66 @@ def train_vision(model, processor, config: VisionTrainConfig = VisionTrainConfig
         _round_to_shipped(model)
         fit_answers(model, processor, stage, progress, position_weight=config.position_weight,
                     stage=number)
-    model.eval()
+    _round_to_shipped(model)
+    fit_detail(model, processor, config, progress)
     progress(f"trained vision tower + projector in {time.perf_counter() - start:.0f}s")
 
 
+def fit_detail(model, processor, config: VisionTrainConfig = VisionTrainConfig(),
+               progress: Progress = lambda msg: None) -> None:
+    """Stage 5 in place: mixed batches of both questions (``detail_fraction`` asked
+    DETAIL_QUESTION) at ``detail_lr``, every attribute word weighted ``position_weight``;
+    the projector alone unless ``detail_tower``."""
+    stage = dataclasses.replace(config, steps=config.detail_steps, lr=config.detail_lr,
+                                seed=config.seed + 34)
+    fit_answers(model, processor, stage, progress, position_weight=config.position_weight,
+                stage=5, detail_fraction=config.detail_fraction, weighted=ATTRIBUTE_WORDS,
+                tower=config.detail_tower)
+    model.eval()
+
+
 @torch.no_grad()
-def evaluate(model, processor, n: int = 64, seed: int = 0, batch: int = 16,
-             progress: Progress = lambda msg: None) -> Evaluation:
-    """Greedy answers (HF ``generate``) on ``n`` held-out images, scored per attribute."""
-    held_out = examples(n, seed, "heldout")
-    prompt = _prompt_ids(processor, held_out[0].image)
+def greedy_answers(model, processor, held_out: list[Example], question: str = QUESTION,
+                   max_new_tokens: int = 16, batch: int = 16,
+                   progress: Progress = lambda msg: None) -> list[str]:
+    """Greedy answers (HF ``generate``, batches of ``batch``) to ``question`` about each image."""
+    prompt = _prompt_ids(processor, held_out[0].image, question)
     answers = []
-    for i in range(0, n, batch):
+    for i in range(0, len(held_out), batch):
         part = held_out[i:i + batch]
         ids = prompt.expand(len(part), -1)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             pixel_values=_pixels(processor, part), max_new_tokens=16, do_sample=False)
+                             pixel_values=_pixels(processor, part), max_new_tokens=max_new_tokens,
+                             do_sample=False)
         answers += processor.tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
-        progress(f"evaluated {len(answers)}/{n} held-out images")
-    return scored(answers, held_out)
+        progress(f"answered {len(answers)}/{len(held_out)} held-out images ({question!r})")
+    return answers
 
 
-def scored(answers: list[str], held_out: list[Example]) -> Evaluation:
-    """Each answer scored against its image's scene, per attribute and all four at once."""
+def evaluate(model, processor, n: int = 64, seed: int = 0, batch: int = 16, detailed: bool = True,
+             progress: Progress = lambda msg: None) -> Evaluation:
+    """Greedy answers (HF ``generate``) on ``n`` held-out images, scored per attribute: to
+    QUESTION, and (``detailed``) to DETAIL_QUESTION."""
+    held_out = examples(n, seed, "heldout")
+    answers = greedy_answers(model, processor, held_out, QUESTION, 16, batch, progress)
+    long = greedy_answers(model, processor, held_out, DETAIL_QUESTION, 64, batch, progress) \
+        if detailed else None
+    return scored(answers, held_out, long)
+
+
+def scored(answers: list[str], held_out: list[Example],
+           detailed: list[str] | None = None) -> Evaluation:
+    """Each answer scored against its image's scene, per attribute and all four at once;
+    ``detailed`` answers (to DETAIL_QUESTION) too, "detailed all" requiring the detailed
+    form besides every attribute."""
     scores = [score(a, e.scene) for a, e in zip(answers, held_out)]
     accuracy = {a: float(np.mean([s[a] for s in scores])) for a in ATTRIBUTES}
     accuracy["all"] = float(np.mean([all(s.values()) for s in scores]))
-    return Evaluation(tuple(a.strip() for a in answers), accuracy)
+    if detailed is not None:
+        long = [score(a, e.scene) for a, e in zip(detailed, held_out)]
+        form = [detailed_form(a) for a in detailed]
+        accuracy.update({f"detailed {a}": float(np.mean([s[a] for s in long])) for a in ATTRIBUTES})
+        accuracy["detailed form"] = float(np.mean(form))
+        accuracy["detailed all"] = float(np.mean([f and all(s.values()) for f, s in zip(form, long)]))
+    return Evaluation(tuple(a.strip() for a in answers), accuracy,
+                      tuple(a.strip() for a in detailed or ()))

@@ -468,11 +468,12 @@ def save_token_counts(folder: str | os.PathLike, samples: list[Sample], vocab_si
 
 def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   kind: str | None = None, init_dir: str | os.PathLike | None = None,
-                  config: TrainConfig = TrainConfig(), data: str | os.PathLike | None = None,
+                  config: TrainConfig = TrainConfig(),
+                  data: str | os.PathLike | list[str | os.PathLike] | None = None,
                   options: RunOptions | None = None, overwrite: bool = False,
                   progress: Progress = lambda msg: None) -> Path:
     """Distil a drafter (from ``init_dir`` or a fresh one of ``kind``) from the target at
-    ``target_model_dir`` (on the sequences of the ``distill-data`` folder ``data``, else on
+    ``target_model_dir`` (on the sequences of the ``distill-data`` folder(s) ``data``, else on
     ``config.sequences`` continuations decoded now); writes the official checkpoint layout
     into ``out_dir`` atomically and returns it. Under ``torchrun`` / ``accelerate launch``
     every rank calls it alike; rank 0 writes (with ``train_log.json``: settings and every
@@ -484,7 +485,8 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
     options = replace(options, state_dir=options.state_dir or
                       out_dir.parent / f".{out_dir.name}.train-state")
     inputs = [target_model_dir] + ([init_dir] if init_dir is not None else [])
-    inputs += [data] if data is not None else []
+    folders = [] if data is None else list(data) if isinstance(data, (list, tuple)) else [data]
+    inputs += folders
     with world_group() as world:
         writer = atomic_output_dir(out_dir, overwrite, inputs=inputs) if world.main \
             else nullcontext(None)
@@ -493,7 +495,7 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
             lm_head = read_text_weight(target_model_dir, "lm_head.weight")  # [V, H]
             glue = glue_for(read_config(target_model_dir))
             if data is not None:
-                samples = load_samples(data)
+                samples = [s for folder in folders for s in load_samples(folder)]
                 if world.main:
                     progress(f"{len(samples)} sequences from {data}")
             else:
@@ -507,7 +509,8 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
                 write_checkpoint(drafter.cpu(), tmp)
                 save_token_counts(tmp, samples, drafter.config.vocab_size)
                 (tmp / LOG_FILE).write_text(json.dumps(
-                    {"config": asdict(config), "processes": world.size, "data": str(data),
+                    {"config": asdict(config), "processes": world.size,
+                     "data": ", ".join(map(str, folders)) if folders else None,
                      "sequences": len(samples), "seconds": round(time.perf_counter() - start),
                      "loss": [h[0] for h in history],
                      "top1": [h[1] for h in history]}))

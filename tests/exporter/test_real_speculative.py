@@ -20,10 +20,10 @@ KINDS = ("vispec", "hivis", "eagle")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(target artifacts, {kind: drafter artifacts}) of the real-LM target."""
+    from vispec.exporter.demo.real_target import cached_target
     from vispec.exporter.drafters.checkpoint import new_drafter, write_checkpoint
     from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
-    from vispec.exporter.demo.real_target import cached_target
 
     out = tmp_path_factory.mktemp("real-spec")
     model_dir = cached_target()
@@ -38,12 +38,14 @@ def exported(tmp_path_factory):
 
 def test_speculative_is_plain_greedy_on_the_real_target(exported):
     from vispec.exporter.demo.real_demo import demo_prompts
+    from vispec.exporter.demo.synthetic_images import DETAIL_QUESTION
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.tree import TreeConfig
 
     target, drafters = exported
     everything = demo_prompts(images=2)
-    prompts = everything[:2] + [next(p for p in everything if not p[1])]  # 2 images, 1 text
+    prompts = [everything[1], next(p for p in everything if p[0] == DETAIL_QUESTION),
+               next(p for p in everything if not p[1])]  # short, detailed, text
     plain_pipe = Pipeline(target, tree=None)
     plain = [plain_pipe.generate(t, i, 24, draft=False).tokens for t, i, _ in prompts]
     assert len({tuple(p) for p in plain}) == len(plain)
