@@ -306,7 +306,7 @@ def distill_recipe(model_dir: Path, recipe: Recipe, folders: RecipeFolders, *,
                    progress: Progress = lambda msg: None) -> list[Path]:
     """The recipe's distillation data (every rank calls it alike): the built-in text prompts'
     answers, then the synthetic images' (each asked both questions)."""
-    from .drafters.distill import DistillDataConfig, distill_data
+    from ..drafters.distill import DistillDataConfig, distill_data
 
     common = dict(batch=recipe.generate_batch, seed=recipe.seed)
     jobs = {"text": (folders.text, DistillDataConfig(
