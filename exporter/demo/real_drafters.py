@@ -77,7 +77,7 @@ class Recipe:
     """The shipped drafters' recipe: distillation data, then each kind trained on it."""
 
     text_prompts: int = 600      # built-in prompts (~180 answer tokens each; ~85 dropped)
-    synthetic_images: int = 384  # each asked a short and a detailed description (~67 tokens)
+    synthetic_images: int = 640  # each asked a short and a detailed description
     max_new_tokens: int = 192
     image_tokens: int = 64
     generate_batch: int = 16
