@@ -252,11 +252,13 @@ def _round_to_shipped(model) -> None:
 
 
 def train_vision(model, processor, config: VisionTrainConfig = VisionTrainConfig(),
-                 progress: Progress = lambda msg: None) -> None:
-    """Every stage in place on ``model`` (a LlavaForConditionalGeneration): 1 tower
+                 progress: Progress = lambda msg: None, detail: bool = False) -> None:
+    """The stages in place on ``model`` (a LlavaForConditionalGeneration): 1 tower
     pretraining, 2 answers, 3 answers with the position words weighted, 4 the same at a
-    lower learning rate (top left and top right were the last errors), 5 both questions
-    (``fit_detail``)."""
+    lower learning rate (top left and top right were the last errors); with ``detail``, 5
+    both questions (``fit_detail``). Stages 1-4 make the shipped file; stage 5 is off by
+    default: its settings do not pass yet (128 held-out images: short answers 0.78 all
+    four right, detailed 0.41, against the shipped 0.95)."""
     start = time.perf_counter()
     pretrain_tower(model, processor, config, progress)
     progress(f"stage 1 done in {time.perf_counter() - start:.0f}s")
@@ -268,8 +270,9 @@ def train_vision(model, processor, config: VisionTrainConfig = VisionTrainConfig
         _round_to_shipped(model)
         fit_answers(model, processor, stage, progress, position_weight=config.position_weight,
                     stage=number)
-    _round_to_shipped(model)
-    fit_detail(model, processor, config, progress)
+    if detail:
+        _round_to_shipped(model)
+        fit_detail(model, processor, config, progress)
     progress(f"trained vision tower + projector in {time.perf_counter() - start:.0f}s")
 
 
