@@ -40,7 +40,7 @@ from vispec.runtime.specs import (
 )
 
 MS = "com.microsoft"
-OPSETS = ((("", 17)), (MS, 1))
+OPSETS = (("", 17), (MS, 1))
 PROTO_LIMIT = 1 << 31  # bytes a single ONNX protobuf may hold
 
 

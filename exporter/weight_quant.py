@@ -216,13 +216,11 @@ def pack_minmax(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray,
 
 def pack_symmetric(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, None]:
     """``weight [N, K]`` -> ``MatMulNBits`` 8-bit data ``[N, nb, block]`` and scales
-    ``[N, nb]``: ``d = max |w| / 127`` a block, ``q = round(w / d)`` stored ``q + 128``
-    (the implied zero point), the grid of GGUF Q8_0."""
-    blocks = _blocks(weight, block)
-    scales = np.abs(blocks).max(-1) / 127
-    safe = np.where(scales > 0, scales, 1.0)[..., None]
-    q = np.clip(np.rint(blocks / safe), -127, 127) + 128
-    return q.astype(np.uint8), scales.astype(np.float32), None
+    ``[N, nb]``: ``pack_blocks``' 8-bit rounding (``d = max |w| / 127`` a block, the grid of
+    GGUF Q8_0), a last partial block padded with stored zeros."""
+    stored, scales = pack_blocks(weight, 8, block)
+    stored = np.pad(stored, ((0, 0), (0, -weight.shape[1] % block)), constant_values=128)
+    return stored.reshape(len(weight), -1, block), scales.astype(np.float32), None
 
 
 def quantize_gathers(path: str | os.PathLike, bits: int, block: int = BLOCK) -> Path:

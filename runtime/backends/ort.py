@@ -139,11 +139,9 @@ class OrtRunner(GraphRunner):
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
         and dtype stays bound: the KV slabs of a ``gqa`` graph are bound once), then run."""
-        keep = []  # contiguous copies must outlive the run
-        for name, array in feeds.items():
+        for name, array in feeds.items():  # a contiguous copy lives on in ``_bound``
             if not isinstance(array, DeviceTensor):
                 array = np.ascontiguousarray(array)
-                keep.append(array)
             self._bind(self.binding.bind_input, name, array)
         for name, array in outputs.items():
             self._bind(self.binding.bind_output, name, array)
