@@ -123,8 +123,8 @@ class OrtRunner(GraphRunner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning",
-                                         "1" if spinning(threads) else "0")
+        options.add_session_config_entry(  # one thread: no pool, nothing to spin
+            "session.intra_op.allow_spinning", "1" if threads != 1 and spinning(threads) else "0")
         options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(path), options,
@@ -139,19 +139,21 @@ class OrtRunner(GraphRunner):
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
         and dtype stays bound: the KV slabs of a ``gqa`` graph are bound once), then run."""
+        bound = self._bound
         for name, array in feeds.items():  # a contiguous copy lives on in ``_bound``
-            if not isinstance(array, DeviceTensor):
-                array = np.ascontiguousarray(array)
-            self._bind(self.binding.bind_input, name, array)
+            last = bound.get(name)
+            if last is None or last[0] is not array:  # else the same buffer, bound already
+                if not isinstance(array, DeviceTensor):
+                    array = np.ascontiguousarray(array)
+                self._bind(self.binding.bind_input, name, array, last)
         for name, array in outputs.items():
-            self._bind(self.binding.bind_output, name, array)
+            last = bound.get(name)
+            if last is None or last[0] is not array:
+                self._bind(self.binding.bind_output, name, array, last)
         self.memory.count_host_io(feeds, outputs)
         self.session.run_with_iobinding(self.binding)
 
-    def _bind(self, bind, name: str, array) -> None:
-        last = self._bound.get(name)
-        if last is not None and last[0] is array:  # the same buffer object: bound already
-            return
+    def _bind(self, bind, name: str, array, last: tuple | None) -> None:
         where = _where(array)
         if last is None or last[1] != where:
             bind(name, *where)

@@ -52,6 +52,7 @@ def test_int4_graphs_hold_4_bit_weights(int4_target):
     assert sum(a["N"] for a in attrs) == sum(dims[1] for dims in fp32_products)
     assert len(nbits) < len(fp32_products)  # q/k/v and gate/up share one call each
     assert [n.op_type for n in _nodes(int4 / "embed.onnx")[0]] == ["GatherBlockQuantized"]
+    assert "embed" in TargetModel(int4).runners  # a quantized table stays in its graph
     assert (int4 / "lm.onnx").stat().st_size < 0.3 * (fp32 / "lm.onnx").stat().st_size
 
 
