@@ -188,9 +188,10 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
               help="Drafter type of a new drafter (detected from --init otherwise).")
 @click.option("--init", "init_dir", type=click.Path(path_type=Path), default=None,
               help="Continue from this drafter checkpoint (official layout).")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              default=None, help="Train on this distill-data folder (else on --sequences "
-                                 "continuations of random prompts decoded now).")
+@click.option("--data", "data_dirs", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              multiple=True, help="Train on this distill-data folder; repeat to train on "
+                                  "several (else on --sequences continuations of random "
+                                  "prompts decoded now).")
 @click.option("--steps", default=1000, show_default=True)
 @click.option("--batch", default=4, show_default=True,
               help="Sequences per optimiser step, over all processes together.")
@@ -210,7 +211,7 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
               help="Where the resumable state lives (default: .OUT_DIR.train-state beside "
                    "OUT_DIR); rerun the same command after a kill to resume.")
 @OVERWRITE
-def train_drafter(model_dir, out_dir, kind, init_dir, data_dir, steps, batch, sequences, lr, seed,
+def train_drafter(model_dir, out_dir, kind, init_dir, data_dirs, steps, batch, sequences, lr, seed,
                   vocab, precision, save_every, state_dir, overwrite):
     """Train a drafter for the target in MODEL_DIR by self-distillation (the target's own
     answers: a distill-data folder, or continuations of synthetic prompts) and write it to
@@ -218,7 +219,7 @@ def train_drafter(model_dir, out_dir, kind, init_dir, data_dir, steps, batch, se
     `accelerate launch` (DistributedDataParallel: gloo on CPU, nccl on GPUs)."""
     if kind is None and init_dir is None:
         raise click.UsageError("give --kind for a new drafter or --init to continue one.")
-    _check_output(out_dir, overwrite, model_dir, init_dir, data_dir)
+    _check_output(out_dir, overwrite, model_dir, init_dir, *data_dirs)
     from .drafters.train import RunOptions, TrainConfig
     from .drafters.train import train_drafter as run
     try:
@@ -226,7 +227,7 @@ def train_drafter(model_dir, out_dir, kind, init_dir, data_dir, steps, batch, se
                              vocab=vocab)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, data=data_dir,
+    run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, data=list(data_dirs) or None,
         options=RunOptions(state_dir, save_every, precision), overwrite=overwrite,
         progress=_progress)
 

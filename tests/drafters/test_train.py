@@ -157,3 +157,11 @@ def test_data_from_several_distill_folders(tiny_target, tmp_path):
     log = json.loads((out / LOG_FILE).read_text())
     assert log["sequences"] == len(load_samples(text)) + len(load_samples(images)) == 5
     assert log["data"] == f"{text}, {images}"
+    from click.testing import CliRunner
+
+    from vispec.exporter.cli import cli
+    result = CliRunner().invoke(cli, ["train-drafter", str(model_dir), str(tmp_path / "cli"),
+                                      "--kind", "eagle", "--data", str(text), "--data",
+                                      str(images), "--steps", "1", "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / LOG_FILE).read_text())["data"] == log["data"]
