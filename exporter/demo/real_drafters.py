@@ -81,11 +81,17 @@ class Recipe:
     max_new_tokens: int = 192
     image_tokens: int = 64
     generate_batch: int = 16
-    steps: int = 400    # ~2.5 passes over ~1.3k answers (sized for ~2 hours on 2 shared cores)
+    steps: int = 1200   # ~3 passes over the training set (at 400 the loss still fell steeply)
     batch: int = 8
     lr: float = 1e-3
     train_vocab: int = 8192  # the loss over these most frequent answer tokens (demo: 4096)
     seed: int = 0
+    image_repeats: int = 2
+    """Copies of the image answers in the training set. The loss is a mean over answer
+    rows, and an image answer is one ~9-token sentence (the target answers both questions
+    with it) beside ~180-token text answers: once each, image rows are ~11% of the loss,
+    twice ~20%. ViSpec at 1200 steps, fixed tree (30, 5, 8), tokens per pass on 32
+    held-out images / 10 held-out chat prompts: 2.96 / 1.90 once, 3.25 / 1.86 twice."""
 
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
@@ -243,7 +249,8 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
                             vocab=recipe.train_vocab, seed=recipe.seed)
         for kind in kinds:
             if not (trained / kind / "config.json").is_file():
-                train_drafter(model_dir, trained / kind, kind=kind, config=train, data=data,
+                train_drafter(model_dir, trained / kind, kind=kind, config=train,
+                              data=data[:1] + data[1:] * recipe.image_repeats,
                               progress=progress)
         if not world.main:
             return out
