@@ -111,9 +111,9 @@ def text_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def held_out_text_prompts() -> list[str]:
-    """Questions absent from ``text_prompts`` and from distill-data's built-in prompts (the
-    demo's text prompts)."""
-    return list(HELD_OUT_CHAT[:2])
+    """The demo's text prompts: its two questions and eight ordinary chat prompts, absent
+    from ``text_prompts`` and from distill-data's built-in prompts (never trained on)."""
+    return list(HELD_OUT_CHAT)
 
 
 def file_hash(path: str | os.PathLike) -> str:
