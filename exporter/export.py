@@ -1,7 +1,6 @@
 """Export a target VLM to ONNX graphs (embed, vision, lm) plus a manifest, atomically."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import shutil
@@ -108,22 +107,24 @@ def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
     two images for the vision graph), with its weight rewrite if any; an ``lm`` spec of the
     ``gqa`` form is written by ``gqa_lm`` instead."""
     example_prompt = glue.prepare(processor, "describe", example_images())
-    examples = {"embed": {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]},
-                "vision": glue.vision_feeds(example_prompt),
-                "lm": example_feeds(specs["lm"], {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST},
-                                    np.random.default_rng(0)),
-                "argmax": example_feeds(specs["argmax"], {NEW: EXAMPLE_NEW},
-                                        np.random.default_rng(0))}
-    modules = {"embed": EmbedStep(adapter.language_model.embed_tokens),
-               "vision": adapter.vision_module(),
-               "lm": LMStep(adapter.language_model, adapter.lm_head), "argmax": ArgmaxStep()}
-    jobs = [GraphJob(name, modules[name], spec, examples[name], *rewrites.get(name, ()))
-            for name, spec in specs.items()]
     lm = specs["lm"]
-    if lm.meta["attention"] == GQA:
-        write = functools.partial(write_gqa_lm, adapter.language_model, adapter.lm_head, lm)
-        jobs = [dataclasses.replace(j, module=None, feeds=None, writer=write)
-                if j.name == "lm" else j for j in jobs]
+    traced = {"embed": lambda: (EmbedStep(adapter.language_model.embed_tokens),
+                                {"input_ids": example_prompt.input_ids[None, :EXAMPLE_NEW]}),
+              "vision": lambda: (adapter.vision_module(), glue.vision_feeds(example_prompt)),
+              "lm": lambda: (LMStep(adapter.language_model, adapter.lm_head),
+                             example_feeds(lm, {NEW: EXAMPLE_NEW, PAST: EXAMPLE_PAST},
+                                           np.random.default_rng(0))),
+              "argmax": lambda: (ArgmaxStep(), example_feeds(specs["argmax"], {NEW: EXAMPLE_NEW},
+                                                             np.random.default_rng(0)))}
+    jobs = []
+    for name, spec in specs.items():
+        rewrite = rewrites.get(name, ())
+        if name == "lm" and lm.meta["attention"] == GQA:
+            write = functools.partial(write_gqa_lm, adapter.language_model, adapter.lm_head, lm)
+            jobs.append(GraphJob(name, None, spec, None, *rewrite, writer=write))
+        else:
+            module, feeds = traced[name]()
+            jobs.append(GraphJob(name, module, spec, feeds, *rewrite))
     return jobs
 
 
