@@ -34,10 +34,9 @@ def prompts(images: int) -> list[tuple[str, str, list, int]]:
 
 
 def main() -> None:
-    from vispec.exporter.demo.real_demo import ATTENTION, DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
-    from vispec.exporter.demo.real_drafters import KINDS, demo_drafters, file_hash
+    from vispec.exporter.demo.real_demo import ATTENTION, MAX_LEN, export_demo_drafter
+    from vispec.exporter.demo.real_drafters import KINDS, demo_drafters
     from vispec.exporter.demo.real_target import cached_target
-    from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
     from vispec.runtime.generate import generate_plain
     from vispec.runtime.pipeline import Pipeline
@@ -67,10 +66,7 @@ def main() -> None:
           f"| drafter | {' | '.join(groups)} | identical to plain |\n"
           f"|---|{'---|' * len(groups)}---|")
     for checkpoint in checkpoints:
-        out = work / f"{checkpoint.name}-{file_hash(checkpoint / 'model.safetensors')}"
-        if not (out / "manifest.json").exists():
-            export_drafter(checkpoint, model_dir, out, max_len=MAX_LEN, draft_vocab=DRAFT_VOCAB,
-                           weights=DRAFT_WEIGHTS, progress=print)
+        out = export_demo_drafter(checkpoint, model_dir, work)
         pipe = Pipeline(target_dir, drafter_dir=out, tree=tree, threads=1)
         per_group: dict[str, list[float]] = {g: [] for g in groups}
         identical = True

@@ -233,12 +233,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    from vispec.exporter.demo.real_demo import DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN
-    from vispec.exporter.demo.real_drafters import demo_drafters, file_hash
+    from vispec.exporter.demo.real_demo import MAX_LEN, export_demo_drafter
+    from vispec.exporter.demo.real_drafters import demo_drafters
     from vispec.exporter.demo.real_lm import smollm2_dir
     from vispec.exporter.demo.real_target import cached_target
     from vispec.exporter.demo.synthetic_images import QUESTION, examples
-    from vispec.exporter.drafters.export import export_drafter
     from vispec.exporter.export import export_target
     from vispec.runtime.pipeline import Pipeline
 
@@ -259,10 +258,7 @@ def main() -> None:
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
         checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]
-        drafter_dir = work / f"{args.drafter}-onnx-{file_hash(checkpoint / 'model.safetensors')}"
-        if not (drafter_dir / "manifest.json").exists():
-            export_drafter(checkpoint, model_dir, drafter_dir, max_len=MAX_LEN,
-                           draft_vocab=DRAFT_VOCAB, weights=DRAFT_WEIGHTS, progress=say)
+        drafter_dir = export_demo_drafter(checkpoint, model_dir, work, progress=say)
     pipes = {p: Pipeline(targets[p], drafter_dir=drafter_dir, threads=args.threads, progress=say)
              for p in precisions}
     peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}", p), args.threads)

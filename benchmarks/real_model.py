@@ -17,11 +17,11 @@ import platform
 import tempfile
 from pathlib import Path
 
-from vispec.exporter.drafters.export import export_drafter
-from vispec.exporter.export import export_target
 from vispec.exporter.demo.real_demo import DRAFT_WEIGHTS, MAX_LEN, demo_prompts
 from vispec.exporter.demo.real_drafters import demo_drafters
 from vispec.exporter.demo.real_target import cached_target
+from vispec.exporter.drafters.export import export_drafter
+from vispec.exporter.export import export_target
 from vispec.runtime.bench import format_table, run_bench
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.tree import TreeConfig

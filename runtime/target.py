@@ -167,11 +167,11 @@ class TargetModel:
 
     def _embed(self, input_ids) -> np.ndarray | DeviceTensor:
         """Token embeddings ``[1, S, H]`` where the LM reads them."""
-        if self._table is not None:
-            return self._table[np.asarray(input_ids, np.int64)][None]
         ids = np.asarray(input_ids, np.int64)[None]
+        if self._table is not None:
+            return self._table[ids]
         out = self.runners[EMBED].infer({INPUT_IDS: ids},
-                                          self._scratch(EMBED, (INPUTS_EMBEDS,), ids.shape[1]))
+                                        self._scratch(EMBED, (INPUTS_EMBEDS,), ids.shape[1]))
         return out[INPUTS_EMBEDS]
 
     def prompt_embeds(self, prompt: Prompt) -> np.ndarray:

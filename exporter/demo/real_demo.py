@@ -22,9 +22,9 @@ from vispec.runtime.tree import TreeConfig
 
 from ..drafters.export import export_drafter, validate_drafter
 from ..export import export_target
+from ..report import print_parity, validate_all
 from .real_drafters import KINDS, DistillConfig, demo_drafters, held_out_text_prompts
 from .real_target import cached_target
-from ..report import print_parity, validate_all
 from .synthetic_images import DETAIL_QUESTION, QUESTION, examples, score
 
 Progress = Callable[[str], None]
@@ -36,6 +36,20 @@ ATTENTION = GQA  # the LM graph in ONNX Runtime's fused CPU form (DESIGN.md: LM 
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 REPEATS = 2  # timed passes after the warm-up (each setting, each prompt)
 DETAILED = 2  # held-out images also asked DETAIL_QUESTION
+
+
+def export_demo_drafter(checkpoint: Path, model_dir: Path, work: Path,
+                        progress: Progress = print) -> Path:
+    """``checkpoint`` exported as the demo exports it (``DRAFT_VOCAB``, ``DRAFT_WEIGHTS``)
+    into ``work``, in a folder keyed by its weights' hash: reused while they are the same
+    (benchmarks on the demo target)."""
+    from .real_drafters import file_hash
+
+    out = work / f"{checkpoint.name}-onnx-{file_hash(checkpoint / 'model.safetensors')}"
+    if not (out / "manifest.json").exists():
+        export_drafter(checkpoint, model_dir, out, max_len=MAX_LEN, draft_vocab=DRAFT_VOCAB,
+                       weights=DRAFT_WEIGHTS, progress=progress)
+    return out
 
 
 def demo_prompts(images: int = 8, seed: int = 0) -> list[tuple[str, list, object]]:

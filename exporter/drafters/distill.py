@@ -34,9 +34,9 @@ from vispec.runtime.families import FamilyGlue, Prompt
 from vispec.runtime.model_dir import check_weights, read_config
 from vispec.runtime.processors import load_processor
 
+from ..demo.synthetic_images import DETAIL_QUESTION, QUESTION, examples
 from ..loading import load_target
 from ..reference import hf_lm, hf_prompt_embeds
-from ..demo.synthetic_images import DETAIL_QUESTION, QUESTION, examples
 from . import shards
 from .distributed import World, world_group
 from .progress import ProgressBar

@@ -487,6 +487,7 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
     inputs = [target_model_dir] + ([init_dir] if init_dir is not None else [])
     folders = [] if data is None else list(data) if isinstance(data, (list, tuple)) else [data]
     inputs += folders
+    source = ", ".join(map(str, folders)) or None
     with world_group() as world:
         writer = atomic_output_dir(out_dir, overwrite, inputs=inputs) if world.main \
             else nullcontext(None)
@@ -497,7 +498,7 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
             if data is not None:
                 samples = [s for folder in folders for s in load_samples(folder)]
                 if world.main:
-                    progress(f"{len(samples)} sequences from {data}")
+                    progress(f"{len(samples)} sequences from {source}")
             else:
                 adapter, glue = load_target(target_model_dir)
                 samples = decode_samples(adapter, glue, load_processor(target_model_dir),
@@ -510,7 +511,7 @@ def train_drafter(target_model_dir: str | os.PathLike, out_dir: str | os.PathLik
                 save_token_counts(tmp, samples, drafter.config.vocab_size)
                 (tmp / LOG_FILE).write_text(json.dumps(
                     {"config": asdict(config), "processes": world.size,
-                     "data": ", ".join(map(str, folders)) if folders else None,
+                     "data": source,
                      "sequences": len(samples), "seconds": round(time.perf_counter() - start),
                      "loss": [h[0] for h in history],
                      "top1": [h[1] for h in history]}))

@@ -139,21 +139,19 @@ class OrtRunner(GraphRunner):
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
         and dtype stays bound: the KV slabs of a ``gqa`` graph are bound once), then run."""
-        bound = self._bound
-        for name, array in feeds.items():  # a contiguous copy lives on in ``_bound``
-            last = bound.get(name)
-            if last is None or last[0] is not array:  # else the same buffer, bound already
-                if not isinstance(array, DeviceTensor):
-                    array = np.ascontiguousarray(array)
-                self._bind(self.binding.bind_input, name, array, last)
+        for name, array in feeds.items():
+            self._bind(self.binding.bind_input, name, array, feed=True)
         for name, array in outputs.items():
-            last = bound.get(name)
-            if last is None or last[0] is not array:
-                self._bind(self.binding.bind_output, name, array, last)
+            self._bind(self.binding.bind_output, name, array, feed=False)
         self.memory.count_host_io(feeds, outputs)
         self.session.run_with_iobinding(self.binding)
 
-    def _bind(self, bind, name: str, array, last: tuple | None) -> None:
+    def _bind(self, bind, name: str, array, feed: bool) -> None:
+        last = self._bound.get(name)
+        if last is not None and last[0] is array:  # the same buffer object: bound already
+            return
+        if feed and not isinstance(array, DeviceTensor):  # its contiguous copy lives on in
+            array = np.ascontiguousarray(array)             # ``_bound`` (outputs are written)
         where = _where(array)
         if last is None or last[1] != where:
             bind(name, *where)

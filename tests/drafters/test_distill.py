@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from vispec.exporter.cli import cli
+from vispec.exporter.demo.synthetic_images import ATTRIBUTES, examples, score
 from vispec.exporter.drafters import shards
 from vispec.exporter.drafters.distill import (
     HELD_OUT_CHAT,
@@ -28,7 +29,6 @@ from vispec.exporter.drafters.distill import (
 )
 from vispec.exporter.loading import load_target
 from vispec.exporter.reference import hf_greedy
-from vispec.exporter.demo.synthetic_images import ATTRIBUTES, examples, score
 from vispec.runtime.errors import VispecError
 from vispec.runtime.processors import load_processor
 
