@@ -180,10 +180,12 @@ class GraphSpec:
             raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
         return sizes
 
-    def dim_sizes(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-        """The dim sizes read off one input per dim, checked against the profile only: for
-        feeds whose names, dtypes and ranks ``check_inputs`` has already passed."""
-        sizes = {dim: feeds[name].shape[axis] for dim, (name, axis) in self._dim_sources.items()}
+    def dim_sizes(self, feeds: dict[str, np.ndarray], held: dict = {}) -> dict[str, int]:  # noqa: B006
+        """The dim sizes read off one input per dim (in ``feeds``, else in ``held``), checked
+        against the profile only: for inputs whose names, dtypes and ranks ``check_inputs``
+        has already passed."""
+        sizes = {dim: (feeds[name] if name in feeds else held[name]).shape[axis]
+                 for dim, (name, axis) in self._dim_sources.items()}
         problems = self._out_of_range(sizes)
         if problems:
             raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))

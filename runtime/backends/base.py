@@ -16,6 +16,9 @@ class GraphRunner:
     Feeds and ``outputs`` are numpy arrays or ``DeviceTensor`` s (``runtime.device``).
     ``outputs`` may hold preallocated buffers (e.g. views of a KV cache) that the backend
     writes in place; outputs not given are allocated by the runner as numpy arrays.
+    ``held``: a pair of mappings (inputs, outputs) of buffers that stay the same between
+    calls (a heads-major KV cache's slabs): passed again as the same objects, they are
+    neither checked nor bound again (a decode step then costs its few small tensors).
     """
 
     def __init__(self, spec: GraphSpec):
@@ -24,21 +27,27 @@ class GraphRunner:
         # feeds and output buffers (names, dtypes, ranks) and the profile ranges every call.
         self.full_checks = os.environ.get("VISPEC_FULL_CHECKS") == "1"
         self._checked: set[tuple] = set()
+        self._held: tuple = (None, None)  # the held mappings checked last
 
-    def infer(self, feeds: dict[str, np.ndarray],
-              outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None,
+              held: tuple[dict, dict] = ({}, {})) -> dict[str, np.ndarray]:
+        """Run the graph; returns ``outputs``' buffers and new arrays for the outputs neither
+        they nor ``held`` give."""
         outputs = dict(outputs or {})
         layout = (tuple((k, v.dtype, v.ndim) for k, v in feeds.items()),
-                  tuple((k, v.dtype, v.ndim) for k, v in outputs.items()))
-        if self.full_checks or layout not in self._checked:
-            sizes = self._check(feeds, outputs)
+                  tuple((k, v.dtype, v.ndim) for k, v in outputs.items()), id(held[0]), id(held[1]))
+        new_held = held[0] is not self._held[0] or held[1] is not self._held[1]
+        if self.full_checks or new_held or layout not in self._checked:
+            sizes = self._check({**feeds, **held[0]}, {**outputs, **held[1]})
             self._checked.add(layout)
+            self._held = held
         else:
-            sizes = self.spec.dim_sizes(feeds)
-        for t in self.spec.outputs:
-            if t.name not in outputs:
-                outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)
-        self._infer_impl(feeds, outputs)
+            sizes = self.spec.dim_sizes(feeds, held[0])
+        if len(outputs) + len(held[1]) < len(self.spec.outputs):
+            for t in self.spec.outputs:
+                if t.name not in outputs and t.name not in held[1]:
+                    outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)
+        self._infer_held(feeds, outputs, *held)
         return outputs
 
     def _check(self, feeds: dict, outputs: dict) -> dict[str, int]:
@@ -56,6 +65,11 @@ class GraphRunner:
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: dict, held_outputs: dict) -> None:
+        """Run with ``held`` buffers: a backend that keeps bindings between calls overrides
+        this; by default every buffer is passed each call."""
+        self._infer_impl({**feeds, **held_feeds}, {**outputs, **held_outputs})
 
     def close(self) -> None:
         """Release backend resources."""

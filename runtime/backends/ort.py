@@ -135,10 +135,21 @@ class OrtRunner(GraphRunner):
         check_graph(self.session, spec, path)
         self.binding = self.session.io_binding()
         self._bound: dict[str, tuple] = {}  # name -> (array, _where(array)) bound last
+        self._bound_held: tuple = ({}, {})  # the held mappings whose buffers are bound
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        self._infer_held(feeds, outputs, {}, {})
+
+    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: dict, held_outputs: dict) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
-        and dtype stays bound: the KV slabs of a ``gqa`` graph are bound once), then run."""
+        and dtype stays bound; ``held`` mappings bound last call are skipped whole: the KV
+        slabs of a ``gqa`` graph are bound once), then run."""
+        if held_feeds is not self._bound_held[0] or held_outputs is not self._bound_held[1]:
+            for name, array in held_feeds.items():
+                self._bind(self.binding.bind_input, name, array, feed=True)
+            for name, array in held_outputs.items():
+                self._bind(self.binding.bind_output, name, array, feed=False)
+            self._bound_held = (held_feeds, held_outputs)
         for name, array in feeds.items():
             self._bind(self.binding.bind_input, name, array, feed=True)
         for name, array in outputs.items():

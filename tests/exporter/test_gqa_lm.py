@@ -15,10 +15,11 @@ from vispec.exporter.report import validate_all
 from vispec.runtime.backends.ort import ort_memory
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.errors import ManifestError, VispecError
-from vispec.runtime.generate import generate_plain
+from vispec.runtime.generate import generate_plain, prefill
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.masks import causal_mask
 from vispec.runtime.session import Session
+from vispec.runtime.specs import ATTENTION_MASK, INPUTS_EMBEDS, LOGIT_ROWS, LOGITS, POSITION_IDS
 from vispec.runtime.target import TargetModel
 
 MAX_LEN = 256
@@ -139,3 +140,32 @@ def test_a_prefill_computes_the_last_rows_logits_only(gqa_targets):
     np.testing.assert_array_equal(last.hidden, full.hidden)
     with pytest.raises(ValueError, match="from row 9 on"):
         last.logits_row(3)
+
+
+def test_two_caches_interleaved_on_one_gqa_target(gqa_targets):
+    """The KV slabs are bound once while one cache decodes (``held``); stepping two caches
+    in turn, with one step bound the plain way (every buffer passed) between them, rebinds
+    them: each conversation gets exactly the tokens it gets alone."""
+    _, _, gqa, _ = gqa_targets
+    target = TargetModel(gqa)
+    prompts = [target.prepare(text) for text in ("Describe the boat.", "What is in the picture?")]
+    alone = [generate_plain(target, p, 8).tokens for p in prompts]
+    caches = [target.new_cache() for _ in prompts]
+    states = [prefill(target, c, p) for c, p in zip(caches, prompts)]
+    tokens = [[int(np.argmax(s.out.logits_row(-1)))] for s in states]
+    positions = [s.next_position for s in states]
+    for step in range(7):
+        for i, cache in enumerate(caches):
+            position_ids = target.glue.step_position_ids(positions[i], np.zeros(1, np.int64))
+            mask = causal_mask(cache.length, 1)
+            if step == 3 and i == 0:  # the unheld path: every KV view passed as a feed
+                feeds = {INPUTS_EMBEDS: target.embed(tokens[i][-1:])[None],
+                         POSITION_IDS: position_ids, ATTENTION_MASK: mask,
+                         LOGIT_ROWS: np.zeros(1, np.int64), **cache.past()}
+                logits = target.runners["lm"].infer(feeds, cache.present(1))[LOGITS][0, -1]
+            else:
+                logits = target.step_tokens(cache, tokens[i][-1:], position_ids, mask).logits_row(-1)
+            cache.commit(1)
+            positions[i] += 1
+            tokens[i].append(int(np.argmax(logits)))
+    assert tokens == alone
