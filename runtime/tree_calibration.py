@@ -1,9 +1,10 @@
 """Measure what a round of each candidate tree costs on this machine, once, and cache it.
 
 The costs are real rounds of the speculative loop (draft + verify + host) and real plain
-steps on a short canned prompt: after a warm-up run of each setting, a few passes over plain
-decoding and every tree in turn (a burst of load on a shared machine then hits every setting
-alike), the median of each setting's rounds. They are cached as JSON under
+steps on a short canned prompt: after a warm-up run of each setting, many short passes over
+plain decoding and every tree in turn, each pass in another order (this machine's speed
+drifts by 10-30% within seconds: short interleaved passes spread a drift over every
+setting alike), the median of each setting's rounds. They are cached as JSON under
 ``$VISPEC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vispec-export`` or ``~/.cache/vispec-export``)
 keyed by the artifacts (manifests, graph files) and the machine (CPU, cores, ONNX Runtime
 version, backend, threads): another artifact or another machine measures anew.
@@ -30,8 +31,8 @@ from .tree import TreeConfig
 from .tree_policy import CANDIDATES, AutoTree, PlainDecoding
 
 CALIBRATION_PROMPT = "Write a few sentences about the sea."
-CALIBRATION_TOKENS = 12  # per generation
-CALIBRATION_PASSES = 3   # over plain and every tree, after the warm-up pass
+CALIBRATION_TOKENS = 4   # per generation: a few rounds, so that passes are short (~1 s)
+CALIBRATION_PASSES = 10  # over plain and every tree, after the warm-up pass
 
 
 def machine_facts(backend: str, threads: int | None) -> dict:
@@ -88,15 +89,16 @@ def measure(target: TargetModel, drafter: Drafter, trees: tuple[TreeConfig, ...]
     """Median milliseconds of one plain step and of one round of each tree: a warm-up pass
     (first runs allocate), then ``CALIBRATION_PASSES`` passes over plain and every tree."""
     prompt = calibration_prompt(target, trees)
-    rounds: dict[TreeConfig | None, list] = {tree: [] for tree in (None, *trees)}
+    settings = (None, *trees)
+    rounds: dict[TreeConfig | None, list] = {tree: [] for tree in settings}
     for i in range(CALIBRATION_PASSES + 1):
-        if progress:
+        if progress and i % 5 == 0:
             progress(f"measuring plain decoding and {len(trees)} draft trees: pass "
                      f"{i + 1}/{CALIBRATION_PASSES + 1}{' (warm-up)' if i == 0 else ''}")
-        for tree in rounds:
-            tokens = CALIBRATION_TOKENS if i else 4
-            run = generate_plain(target, prompt, tokens) if tree is None else \
-                generate_speculative(target, drafter, prompt, tokens, tree=tree)
+        shift = i % len(settings)  # each pass starts elsewhere: no setting always follows another
+        for tree in settings[shift:] + settings[:shift]:
+            run = generate_plain(target, prompt, CALIBRATION_TOKENS) if tree is None else \
+                generate_speculative(target, drafter, prompt, CALIBRATION_TOKENS, tree=tree)
             if i:
                 rounds[tree] += run.stats.rounds
     return {"plain_ms": _median_ms(rounds[None]),

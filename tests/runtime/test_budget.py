@@ -8,7 +8,7 @@ from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.speculative import generate_speculative
 from vispec.runtime.target import TargetModel
 from vispec.runtime.tree import TreeConfig
-from vispec.runtime.tree_calibration import calibration_prompt, usable_trees
+from vispec.runtime.tree_calibration import CALIBRATION_TOKENS, calibration_prompt, usable_trees
 from vispec.runtime.tree_policy import PlainDecoding
 
 
@@ -66,7 +66,7 @@ def test_auto_calibrates_within_a_short_cache(small_export):
     pipe = Pipeline(target_dir, drafter_dir=drafter_dir)
     trees = usable_trees(pipe.target, pipe.drafter)
     prompt = calibration_prompt(pipe.target, trees)
-    assert len(prompt.input_ids) + 12 + max(t.total_tokens for t in trees) <= 72
+    assert len(prompt.input_ids) + CALIBRATION_TOKENS + max(t.total_tokens for t in trees) <= 72
     budget = 72 - len(pipe.target.prepare("hi").input_ids)
     plain = pipe.generate("hi", max_new_tokens=budget, draft=False)
     assert pipe.generate("hi", max_new_tokens=budget).tokens == plain.tokens
