@@ -1,7 +1,9 @@
 """Plain vs speculative decoding on the same artifacts, interleaved in one warm process.
 
-Every setting (plain, each fixed tree, ``auto``) decodes every prompt once per repeat, in
-an order that rotates between repeats, after one warm-up pass over all of them; tokens/s
+Every setting (plain, each fixed tree, ``auto``) decodes every prompt once per repeat, the
+settings one after another on each prompt, in an order that rotates from prompt to prompt
+and between repeats (a drift of the machine's speed, 10-30% within seconds on a shared
+one, then hits every setting alike), after one warm-up pass over all of them; tokens/s
 is total decoded tokens over total decode time, and per repeat for medians. Greedy outputs
 are checked against plain. Around each repeat ``/proc/stat`` is sampled: a repeat where
 other processes used more than ``QUIET_CORES`` counts as contended, and medians take the
@@ -121,19 +123,20 @@ def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequen
 
 def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence[tuple[str, list]],
                 repeats: int = 3, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Each setting generates for every prompt once per repeat, the settings' order rotating
-    between repeats, after a warm-up pass (repeat 0, not counted); the first setting's
-    warm-up outputs are the reference of ``identical``. Fills and returns the rows."""
+    """Each setting generates for every prompt once per repeat, all settings on one prompt
+    before the next, their order rotating from prompt to prompt and between repeats, after a
+    warm-up pass (repeat 0, not counted); the first setting's warm-up outputs are the
+    reference of ``identical``. Fills and returns the rows."""
     reference: dict[int, list[int]] = {}
     first = settings[0][0]
     for repeat in range(repeats + 1):  # repeat 0 warms up
         if progress:
             progress(f"bench pass {repeat}/{repeats}{' (warm-up)' if repeat == 0 else ''}")
-        order = settings[repeat % len(settings):] + settings[:repeat % len(settings)]
         totals = {id(row): (row.decoded, row.seconds) for row, _ in settings}
         before, start = sample_cpu(), time.perf_counter()
-        for row, generate in order:
-            for i, (text, images) in enumerate(prompts):
+        for i, (text, images) in enumerate(prompts):
+            shift = (repeat + i) % len(settings)
+            for row, generate in settings[shift:] + settings[:shift]:
                 result = generate(text, images)
                 if row is first:
                     reference.setdefault(i, result.tokens)
