@@ -10,6 +10,8 @@ integers (``"past+new"``): the attention mask's key axis is ``past + new``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
@@ -180,7 +182,8 @@ class GraphSpec:
             raise ShapeError(f"graph {self.name!r}: " + "; ".join(problems))
         return sizes
 
-    def dim_sizes(self, feeds: dict[str, np.ndarray], held: dict = {}) -> dict[str, int]:  # noqa: B006
+    def dim_sizes(self, feeds: dict[str, np.ndarray], held: Mapping = MappingProxyType({})
+                  ) -> dict[str, int]:
         """The dim sizes read off one input per dim (in ``feeds``, else in ``held``), checked
         against the profile only: for inputs whose names, dtypes and ranks ``check_inputs``
         has already passed."""

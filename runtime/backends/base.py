@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
 from ..device import is_device
 from ..errors import ShapeError
 from ..specs import GraphSpec
+
+NOTHING_HELD: tuple[Mapping, Mapping] = (MappingProxyType({}), MappingProxyType({}))
 
 
 class GraphRunner:
@@ -30,7 +34,7 @@ class GraphRunner:
         self._held: tuple = (None, None)  # the held mappings checked last
 
     def infer(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None,
-              held: tuple[dict, dict] = ({}, {})) -> dict[str, np.ndarray]:
+              held: tuple[Mapping, Mapping] = NOTHING_HELD) -> dict[str, np.ndarray]:
         """Run the graph; returns ``outputs``' buffers and new arrays for the outputs neither
         they nor ``held`` give."""
         outputs = dict(outputs or {})
@@ -66,7 +70,8 @@ class GraphRunner:
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
-    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: dict, held_outputs: dict) -> None:
+    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: Mapping,
+                    held_outputs: Mapping) -> None:
         """Run with ``held`` buffers: a backend that keeps bindings between calls overrides
         this; by default every buffer is passed each call."""
         self._infer_impl({**feeds, **held_feeds}, {**outputs, **held_outputs})

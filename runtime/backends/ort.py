@@ -14,7 +14,7 @@ from ..cpu_load import QUIET_CORES, contention, sample_cpu
 from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, HostMemory, Memory
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
-from .base import GraphRunner
+from .base import NOTHING_HELD, GraphRunner
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -135,12 +135,12 @@ class OrtRunner(GraphRunner):
         check_graph(self.session, spec, path)
         self.binding = self.session.io_binding()
         self._bound: dict[str, tuple] = {}  # name -> (array, _where(array)) bound last
-        self._bound_held: tuple = ({}, {})  # the held mappings whose buffers are bound
+        self._bound_held: tuple = NOTHING_HELD  # the held mappings whose buffers are bound
 
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        self._infer_held(feeds, outputs, {}, {})
+        self._infer_held(feeds, outputs, *NOTHING_HELD)
 
-    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: dict, held_outputs: dict) -> None:
+    def _infer_held(self, feeds: dict, outputs: dict, held_feeds, held_outputs) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
         and dtype stays bound; ``held`` mappings bound last call are skipped whole: the KV
         slabs of a ``gqa`` graph are bound once), then run."""
