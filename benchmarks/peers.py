@@ -8,7 +8,8 @@ by the project plainly and by the project speculatively (the demo's drafter, ``a
 in an order that rotates between repeats, after a warm-up pass; image prompts (held-out
 synthetic images) run on the project only (the peer cannot load the LLaVA). Decode tok/s
 (tokens after the first over the time after it) and TTFT (prompt in, first token out) are
-medians over runs; fp32 outputs must be token-identical. Around every timed run /proc/stat
+medians over runs, and their ratios medians over pairs of runs of one prompt and repeat (run
+back to back); fp32 outputs must be token-identical. Around every timed run /proc/stat
 and /proc/*/stat are sampled: a group where other processes used more than ``--quiet``
 cores on average is marked contended (ratios flip under load: see shared/PITFALLS.md).
 
@@ -62,6 +63,7 @@ class Run:
     ttft: float         # seconds from the prompt ids to the first token
     decode_seconds: float
     cpu: Contention
+    repeat: int = 0     # runs of one (prompt, repeat) ran back to back: ratios pair them
 
     @property
     def tokens_per_second(self) -> float:
@@ -144,13 +146,31 @@ class Group:
     others: float = 0.0                                      # max mean cores used by others
     busiest: tuple = ()
     identical: bool | None = None                            # fp32: project == peer tokens
+    points: dict[str, dict] = field(default_factory=dict)    # key -> {(prompt, repeat): Run}
 
     def contended(self, quiet: float = QUIET_CORES) -> bool:
         return self.others > quiet
 
     def ratio(self, a: str, b: str, of: str = "tok_s") -> float | None:
+        """``a`` over ``b``: the median of the ratios of runs of the same prompt and repeat
+        (back to back, under the same load: a drift of the machine cancels out), else the
+        ratio of the medians."""
+        value = (lambda r: r.tokens_per_second) if of == "tok_s" else (lambda r: r.ttft)
+        pa, pb = self.points.get(a, {}), self.points.get(b, {})
+        paired = [value(pa[k]) / value(pb[k]) for k in pa.keys() & pb.keys() if value(pb[k])]
+        if paired:
+            return statistics.median(paired)
         values = getattr(self, of)
         return values[a] / values[b] if a in values and b in values and values[b] else None
+
+    def to_dict(self) -> dict:
+        """The medians, contention and identity, with the table's paired ratios."""
+        plain, spec, peer = f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"
+        out = {k: v for k, v in self.__dict__.items() if k != "points"}
+        out["ratios"] = {"plain / peer": self.ratio(plain, peer),
+                         "TTFT plain / peer": self.ratio(plain, peer, "ttft"),
+                         "spec / peer": self.ratio(spec, peer), "spec / plain": self.ratio(spec, plain)}
+        return out
 
 
 def summarize(runs: list[Run]) -> list[Group]:
@@ -166,6 +186,7 @@ def summarize(runs: list[Run]) -> list[Group]:
             same = [r for r in mine if f"{r.side} {r.mode}" == key]
             g.tok_s[key] = statistics.median(r.tokens_per_second for r in same)
             g.ttft[key] = statistics.median(r.ttft for r in same)
+            g.points[key] = {(r.prompt, r.repeat): r for r in same}
         if precision == "fp32" and any(r.side == PEER for r in mine):
             outputs = {(r.side, r.prompt): r.tokens for r in mine if r.mode == PLAIN}
             g.identical = all(outputs[PROJECT, p] == t for (side, p), t in outputs.items()
@@ -289,7 +310,8 @@ def main() -> None:
                     for side, mode, job in jobs[repeat % len(jobs):] + jobs[:repeat % len(jobs)]:
                         tokens, ttft, decode, cpu = timed(job)
                         if repeat:
-                            runs.append(Run(side, mode, p, group, i, tuple(tokens), ttft, decode, cpu))
+                            runs.append(Run(side, mode, p, group, i, tuple(tokens), ttft, decode, cpu,
+                                            repeat))
         say(f"pass {repeat}/{args.repeats}{' (warm-up)' if repeat == 0 else ''} done")
     groups = summarize(runs)
     print(format_groups(groups, args.quiet))
@@ -298,7 +320,7 @@ def main() -> None:
     if args.png:
         say(f"chart: {plot(groups, args.png, args.quiet)}")
     if args.json:
-        args.json.write_text(json.dumps([g.__dict__ for g in groups], indent=1, default=list))
+        args.json.write_text(json.dumps([g.to_dict() for g in groups], indent=1, default=list))
 
 
 if __name__ == "__main__":

@@ -48,16 +48,18 @@ def test_sampler_sees_a_busy_process_beside_us():
         child.wait()
 
 
-def _run(side, mode, precision, prompt, tokens, tok_s, ttft, cores=0.0, group="text"):
+def _run(side, mode, precision, prompt, tokens, tok_s, ttft, cores=0.0, group="text", repeat=0):
     decode = (len(tokens) - 1) / tok_s
     return peers.Run(side, mode, precision, group, prompt, tuple(tokens), ttft, decode,
-                     peers.Contention(cores, (("busy[9]", cores),)))
+                     peers.Contention(cores, (("busy[9]", cores),)), repeat)
 
 
 def test_summary_medians_ratios_identity_and_contention():
     P, G = peers.PROJECT, peers.PEER
-    runs = [_run(P, "plain", "fp32", 0, [1, 2, 3], 40, 0.2), _run(P, "plain", "fp32", 0, [1, 2, 3], 50, 0.1),
-            _run(P, "plain", "fp32", 0, [1, 2, 3], 60, 0.3), _run(G, "plain", "fp32", 0, [1, 2, 3], 25, 0.4),
+    runs = [_run(P, "plain", "fp32", 0, [1, 2, 3], 40, 0.1),
+            _run(P, "plain", "fp32", 0, [1, 2, 3], 50, 0.2, repeat=1),
+            _run(P, "plain", "fp32", 0, [1, 2, 3], 60, 0.3, repeat=2),
+            _run(G, "plain", "fp32", 0, [1, 2, 3], 25, 0.4, repeat=1),
             _run(P, "plain", "int4", 0, [1, 2], 100, 0.1), _run(G, "plain", "int4", 0, [1, 5], 200, 0.1,
                                                                cores=0.9)]
     fp32, int4 = peers.summarize(runs)
@@ -71,3 +73,19 @@ def test_summary_medians_ratios_identity_and_contention():
     runs.append(_run(G, "plain", "fp32", 1, [7, 8], 25, 0.4))
     runs.append(_run(P, "plain", "fp32", 1, [7, 9], 25, 0.4))
     assert peers.summarize(runs)[0].identical is False
+
+
+def test_ratios_pair_runs_of_one_prompt_and_repeat():
+    """Ratios are medians over runs of one prompt and repeat (back to back): a repeat whose
+    project run alone was slowed (a burst of load) counts once; the ratio of the medians,
+    over unpaired runs, reads it as half the speed."""
+    P, G = peers.PROJECT, peers.PEER
+    runs = []
+    for repeat, (mine, theirs) in enumerate(((90, 100), (45, 50), (30, 100))):
+        runs.append(_run(P, "plain", "int4", 0, [1, 2, 3], mine, 0.1, repeat=repeat))
+        runs.append(_run(G, "plain", "int4", 0, [1, 2, 3], theirs, 0.2, repeat=repeat))
+    group, = peers.summarize(runs)
+    assert group.ratio("project plain", "ort-genai plain") == pytest.approx(0.9)
+    assert group.tok_s["project plain"] / group.tok_s["ort-genai plain"] == pytest.approx(0.45)
+    assert group.to_dict()["ratios"] == pytest.approx(
+        {"plain / peer": 0.9, "TTFT plain / peer": 0.5, "spec / peer": None, "spec / plain": None})
