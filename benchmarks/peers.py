@@ -46,6 +46,8 @@ from vispec.runtime.cpu_load import (  # noqa: F401  (the sampler, used here and
 
 PROJECT, PEER = "project", "ort-genai"
 PLAIN, SPECULATIVE = "plain", "speculative"
+# keys of a Group's medians: side and mode
+PLAIN_KEY, SPEC_KEY, PEER_KEY = f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"
 TEXT_PROMPTS = ("Tell me about a lighthouse.", "What is a volcano?",
                 "Write a short poem about the sea at night.",
                 "Explain step by step how a bicycle gear system works.")
@@ -165,11 +167,11 @@ class Group:
 
     def to_dict(self) -> dict:
         """The medians, contention and identity, with the table's paired ratios."""
-        plain, spec, peer = f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"
         out = {k: v for k, v in self.__dict__.items() if k != "points"}
-        out["ratios"] = {"plain / peer": self.ratio(plain, peer),
-                         "TTFT plain / peer": self.ratio(plain, peer, "ttft"),
-                         "spec / peer": self.ratio(spec, peer), "spec / plain": self.ratio(spec, plain)}
+        out["ratios"] = {"plain / peer": self.ratio(PLAIN_KEY, PEER_KEY),
+                         "TTFT plain / peer": self.ratio(PLAIN_KEY, PEER_KEY, "ttft"),
+                         "spec / peer": self.ratio(SPEC_KEY, PEER_KEY),
+                         "spec / plain": self.ratio(SPEC_KEY, PLAIN_KEY)}
         return out
 
 
@@ -195,7 +197,7 @@ def summarize(runs: list[Run]) -> list[Group]:
 
 
 def format_groups(groups: list[Group], quiet: float = QUIET_CORES) -> str:
-    plain, spec, peer = f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}"
+    plain, spec, peer = PLAIN_KEY, SPEC_KEY, PEER_KEY
     lines = ["| prompts | precision | project plain tok/s | peer tok/s | plain / peer | TTFT ms "
              "project / peer | TTFT ratio | speculative tok/s | spec / peer | spec / plain | "
              "fp32 identical | others' CPU (cores) |", "|" + "---|" * 12]
@@ -218,7 +220,7 @@ def plot(groups: list[Group], path: Path, quiet: float = QUIET_CORES) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in (f"{PROJECT} {PLAIN}", f"{PROJECT} {SPECULATIVE}", f"{PEER} {PLAIN}")
+    keys = [k for k in (PLAIN_KEY, SPEC_KEY, PEER_KEY)
             if any(k in g.tok_s for g in groups)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(keys)

@@ -31,7 +31,7 @@ class GraphRunner:
         # feeds and output buffers (names, dtypes, ranks) and the profile ranges every call.
         self.full_checks = os.environ.get("VISPEC_FULL_CHECKS") == "1"
         self._checked: set[tuple] = set()
-        self._held: tuple = (None, None)  # the held mappings checked last
+        self._held: tuple = (None, None)  # the held mappings of the last call
 
     def infer(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None,
               held: tuple[Mapping, Mapping] = NOTHING_HELD) -> dict[str, np.ndarray]:
@@ -51,7 +51,7 @@ class GraphRunner:
             for t in self.spec.outputs:
                 if t.name not in outputs and t.name not in held[1]:
                     outputs[t.name] = np.empty(self.spec.shape(t.name, sizes), t.np_dtype)
-        self._infer_held(feeds, outputs, *held)
+        self._infer_held(feeds, outputs, held, new_held)
         return outputs
 
     def _check(self, feeds: dict, outputs: dict) -> dict[str, int]:
@@ -70,11 +70,12 @@ class GraphRunner:
     def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
-    def _infer_held(self, feeds: dict, outputs: dict, held_feeds: Mapping,
-                    held_outputs: Mapping) -> None:
-        """Run with ``held`` buffers: a backend that keeps bindings between calls overrides
-        this; by default every buffer is passed each call."""
-        self._infer_impl({**feeds, **held_feeds}, {**outputs, **held_outputs})
+    def _infer_held(self, feeds: dict, outputs: dict, held: tuple[Mapping, Mapping],
+                    changed: bool) -> None:
+        """Run with ``held`` buffers (``changed``: other mappings than the last call's): a
+        backend that keeps bindings between calls overrides this; by default every buffer
+        is passed each call."""
+        self._infer_impl({**feeds, **held[0]}, {**outputs, **held[1]})
 
     def close(self) -> None:
         """Release backend resources."""

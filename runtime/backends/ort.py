@@ -14,7 +14,7 @@ from ..cpu_load import QUIET_CORES, contention, sample_cpu
 from ..device import ALIGNMENT, DeviceMemory, DeviceTensor, HostCopier, HostMemory, Memory
 from ..errors import ManifestError, VispecError
 from ..specs import GraphSpec
-from .base import NOTHING_HELD, GraphRunner
+from .base import GraphRunner
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -135,21 +135,16 @@ class OrtRunner(GraphRunner):
         check_graph(self.session, spec, path)
         self.binding = self.session.io_binding()
         self._bound: dict[str, tuple] = {}  # name -> (array, _where(array)) bound last
-        self._bound_held: tuple = NOTHING_HELD  # the held mappings whose buffers are bound
 
-    def _infer_impl(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        self._infer_held(feeds, outputs, *NOTHING_HELD)
-
-    def _infer_held(self, feeds: dict, outputs: dict, held_feeds, held_outputs) -> None:
+    def _infer_held(self, feeds: dict, outputs: dict, held: tuple, changed: bool) -> None:
         """Bind what differs from the last call (a buffer bound to the same place, shape
-        and dtype stays bound; ``held`` mappings bound last call are skipped whole: the KV
+        and dtype stays bound; ``held`` mappings of the last call are skipped whole: the KV
         slabs of a ``gqa`` graph are bound once), then run."""
-        if held_feeds is not self._bound_held[0] or held_outputs is not self._bound_held[1]:
-            for name, array in held_feeds.items():
+        if changed:
+            for name, array in held[0].items():
                 self._bind(self.binding.bind_input, name, array, feed=True)
-            for name, array in held_outputs.items():
+            for name, array in held[1].items():
                 self._bind(self.binding.bind_output, name, array, feed=False)
-            self._bound_held = (held_feeds, held_outputs)
         for name, array in feeds.items():
             self._bind(self.binding.bind_input, name, array, feed=True)
         for name, array in outputs.items():
