@@ -202,6 +202,10 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
 @click.option("--vocab", type=click.IntRange(min=0), default=0, show_default=True,
               help="The logit loss over the N most frequent answer tokens only (0: all); "
                    "export with --draft-vocab <= N. Steps get several times cheaper.")
+@click.option("--unroll", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tree levels trained per row: 1 teacher-forced only; N also levels 1..N-1 "
+                   "drafted from the drafter's own hidden states, as the runtime drafts "
+                   "(training-time test: deeper drafts accepted; steps ~N times dearer).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA (fp16 without bf16), fp32 "
                                       "on the CPU.")
@@ -212,7 +216,7 @@ def export_drafter(drafter_dir, out_dir, target_dir, top_k, max_len, opset, draf
                    "OUT_DIR); rerun the same command after a kill to resume.")
 @OVERWRITE
 def train_drafter(model_dir, out_dir, kind, init_dir, data_dirs, steps, batch, sequences, lr, seed,
-                  vocab, precision, save_every, state_dir, overwrite):
+                  vocab, unroll, precision, save_every, state_dir, overwrite):
     """Train a drafter for the target in MODEL_DIR by self-distillation (the target's own
     answers: a distill-data folder, or continuations of synthetic prompts) and write it to
     OUT_DIR in the official layout. Runs unchanged under `torchrun --nproc_per_node N` and
@@ -224,7 +228,7 @@ def train_drafter(model_dir, out_dir, kind, init_dir, data_dirs, steps, batch, s
     from .drafters.train import train_drafter as run
     try:
         config = TrainConfig(steps=steps, sequences=sequences, lr=lr, seed=seed, batch=batch,
-                             vocab=vocab)
+                             vocab=vocab, unroll=unroll)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     run(model_dir, out_dir, kind=kind, init_dir=init_dir, config=config, data=list(data_dirs) or None,

@@ -8,6 +8,10 @@
     loss : row r pairs f_s with e_n (n = the next token the row sees, s + 1 or the next text
            token) and learns  CE(lm_head(hidden_r), softmax(logits_n))
                               + feature_weight * smooth_l1(hidden_r, f_n)
+           ``unroll`` U > 1 (training-time test, as EAGLE-3 / HASS): also tree levels
+           1..U-1 as the runtime drafts them, row r at level l fusing its level l-1 hidden
+           state with e_{n+l}, at position p_r + l, attending to rows <= r and its own
+           earlier levels; the loss is the mean over levels
 Frozen: ``embed_tokens`` (the target's copy) and the target's lm_head.
 
 Scale-out: under ``torchrun`` / ``accelerate launch`` each rank takes its share of every
@@ -44,7 +48,7 @@ from .distributed import World, env_world, world_group
 from .draft_vocab import choose_draft_vocab, count_tokens, save_counts
 from .modules import Drafter
 from .progress import ProgressBar
-from .reference import drafter_rows, run_rows
+from .reference import drafter_rows
 
 Progress = Callable[[str], None]
 _WORDS = ("the a red blue green small big old new cat dog boat car tree house man woman child "
@@ -71,16 +75,17 @@ class TrainConfig:
     with_images: bool = True
     batch: int = 4  # sequences per optimiser step
     vocab: int = 0
+    unroll: int = 1  # levels trained per row: 1 teacher-forced, then on its own hidden states
 
     def __post_init__(self):
         problems = [f"{name}={getattr(self, name)}" for name in ("steps", "sequences",
-                    "new_tokens", "batch") if getattr(self, name) < 1]
+                    "new_tokens", "batch", "unroll") if getattr(self, name) < 1]
         problems += [f"{name}={getattr(self, name)}" for name in ("temperature",
                      "feature_weight", "vocab") if getattr(self, name) < 0]
         problems += [f"lr={self.lr}"] if not self.lr > 0 else []
         if problems:
             raise ValueError(f"TrainConfig | {', '.join(problems)}. Expected: steps, sequences, "
-                             f"new_tokens, batch >= 1; lr > 0; temperature, feature_weight, "
+                             f"new_tokens, batch, unroll >= 1; lr > 0; temperature, feature_weight, "
                              f"vocab >= 0")
 
 
@@ -204,14 +209,13 @@ def target_logits(sample: Sample, lm_head_weight: torch.Tensor, rows) -> torch.T
 
 
 def fused_rows(drafter: Drafter, glue: FamilyGlue, sample: Sample,
-               lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The runtime's decoder-layer inputs ``[N, H]`` and positions ``[N]`` over a whole
-    sequence, as ``reference_prefill`` builds them (with gradients)."""
+               lm_head_weight: torch.Tensor):
+    """The runtime's decoder-layer inputs ``[N, H]``, positions ``[N]`` and ViSpec's global
+    feature (else None) over a whole sequence, as ``reference_prefill`` builds them (with
+    gradients)."""
     last = target_logits(sample, lm_head_weight, slice(-1, None))
     x_next = drafter.embed_tokens(last.argmax(-1))  # [1, H]
-    fused, positions, _ = drafter_rows(drafter, glue, sample.ids, sample.embeds,
-                                       sample.features, x_next)
-    return fused, positions
+    return drafter_rows(drafter, glue, sample.ids, sample.embeds, sample.features, x_next)
 
 
 def _shifted_next(glue: FamilyGlue, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -242,26 +246,76 @@ class HeadRows:
 
 
 def sample_loss(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-                sample: Sample, feature_weight: float,
-                head: HeadRows | None = None) -> tuple[torch.Tensor, int, int]:
-    """(mean loss, rows whose top-1 is the target's, labelled rows) of one sequence; the
-    logits over ``head``'s tokens only when given."""
-    fused, positions = fused_rows(drafter, glue, sample, lm_head_weight)
-    rows = run_rows(drafter, lm_head_weight if head is None else head.weight, fused, positions)
-    nxt = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.cpu().numpy())
-    labelled = (nxt >= 0) & (nxt >= sample.label_from)
-    keep, nxt = torch.as_tensor(labelled), nxt[labelled]
-    if head is None:
-        target = target_logits(sample, lm_head_weight, nxt)                 # [M, V]
-    elif sample.logits is None:
-        target = target_logits(sample, head.weight, nxt)                    # [M, N]
+                sample: Sample, feature_weight: float, head: HeadRows | None = None,
+                unroll: int = 1) -> tuple[torch.Tensor, int, int]:
+    """(loss, rows whose top-1 is the target's, labelled rows) of one sequence: the mean
+    over ``unroll`` tree levels of each level's mean row loss; top-1 and rows of level 0
+    (teacher-forced). The logits over ``head``'s tokens only when given."""
+    weight = lm_head_weight if head is None else head.weight
+    losses = []
+    for level, hidden, seen in level_rows(drafter, glue, sample, lm_head_weight, unroll):
+        keep, nxt = torch.as_tensor(seen >= 0), seen[seen >= 0]
+        if head is None:
+            target = target_logits(sample, lm_head_weight, nxt)             # [M, V]
+        elif sample.logits is None:
+            target = target_logits(sample, head.weight, nxt)                # [M, N]
+        else:
+            target = sample.logits[nxt][:, head.ids]
+        logp = torch.log_softmax(hidden[keep] @ weight.T, dim=-1)
+        ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
+        reg = torch.nn.functional.smooth_l1_loss(hidden[keep], sample.features[nxt])
+        losses.append(ce + feature_weight * reg)
+        if level == 0:
+            agree, labelled = int((logp.argmax(-1) == target.argmax(-1)).sum()), len(nxt)
+    return sum(losses) / len(losses), agree, labelled
+
+
+def level_rows(drafter: Drafter, glue: FamilyGlue, sample: Sample,
+               lm_head_weight: torch.Tensor, unroll: int = 1):
+    """Per tree level 0..``unroll``-1 (while any row is labelled there): (level, the
+    drafter's hidden states ``[N, H]``, the index of the token each row's node sees there or
+    -1). Level 0 is the teacher-forced prefill; at level l row r fuses its level l-1 hidden
+    state with e_{n+l} at position p_r + l and attends to rows <= r and its own earlier
+    levels: the chain the runtime drafts from row r as the root."""
+    fused, positions, g = fused_rows(drafter, glue, sample, lm_head_weight)
+    n, c = len(fused), drafter.config
+    first = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.cpu().numpy())
+    causal, own = torch.ones(n, n).tril().bool(), torch.eye(n).bool()
+    past_k = past_v = torch.zeros(1, 0, c.kv_heads, c.head_dim)
+    rows = fused
+    for level in range(unroll):
+        seen = _level_tokens(glue, sample, first, level)
+        if level and not (seen >= 0).any():
+            return
+        if level:
+            rows = _fuse_level(drafter, sample.embeds[np.maximum(seen, 0)], hidden, g, level)
+        mask = torch.cat([causal] + [own] * level, dim=1)
+        out, k, v = drafter.layer(rows[None], (positions + level)[None], mask[None, None],
+                                  past_k, past_v)
+        hidden, past_k, past_v = out[0], torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+        yield level, hidden, seen
+
+
+def _level_tokens(glue: FamilyGlue, sample: Sample, first: np.ndarray, level: int) -> np.ndarray:
+    """Per row, the index of the token its level-``level`` node sees (``first`` + level),
+    -1 where that is no labelled text token of the sequence."""
+    seen = np.where(first >= 0, first + level, -1)
+    valid = (seen >= sample.label_from) & (seen < len(sample.ids))
+    valid[valid] = sample.ids[seen[valid]] != glue.image_token_id
+    return np.where(valid, seen, -1)
+
+
+def _fuse_level(drafter: Drafter, embeds: torch.Tensor, hidden: torch.Tensor,
+                global_feature: torch.Tensor | None, level: int) -> torch.Tensor:
+    """Tree-level rows ``[N, H]`` as the runtime fuses them (ViSpec: the latest image's g;
+    HiViS: residual row ``level``, at most the last)."""
+    if drafter.kind == "vispec":
+        extra = global_feature
+    elif drafter.kind == "hivis":
+        extra = torch.tensor([min(level, drafter.config.residual_rows - 1)])
     else:
-        target = sample.logits[nxt][:, head.ids]
-    logp = rows.logp[keep]
-    ce = -(torch.softmax(target, -1) * logp).sum(-1).mean()
-    reg = torch.nn.functional.smooth_l1_loss(rows.hidden[keep], sample.features[nxt])
-    agree = int((logp.argmax(-1) == target.argmax(-1)).sum())
-    return ce + feature_weight * reg, agree, len(nxt)
+        extra = None
+    return drafter.fuse(embeds[None], hidden[None], extra)[0]
 
 
 @torch.no_grad()
@@ -297,14 +351,15 @@ class BatchLoss(torch.nn.Module):
     labelled rows). The module DistributedDataParallel wraps."""
 
     def __init__(self, drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
-                 feature_weight: float, head: HeadRows | None = None):
+                 feature_weight: float, head: HeadRows | None = None, unroll: int = 1):
         super().__init__()
         self.drafter, self.glue, self.feature_weight = drafter, glue, feature_weight
         self.lm_head_weight, self.head = lm_head_weight, head  # frozen, equal on every rank
+        self.unroll = unroll
 
     def forward(self, samples: list[Sample]) -> tuple[torch.Tensor, int, int]:
         results = [sample_loss(self.drafter, self.lm_head_weight, self.glue, s,
-                               self.feature_weight, self.head) for s in samples]
+                               self.feature_weight, self.head, self.unroll) for s in samples]
         return (sum(loss * count for loss, _, count in results),
                 sum(a for _, a, _ in results), sum(c for _, _, c in results))
 
@@ -410,7 +465,8 @@ def fit(drafter: Drafter, lm_head_weight: torch.Tensor, glue: FamilyGlue,
         counts = count_tokens((s.ids[s.label_from:] for s in samples), len(lm_head_weight))
         ids = torch.from_numpy(choose_draft_vocab(counts, config.vocab)).to(device)
         head = HeadRows(ids, lm_head_weight[ids])
-    model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight, head)
+    model = BatchLoss(drafter, lm_head_weight, glue, config.feature_weight, head,
+                      config.unroll)
     if world.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,

