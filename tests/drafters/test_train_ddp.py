@@ -1,5 +1,6 @@
 """train-drafter scales out: under torchrun and accelerate launch (2 CPU processes, gloo) it
-follows one process's loss curve with the same global batch, and a killed run resumes to
+follows one process's loss curve with the same global batch (trained with --unroll 2: the
+level the drafter drafts from its own hidden state too), and a killed run resumes to
 the weights of an uninterrupted one.
 
 Tolerance: the runs compute the same global batch from the same weights and draws; only
@@ -30,7 +31,7 @@ from vispec.runtime.families import glue_for
 from vispec.runtime.model_dir import read_config
 
 STEPS = 40
-TRAIN = ["--kind", "vispec", "--steps", STEPS, "--batch", 4, "--save-every", 2]
+TRAIN = ["--kind", "vispec", "--steps", STEPS, "--batch", 4, "--save-every", 2, "--unroll", 2]
 
 
 def launch(prefix, model_dir, data, out, *extra):
