@@ -17,10 +17,12 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 LEVELS = 3
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("kind", ["eagle", "vispec", "hivis"])
-def test_levels_are_the_runtime_tree_levels(kind, tiny_target, tiny_drafter, target_model):
-    model_dir, _ = tiny_target("llava")
-    drafter_dir, artifacts = tiny_drafter(kind, "llava")
+def test_levels_are_the_runtime_tree_levels(kind, family, tiny_target, tiny_drafter,
+                                            target_model):
+    model_dir, _ = tiny_target(family)
+    drafter_dir, artifacts = tiny_drafter(kind, family)
     drafter, lm_head = load_drafter(drafter_dir, model_dir), target_lm_head(model_dir)
     _, glue = load_target(model_dir)
     sample = make_training_data(model_dir, TrainConfig(sequences=2, new_tokens=12))[1]
@@ -29,7 +31,7 @@ def test_levels_are_the_runtime_tree_levels(kind, tiny_target, tiny_drafter, tar
         levels = [(hidden, seen) for _, hidden, seen in
                   level_rows(drafter, glue, sample, lm_head, LEVELS)]
     assert len(levels) == LEVELS
-    session = open_drafter(artifacts, target_model("llava"))
+    session = open_drafter(artifacts, target_model(family))
     first = levels[0][1]
     checked = 0
     for row in np.flatnonzero(levels[-1][1] >= 0)[-4:]:  # rows labelled at every level
