@@ -310,7 +310,7 @@ def validate(model_dir, artifact_dir, drafter_dir, drafter_artifacts, seed, max_
 @click.option("--drafter", "drafter_kind", type=click.Choice(["vispec", "hivis", "eagle"]),
               default="vispec", show_default=True, help="With --tiny: the drafter trained.")
 @click.option("--train", is_flag=True,
-              help="Train short ViSpec/HiViS/EAGLE drafters here (cached; ~15 min on 2 cores) "
+              help="Train short ViSpec/HiViS/EAGLE drafters here (cached; ~20 min on 2 cores) "
                    "instead of loading the shipped ones.")
 @OVERWRITE
 def demo(out_dir, tiny, family, drafter_kind, train, overwrite):

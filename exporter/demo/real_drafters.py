@@ -9,7 +9,8 @@
               its work under ``cache_dir()/smollm2-llava/recipe-v<VERSION>/``: text answers
               (any vision weights), image answers (per vision weights), held-out chat
               answers, checkpoints (per settings), each folder keyed by what shapes it
-    --train : the demo's short run (DistillConfig: 96 images, 64 questions, 300 steps),
+    --train : the demo's short run (DistillConfig: 96 images, 64 questions, 300 steps, then
+              100 steps on the levels it drafts),
               data and checkpoints cached under ``cache_dir()/smollm2-llava/``
 """
 from __future__ import annotations
@@ -60,6 +61,9 @@ class DistillConfig:
     batch: int = 4
     lr: float = 1e-3
     seed: int = 0
+    unroll: int = 3          # then, as the recipe's stage 2: the levels the drafter drafts
+    unroll_steps: int = 100
+    unroll_lr: float = 3e-4
 
     def __post_init__(self):
         check_fields(self, "every field > 0",
@@ -104,6 +108,7 @@ class Recipe:
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
 _TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
+_UNROLL_FIELDS = ("unroll", "unroll_steps", "unroll_lr")  # stage 2 (``TrainConfig.unroll``)
 # Recipe fields that shape the text and the image answers (the rest shape the training):
 # a run with new training settings or new vision weights reuses what it can
 _RECIPE_TEXT = ("text_prompts", "max_new_tokens", "generate_batch", "seed")
@@ -146,13 +151,15 @@ def real_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS,
     from vispec.runtime.families import glue_for
     from vispec.runtime.model_dir import read_config
 
-    from ..drafters.checkpoint import new_drafter, write_checkpoint
+    from ..drafters.checkpoint import load_drafter, new_drafter, write_checkpoint
     from ..drafters.distill import DistillDataConfig, distill_data
     from ..drafters.export import target_lm_head
     from ..drafters.train import TrainConfig, fit, load_samples, save_token_counts
 
     folder = cache_folder(model_dir, config)
-    wanted = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS)}" for kind in kinds}
+    first = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS)}" for kind in kinds}
+    wanted = {kind: folder / f"{kind}-{config.key(_TRAIN_FIELDS + _UNROLL_FIELDS)}-unrolled"
+              for kind in kinds}
     missing = [k for k, p in wanted.items() if not (p / "config.json").is_file()]
     if not missing:
         progress(f"drafters {', '.join(kinds)}: cached ({folder})")
@@ -165,15 +172,23 @@ def real_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS,
     glue = glue_for(read_config(model_dir))
     lm_head = target_lm_head(model_dir)
     train = TrainConfig(steps=config.steps, lr=config.lr, batch=config.batch, seed=config.seed)
+    unrolled = replace(train, steps=config.unroll_steps, lr=config.unroll_lr,
+                       unroll=config.unroll)
     for kind in missing:
         start = time.perf_counter()
-        progress(f"training the {kind} drafter ({config.steps} steps of {config.batch} sequences)")
-        drafter = new_drafter(kind, model_dir, config.seed)
-        metrics = fit(drafter, lm_head, glue, samples, train,
-                      lambda m, kind=kind: progress(f"  {kind} {m}"))
-        with atomic_output_dir(wanted[kind], overwrite=True) as tmp:
-            write_checkpoint(drafter, tmp)
-            save_token_counts(tmp, samples, drafter.config.vocab_size)
+        stages = [(first[kind], train, lambda: new_drafter(kind, model_dir, config.seed)),
+                  (wanted[kind], unrolled, lambda: load_drafter(first[kind], model_dir))]
+        for out, settings, drafter_of in stages:
+            if (out / "config.json").is_file():
+                continue
+            progress(f"training the {kind} drafter ({settings.steps} steps of {settings.batch} "
+                     f"sequences, {settings.unroll} level(s) each)")
+            drafter = drafter_of()
+            metrics = fit(drafter, lm_head, glue, samples, settings,
+                          lambda m, kind=kind: progress(f"  {kind} {m}"))
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                write_checkpoint(drafter, tmp)
+                save_token_counts(tmp, samples, drafter.config.vocab_size)
         progress(f"{kind} drafter trained in {time.perf_counter() - start:.0f}s "
                  f"(training top-1 {metrics.top1:.2f}) -> {wanted[kind]}")
     return wanted
