@@ -108,12 +108,19 @@ class Recipe:
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
 _TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
-_UNROLL_FIELDS = ("unroll", "unroll_steps", "unroll_lr")  # stage 2 (``TrainConfig.unroll``)
+# stage 2's fields in DistillConfig and Recipe (``TrainConfig.unroll``, ``_stage2_config``)
+_UNROLL_FIELDS = ("unroll", "unroll_steps", "unroll_lr")
 # Recipe fields that shape the text and the image answers (the rest shape the training):
 # a run with new training settings or new vision weights reuses what it can
 _RECIPE_TEXT = ("text_prompts", "max_new_tokens", "generate_batch", "seed")
 _RECIPE_IMAGES = ("synthetic_images", "image_tokens", "generate_batch", "seed")
-_RECIPE_UNROLL = ("unroll", "unroll_steps", "unroll_lr")  # stage 2 only
+
+
+def _stage2_config(train, settings: "DistillConfig | Recipe"):
+    """Stage 2's ``TrainConfig``: ``train`` continued on the levels the drafter drafts,
+    with ``settings``' unroll, unroll_steps and unroll_lr."""
+    return replace(train, steps=settings.unroll_steps, lr=settings.unroll_lr,
+                   unroll=settings.unroll)
 
 
 def text_prompts(n: int, seed: int = 0) -> list[str]:
@@ -172,23 +179,23 @@ def real_drafters(model_dir: str | os.PathLike, kinds: tuple[str, ...] = KINDS,
     glue = glue_for(read_config(model_dir))
     lm_head = target_lm_head(model_dir)
     train = TrainConfig(steps=config.steps, lr=config.lr, batch=config.batch, seed=config.seed)
-    unrolled = replace(train, steps=config.unroll_steps, lr=config.unroll_lr,
-                       unroll=config.unroll)
+
+    def fit_into(out: Path, drafter, settings: TrainConfig, kind: str):
+        progress(f"training the {kind} drafter ({settings.steps} steps of {settings.batch} "
+                 f"sequences, {settings.unroll} level(s) each)")
+        metrics = fit(drafter, lm_head, glue, samples, settings,
+                      lambda m: progress(f"  {kind} {m}"))
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            write_checkpoint(drafter, tmp)
+            save_token_counts(tmp, samples, drafter.config.vocab_size)
+        return metrics
+
     for kind in missing:
         start = time.perf_counter()
-        stages = [(first[kind], train, lambda: new_drafter(kind, model_dir, config.seed)),
-                  (wanted[kind], unrolled, lambda: load_drafter(first[kind], model_dir))]
-        for out, settings, drafter_of in stages:
-            if (out / "config.json").is_file():
-                continue
-            progress(f"training the {kind} drafter ({settings.steps} steps of {settings.batch} "
-                     f"sequences, {settings.unroll} level(s) each)")
-            drafter = drafter_of()
-            metrics = fit(drafter, lm_head, glue, samples, settings,
-                          lambda m, kind=kind: progress(f"  {kind} {m}"))
-            with atomic_output_dir(out, overwrite=True) as tmp:
-                write_checkpoint(drafter, tmp)
-                save_token_counts(tmp, samples, drafter.config.vocab_size)
+        if not (first[kind] / "config.json").is_file():
+            fit_into(first[kind], new_drafter(kind, model_dir, config.seed), train, kind)
+        metrics = fit_into(wanted[kind], load_drafter(first[kind], model_dir),
+                           _stage2_config(train, config), kind)
         progress(f"{kind} drafter trained in {time.perf_counter() - start:.0f}s "
                  f"(training top-1 {metrics.top1:.2f}) -> {wanted[kind]}")
     return wanted
@@ -271,8 +278,6 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
             prompts=list(HELD_OUT_CHAT), progress=progress)
         train = TrainConfig(steps=recipe.steps, batch=recipe.batch, lr=recipe.lr,
                             vocab=recipe.train_vocab, seed=recipe.seed)
-        unrolled = replace(train, steps=recipe.unroll_steps, lr=recipe.unroll_lr,
-                           unroll=recipe.unroll)
         sets = data[:1] + data[1:] * recipe.image_repeats
         for kind in kinds:
             if not (trained / kind / "config.json").is_file():
@@ -280,7 +285,7 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
                               progress=progress)
             if not (folders.unrolled / kind / "config.json").is_file():
                 train_drafter(model_dir, folders.unrolled / kind, init_dir=trained / kind,
-                              config=unrolled, data=sets, progress=progress)
+                              config=_stage2_config(train, recipe), data=sets, progress=progress)
         if not world.main:
             return out
     check = load_samples(held_out)
@@ -334,7 +339,7 @@ def recipe_folders(recipe: Recipe, work: Path | None = None) -> RecipeFolders:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     work = Path(work or Path(cache_dir()) / "smollm2-llava" / f"recipe-v{VERSION}")
-    stage1 = tuple(k for k in settings if k not in _RECIPE_UNROLL)
+    stage1 = tuple(k for k in settings if k not in _UNROLL_FIELDS)
     return RecipeFolders(work / f"text-{key(_RECIPE_TEXT)}",
                          work / f"images-{key(_RECIPE_IMAGES, vision)}",
                          work / f"held-out-{key(('max_new_tokens',))}",

@@ -108,6 +108,11 @@ class Drafter(torch.nn.Module):
         """Decoder-layer input rows ``[1,S,H]`` from ``e``, ``f`` and the kind's extra input."""
         raise NotImplementedError
 
+    def level_extra(self, level: int, global_feature: torch.Tensor | None):
+        """The kind's extra ``fuse`` input for the rows of tree level ``level`` (0: the
+        committed rows), with ``global_feature`` the latest image's (ViSpec)."""
+        return None
+
     def layer(self, fused, positions, mask, past_k, past_v):
         """Run the decoder layer over ``fused [1,S,H]`` at ``positions [1,S]`` with a bool
         ``mask [1,1,S,P+S]`` over the past ``[1,P,kvh,hd]`` and the new rows."""
@@ -142,6 +147,9 @@ class VispecDrafter(Drafter):
             if self.img_fc.bias is not None:
                 self.img_fc.bias.zero_()
 
+    def level_extra(self, level, global_feature):
+        return global_feature
+
     def fuse(self, embeds, features, global_feature):
         g = global_feature[:, None].expand_as(features)  # [1,H] -> [1,S,H]
         return self.fc(torch.cat([embeds, self.img_fc(torch.cat([features, g], dim=-1))], -1))
@@ -157,6 +165,9 @@ class HivisDrafter(Drafter):
     def __init__(self, c: DrafterConfig):
         super().__init__(c)
         self.residual = torch.nn.Parameter(torch.zeros(c.residual_rows, c.hidden_size))
+
+    def level_extra(self, level, global_feature):
+        return torch.tensor([min(level, self.config.residual_rows - 1)])
 
     def fuse(self, embeds, features, residual_index):
         r = self.residual.index_select(0, residual_index)[:, None].expand_as(features)

@@ -282,13 +282,14 @@ def level_rows(drafter: Drafter, glue: FamilyGlue, sample: Sample,
     first = _NEXT_TOKEN[drafter.kind](glue, sample.ids, positions.cpu().numpy())
     causal, own = torch.ones(n, n).tril().bool(), torch.eye(n).bool()
     past_k = past_v = torch.zeros(1, 0, c.kv_heads, c.head_dim)
-    rows = fused
+    rows, hidden = fused, None  # level l's input rows; level l-1's hidden states
     for level in range(unroll):
         seen = _level_tokens(glue, sample, first, level)
-        if level and not (seen >= 0).any():
-            return
-        if level:
-            rows = _fuse_level(drafter, sample.embeds[np.maximum(seen, 0)], hidden, g, level)
+        if level:  # the row's own hidden state of the level before, with x_seen
+            if not (seen >= 0).any():
+                return
+            embeds = sample.embeds[np.maximum(seen, 0)]
+            rows = drafter.fuse(embeds[None], hidden[None], drafter.level_extra(level, g))[0]
         mask = torch.cat([causal] + [own] * level, dim=1)
         out, k, v = drafter.layer(rows[None], (positions + level)[None], mask[None, None],
                                   past_k, past_v)
@@ -303,19 +304,6 @@ def _level_tokens(glue: FamilyGlue, sample: Sample, first: np.ndarray, level: in
     valid = (seen >= sample.label_from) & (seen < len(sample.ids))
     valid[valid] = sample.ids[seen[valid]] != glue.image_token_id
     return np.where(valid, seen, -1)
-
-
-def _fuse_level(drafter: Drafter, embeds: torch.Tensor, hidden: torch.Tensor,
-                global_feature: torch.Tensor | None, level: int) -> torch.Tensor:
-    """Tree-level rows ``[N, H]`` as the runtime fuses them (ViSpec: the latest image's g;
-    HiViS: residual row ``level``, at most the last)."""
-    if drafter.kind == "vispec":
-        extra = global_feature
-    elif drafter.kind == "hivis":
-        extra = torch.tensor([min(level, drafter.config.residual_rows - 1)])
-    else:
-        extra = None
-    return drafter.fuse(embeds[None], hidden[None], extra)[0]
 
 
 @torch.no_grad()

@@ -103,10 +103,9 @@ def test_tree_steps_match_reference(generation):
 def _tree_reference(gen, ref, earlier, tokens, parent_hidden, level):
     """Prefix rows + this round's tree rows (node j of level l sees its own chain)."""
     drafter, k = gen.drafter, len(tokens)
-    extra = {"eagle": None, "vispec": ref.global_feature,
-             "hivis": torch.tensor([min(level, drafter.config.residual_rows - 1)])}[drafter.kind]
     embeds = drafter.embed_tokens(torch.as_tensor(tokens))
-    fused = drafter.fuse(embeds[None], parent_hidden[None], extra)[0]
+    fused = drafter.fuse(embeds[None], parent_hidden[None],
+                         drafter.level_extra(level, ref.global_feature))[0]
     tree_fused = torch.cat([*(e.fused[-k:] for e in earlier), fused])
     n, t = len(ref.positions), len(tree_fused)
     mask = torch.zeros(n + t, n + t, dtype=torch.bool)
