@@ -11,9 +11,10 @@ which it fuses into a weight-only GEMM. So, value for value:
     GatherBlockQuantized(table, ids, scales) -> Gather(dequantized float table, ids)
 
 (an embedding gather reads S rows a step: its float table costs memory, not time).
-``--weights-method minmax`` graphs map the same way: their block sums are extra INT4 output
-columns of the ``MatMulNBits`` and their block minima a float ``MatMul`` + ``Add`` (standard
-ops); their LM head is 8-bit, so TensorRT takes them with ``--weights-exclude head``.
+TensorRT's INT4 is symmetric; a ``MatMulNBits`` with zero points (``--weights-method
+minmax``) maps as ``d (q - z) = d (q - 8) + d (8 - z)``: the symmetric INT4 product plus
+its block sums (a 0/1 float ``MatMul``) times the constant ``d (8 - z)`` (``[blocks, N]``).
+Their LM head is 8-bit, so TensorRT takes them with ``--weights-exclude head``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,29 @@ def check_int4_blocks(bits: int, block: int, k: int, where: str) -> None:
             f"without --weights and build --precision fp16/int8{MINMAX_HEAD if bits == 8 else ''}")
 
 
+def _zero_point_terms(graph, node, symmetric: str, scales: np.ndarray,
+                      packed_zeros: np.ndarray) -> list:
+    """Nodes adding ``d (8 - z)`` times the input's block sums to the symmetric product
+    ``symmetric`` (output: the node's), for ``MatMulNBits`` zero points ``packed_zeros``
+    (4-bit, two a byte, low nibble first; ``[N, ceil(blocks / 2)]``)."""
+    from onnx import helper, numpy_helper
+
+    a = _attrs(node)
+    k, n, block = a["K"], a["N"], a["block_size"]
+    blocks = scales.shape[1]
+    zeros = unpack(packed_zeros.reshape(n, -1), 4, blocks).astype(np.float32) + 8
+    indicator = np.zeros((k, blocks), np.float32)
+    indicator[np.arange(k), np.arange(k) // block] = 1
+    names = f"{node.name}_block_indicator", f"{node.name}_zero_terms"
+    graph.initializer.extend([
+        numpy_helper.from_array(indicator, names[0]),
+        numpy_helper.from_array(np.ascontiguousarray((scales * (8 - zeros)).T), names[1])])
+    sums, terms = f"{node.name}/block_sums", f"{node.name}/zero_terms"
+    return [helper.make_node("MatMul", [node.input[0], names[0]], [sums], name=sums),
+            helper.make_node("MatMul", [sums, names[1]], [terms], name=terms),
+            helper.make_node("Add", [symmetric, terms], list(node.output), name=f"{node.name}_zero")]
+
+
 def to_dequantize_linear(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write ``src`` with its ``MatMulNBits`` as INT4 ``DequantizeLinear`` -> ``MatMul`` and
     its ``GatherBlockQuantized`` as a float ``Gather`` to ``dst`` (opset 21, external data
@@ -74,9 +98,9 @@ def to_dequantize_linear(src: str | os.PathLike, dst: str | os.PathLike) -> Path
         weight = node.input[1 if node.op_type == "MatMulNBits" else 0]
         data, scales = numpy_helper.to_array(inits[weight]), numpy_helper.to_array(inits[node.input[2]])
         if node.op_type == "MatMulNBits":
-            if len(node.input) > 3 and any(node.input[3:]):
-                raise VispecError(f"MatMulNBits {node.name!r} has zero points or a bias. Expected "
-                                  f"symmetric weights as `export --weights` writes them")
+            if any(node.input[4:]):
+                raise VispecError(f"MatMulNBits {node.name!r} has a group index or a bias. "
+                                  f"Expected the weights `export --weights` writes")
             k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
             check_int4_blocks(bits, block, k, f"{Path(src).name}: {node.name}")
             q = unpack(data.reshape(n, -1), bits, k).T  # [K, N]
@@ -87,11 +111,16 @@ def to_dequantize_linear(src: str | os.PathLike, dst: str | os.PathLike) -> Path
                 helper.make_tensor(w, TensorProto.INT4, [k, n], packed.astype(np.uint8).tobytes(), raw=True),
                 numpy_helper.from_array(np.ascontiguousarray(scales.reshape(n, -1).T), s)])
             deq = f"{node.name}_dq"
+            zeros = node.input[3] if len(node.input) > 3 and node.input[3] else None
+            product = f"{node.name}/symmetric" if zeros else node.output[0]
             nodes += [helper.make_node("DequantizeLinear", [w, s], [deq], name=deq, axis=0,
                                        block_size=block),
-                      helper.make_node("MatMul", [node.input[0], deq], list(node.output),
+                      helper.make_node("MatMul", [node.input[0], deq], [product],
                                        name=node.name)]
-            used.update(node.input[1:3])
+            if zeros:
+                nodes += _zero_point_terms(graph, node, product, scales.reshape(n, -1),
+                                           numpy_helper.to_array(inits[zeros]))
+            used.update(i for i in node.input[1:4] if i)
         else:
             bits, block = a["bits"], a["block_size"]
             if a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) not in (1, -1):

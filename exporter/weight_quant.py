@@ -12,17 +12,20 @@ float scale per block of ``block`` weights along the input dimension:
   low nibble first, zero point 2^(bits-1) implied), which dequantizes only the rows it reads.
 
 ``quantize_minmax`` (``--weights-method minmax``) rounds 4-bit weights asymmetrically instead:
-per block of ``block`` inputs a scale ``d = (max - min) / 15`` and a float minimum, the
-values ``min + d * q`` with ``q`` in 0..15 (exact for weights that are a dequantized GGUF
-Q4_1, ``min`` in float where ``MatMulNBits`` has only integer zero points)::
+per block of ``block`` inputs a scale ``d = (max - min) / 15`` and ``q = round((w - min) / d)``
+in 0..15, so ``w = d (q - z) + r`` with the integer zero point ``z = round(-min / d)`` that
+``MatMulNBits`` takes and the block's float part ``r = min + d z`` (``|r| <= d / 2`` when the
+block spans 0). A dequantized GGUF Q4_1 weight is ``min + d q`` exactly, so ``d (q - z)``
+holds it but for ``r``, which ``MatMulNBits`` (integer zero points only; float ones run
+~50x slower) cannot hold. ``r`` multiplies the block sums of ``x``, so one call computes it
+all over ``x`` extended by those sums (``block_sums``: a 0/1 float MatMul)::
 
-    x @ W = MatMulNBits(x, q, d) + blocksum(x) @ Offsets   (zero point 8 implied,
-                                                             Offsets [K/b, N] = min + 8 d)
+    x @ W = MatMulNBits([x, blocksums(x)], [q; r digits], [d; digit scales], [z; ...])
 
-blocksum(x) ``[.., K/b]`` (x summed over each block of inputs) comes from the same
-``MatMulNBits`` call: ``K/b`` extra output columns whose 4-bit weights are 1 on their own
-block and 0 elsewhere (exact), split off and multiplied by the offsets. Its LM head is 8-bit,
-symmetric, ``d = max |w| / 127`` (exact for GGUF Q8_0).
+``r [K/b, N]`` stored in extra 4-bit blocks, each column's ``r`` over ``b`` blocks at a
+time rounded min/max (error <= (max r - min r) / 30, ~0.4% of a weight's size; ``digits``
+more blocks round what is left). Its LM head is 8-bit, symmetric, ``d = max |w| / 127``
+(exact for GGUF Q8_0).
 
 All are ONNX Runtime contrib ops (``vispec.runtime.weights``: CPU provider, >= 1.22);
 ``vispec.engines.weights_dq`` rewrites them into the standard-op form TensorRT parses.
@@ -41,6 +44,7 @@ from vispec.runtime.errors import VispecError
 BLOCKS = (32, 64, 128)
 BLOCK = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute on the blockwise-quantized activations
+DIGITS = 1  # min/max: 4-bit digits of each block's float part
 
 
 def check_block(block: int) -> None:
@@ -110,15 +114,16 @@ def fuse_shared_inputs(graph) -> None:
 
 
 def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collection[str] = (),
-                    int8: Collection[str] = ()) -> Path:
-    """Rewrite the graph at ``path`` in place: every constant-weight MatMul as ``MatMulNBits``
-    with 4-bit min/max weights (module docstring), except those producing an output named in
-    ``keep`` (left float) or in ``int8`` (8-bit, symmetric, ``max |w| / 127`` a block: an LM
-    head). MatMuls reading the same input (a standard graph's q/k/v, gate/up) become one call
-    over their weights stacked along N, split back after the offsets are added.
+                    int8: Collection[str] = (), digits: int = DIGITS) -> Path:
+    """Rewrite the graph at ``path`` in place: every constant-weight MatMul as one
+    ``MatMulNBits`` with 4-bit min/max weights and zero points over its input extended by its
+    block sums (module docstring), except those producing an output named in ``keep`` (left
+    float) or in ``int8`` (8-bit, symmetric, ``max |w| / 127`` a block: an LM head). MatMuls
+    reading the same input (a standard graph's q/k/v, gate/up) become one call over their
+    weights stacked along N, split back.
 
-    Nodes per 4-bit product: ``MatMulNBits -> Split(y, blocksum) -> MatMul(blocksum,
-    offsets) -> Add`` (3 more than round to nearest's one), plus the group's ``Split``."""
+    Nodes per 4-bit input: ``MatMul(x, block_sums) -> Concat(x, sums) -> MatMulNBits`` (2
+    more than round to nearest's one); the 0/1 ``block_sums`` matrix is one per K."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -135,35 +140,29 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
     replaced = {}
     for (x, bits), members in groups.items():
         first = members[0].name or members[0].output[0]
-        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
-        sizes = [w.shape[1] for w in weights]
-        w = np.concatenate(weights, axis=1)  # [K, N]
+        w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+                            for n in members], axis=1)  # [K, N]
         k, n = w.shape
-        pack = pack_minmax if bits == 4 else pack_symmetric
-        packed, scales, offsets = pack(np.ascontiguousarray(w.T), block)
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{first}.q{bits}"),
-                                  numpy_helper.from_array(scales, f"{first}.scales")])
-        product = f"{first}/nbits" if bits == 4 or len(members) > 1 else members[0].output[0]
-        nodes = [helper.make_node(
-            "MatMulNBits", [x, f"{first}.q{bits}", f"{first}.scales"], [product],
-            name=f"{first}_nbits", domain="com.microsoft", K=k, N=packed.shape[0], bits=bits,
-            block_size=block, accuracy_level=ACCURACY_LEVEL)]
-        if bits == 4:
-            summed = f"{first}/offset" if len(members) > 1 else members[0].output[0]
-            graph.initializer.extend([
-                numpy_helper.from_array(offsets, f"{first}.offsets"),
-                numpy_helper.from_array(np.array([n, len(offsets)], np.int64), f"{first}.split")])
-            nodes += [helper.make_node("Split", [product, f"{first}.split"],
-                                       [f"{first}/y", f"{first}/blocksum"], axis=-1,
-                                       name=f"{first}_blocksum"),
-                      helper.make_node("MatMul", [f"{first}/blocksum", f"{first}.offsets"],
-                                       [f"{first}/mins"], name=f"{first}_mins"),
-                      helper.make_node("Add", [f"{first}/y", f"{first}/mins"], [summed],
-                                       name=f"{first}_add_mins")]
-            product = summed
+        product = f"{first}/nbits" if len(members) > 1 else members[0].output[0]
+        if bits == 8:
+            data, scales, _ = pack_symmetric(np.ascontiguousarray(w.T), block)
+            nodes = [_nbits(graph, first, x, data, scales, None, product, k, 8, block)]
+        else:
+            data, scales, zeros = pack_minmax(np.ascontiguousarray(w.T), block, digits)
+            sums, extended = f"minmax.block_sums.{k}", f"{first}/extended"
+            if sums not in inits:
+                inits[sums] = numpy_helper.from_array(block_sums(k, block, digits), sums)
+                graph.initializer.append(inits[sums])
+            nodes = [helper.make_node("MatMul", [x, sums], [f"{first}/block_sums"],
+                                      name=f"{first}_block_sums"),
+                     helper.make_node("Concat", [x, f"{first}/block_sums"], [extended], axis=-1,
+                                      name=f"{first}_extended"),
+                     _nbits(graph, first, extended, data, scales, zeros, product,
+                            data.shape[1] * block, 4, block)]
         if len(members) > 1:
-            graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64),
-                                                             f"{first}.sizes"))
+            graph.initializer.append(numpy_helper.from_array(
+                np.array([numpy_helper.to_array(inits[m.input[1]]).shape[1] for m in members],
+                         np.int64), f"{first}.sizes"))
             nodes.append(helper.make_node("Split", [product, f"{first}.sizes"],
                                           [m.output[0] for m in members], axis=-1,
                                           name=f"{first}_split"))
@@ -181,6 +180,33 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
     return save_model(model, path)
 
 
+def _nbits(graph, first: str, x: str, data: np.ndarray, scales: np.ndarray,
+           zeros: np.ndarray | None, output: str, k: int, bits: int, block: int):
+    """A ``MatMulNBits`` node ``output = x @ weights`` over ``data``/``scales`` (and
+    ``zeros``), its initializers added to ``graph`` under ``first``'s name."""
+    from onnx import helper, numpy_helper
+
+    names = [f"{first}.q{bits}", f"{first}.scales"] + ([f"{first}.zero_points"]
+                                                        if zeros is not None else [])
+    graph.initializer.extend(numpy_helper.from_array(a, name) for a, name in
+                             zip((data, scales, zeros), names))
+    return helper.make_node("MatMulNBits", [x, *names], [output], name=f"{first}_nbits",
+                            domain="com.microsoft", K=k, N=len(scales), bits=bits,
+                            block_size=block, accuracy_level=ACCURACY_LEVEL)
+
+
+def block_sums(k: int, block: int, digits: int) -> np.ndarray:
+    """``[K, pad + digits * S]`` float 0/1 (pad = ``-K % block``, S a multiple of ``block``):
+    ``x @ it`` is ``pad`` zeros, then ``x``'s ``ceil(K / block)`` block sums zero-padded to S,
+    ``digits`` times, so ``[x, x @ it]`` keeps every part on a block boundary."""
+    pad, nb = -k % block, -(-k // block)
+    width = -(-nb // block) * block
+    out = np.zeros((k, pad + digits * width), np.float32)
+    for digit in range(digits):
+        out[np.arange(k), pad + digit * width + np.arange(k) // block] = 1
+    return out
+
+
 def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
     """``weight [N, K]`` -> ``[N, ceil(K / block), block]``, a last partial block padded with
     its own first value (which changes neither its minimum nor its maximum)."""
@@ -190,28 +216,44 @@ def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:
-    """``q [..., block]`` in 0..15 -> uint8 ``[..., block / 2]``, low nibble first."""
+    """``q [..., 2m]`` in 0..15 -> uint8 ``[..., m]``, low nibble first."""
     q = q.astype(np.uint8)
     return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
 
 
-def pack_minmax(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``weight [N, K]`` -> ``MatMulNBits`` 4-bit data ``[N + nb, nb, block / 2]``, scales
-    ``[N + nb, nb]`` and offsets ``[nb, N]`` (nb = ceil(K / block)): per block ``d = (max -
-    min) / 15``, ``q = round((w - min) / d)`` in 0..15, so ``w ~ d (q - 8) + (min + 8 d)``
-    (``MatMulNBits``'s implied zero point 8; the offset ``min + 8 d`` is the float part). The
-    ``nb`` extra rows are the block sums: 1 (stored 9) on their own block, 0 (8) elsewhere."""
-    blocks = _blocks(weight, block)  # [N, nb, block]
-    rows, nb, _ = blocks.shape
+def _min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit min/max rounding of ``blocks [..., block]``: ``q`` in 0..15, scale ``d = (max -
+    min) / 15``, zero point ``z = round(-min / d)`` in 0..15 and the float part ``min + d z``
+    (``blocks = d (q - z) + min + d z`` up to rounding q; within ``d / 2`` of 0 when the
+    block spans 0)."""
     low, high = blocks.min(-1), blocks.max(-1)
     scales = (high - low) / 15
     safe = np.where(scales > 0, scales, 1.0)
     q = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 15)
-    offsets = (low + 8 * scales).T  # [nb, N]
-    ones = np.full((nb, nb, block), 8) + np.eye(nb, dtype=np.int64)[..., None]
-    data = _nibbles(np.concatenate([q, ones]))
-    scales = np.concatenate([scales, np.ones((nb, nb))])
-    return data, scales.astype(np.float32), np.ascontiguousarray(offsets, np.float32)
+    zeros = np.clip(np.rint(-low / safe), 0, 15)
+    return q, scales, zeros, low + scales * zeros
+
+
+def pack_minmax(weight: np.ndarray, block: int, digits: int = DIGITS
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``weight [N, K]`` -> ``MatMulNBits`` 4-bit data ``[N, B, block / 2]``, scales ``[N, B]``
+    and packed zero points ``[N * ceil(B / 2)]`` over ``[x, x @ block_sums(K, block, digits)]``
+    (B = nb + digits * S / block, nb = ceil(K / block)). A block of inputs: ``w = d (q - z) +
+    r`` (``_min_max``); the float parts ``r [N, nb]`` are the weights of the block sums, each
+    further digit rounding (4-bit min/max) what the digits before left of them."""
+    q, scales, zeros, offsets = _min_max(_blocks(weight, block))
+    rows, nb = scales.shape
+    left = np.zeros((rows, -(-nb // block) * block))
+    left[:, :nb] = offsets
+    left = left.reshape(rows, -1, block)
+    parts = [(q, scales, zeros)]
+    for _ in range(digits):
+        dq, ds, dz, _ = _min_max(left)
+        parts.append((dq, ds, dz))
+        left = left - ds[..., None] * (dq - dz[..., None])
+    q, scales, zeros = (np.concatenate(part, axis=1) for part in zip(*parts))
+    zeros = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)))
+    return _nibbles(q), scales.astype(np.float32), _nibbles(zeros).reshape(-1)
 
 
 def pack_symmetric(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, None]:

@@ -95,9 +95,9 @@ def test_build_refuses_what_tensorrt_cannot_take(exports, weights, block, config
 
 def test_build_maps_minmax_int4_with_the_head_float(tiny_target, tmp_path,
                                                    fake_tensorrt):  # noqa: F811
-    """``--weights-method minmax``: the block sums are extra INT4 columns and the offsets
-    standard ops, so the DequantizeLinear form computes the same graph; its int8 head is
-    refused with the way out."""
+    """``--weights-method minmax``: its zero points become the symmetric INT4 product plus
+    ``d (8 - z)`` times the block sums (standard ops), so the DequantizeLinear form computes
+    the same graph; its int8 head is refused with the way out."""
     model_dir = tiny_target("llava")[0]
     head_int8 = tmp_path / "head-int8"
     export_target(model_dir, head_int8, max_len=256, weights="int4", weights_block=64,
@@ -107,7 +107,11 @@ def test_build_maps_minmax_int4_with_the_head_float(tiny_target, tmp_path,
     artifacts = tmp_path / "head-float"
     export_target(model_dir, artifacts, max_len=256, weights="int4", weights_block=64,
                   weights_method="minmax", weights_exclude=("head", "embed"))
-    plan_build(Manifest.load(artifacts), artifacts, BuildConfig(precision="fp16"), "10.3.0")
+    plans = {p.name: p for p in plan_build(Manifest.load(artifacts), artifacts,
+                                           BuildConfig(precision="fp16"), "10.3.0")}
+    assert plans["lm"].precision == "int4"
+    build_engines(artifacts, tmp_path / "engines", BuildConfig(precision="fp16"))
+    assert "DequantizeLinear" in fake_tensorrt["lm"] and "MatMulNBits" not in fake_tensorrt["lm"]
     reference = onnx.load(str(artifacts / "lm.onnx"))
     for node in reference.graph.node:
         for attr in node.attribute:

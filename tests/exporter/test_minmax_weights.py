@@ -1,20 +1,23 @@
 """int4 min/max weights (``export --weights int4 --weights-method minmax``): on a model whose
 weights lie on GGUF's grids (decoder Q4_1: ``min + d q`` per block of 32 inputs, q in 0..15;
-head Q8_0) the quantized graph is the float model, to float32 tolerance; speculative decoding
-on it stays exact; where it may go (TensorRT) and what it refuses."""
+head Q8_0) the quantized graph holds the decoder's 4-bit grid exactly and each block's float
+part to one 4-bit digit; speculative decoding on it stays exact; what it refuses."""
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 
 from vispec.exporter.cli import cli
+from vispec.engines.weights_dq import unpack
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.fixtures.drafters import build_tiny_drafter
 from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.exporter.parity import TOLERANCES
+from vispec.exporter.weight_quant import pack_minmax
 from vispec.exporter.validate import open_pair, parity_rows
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.manifest import Manifest
@@ -85,33 +88,64 @@ def _set_accuracy_level(path, level: int) -> None:
     onnx.save(model, str(path))
 
 
+def _rebuilt(weight: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``MatMulNBits`` computes with ``pack_minmax(weight)`` over ``[x, x @ block_sums]``,
+    as a ``[N, K]`` weight: (the 4-bit grid part ``d (q - z)``, it plus the float parts)."""
+    rows, k = weight.shape
+    data, scales, zeros = pack_minmax(weight, BLOCK, digits)
+    blocks = scales.shape[1]
+    q = unpack(data.reshape(rows, -1), 4, blocks * BLOCK).reshape(rows, blocks, BLOCK) + 8
+    z = unpack(zeros.reshape(rows, -1), 4, blocks) + 8
+    values = scales[..., None] * (q - z[..., None])
+    nb = -(-k // BLOCK)
+    grid = values[:, :nb].reshape(rows, -1)[:, :k]
+    floats = values[:, nb:].reshape(rows, digits, -1).sum(1)[:, :nb]  # one a block, per digit
+    return grid, grid + np.repeat(floats, BLOCK, axis=1)[:, :k]
+
+
+def test_pack_minmax_keeps_the_q4_1_grid_and_rounds_each_block_float_part():
+    """On Q4_1's grid, ``d (q - z)`` is the weight less one constant a block (the float part);
+    the extra blocks hold those parts, each further digit ~16x closer."""
+    weight = snap_q4_1(torch.randn(48, 160) * 0.05).numpy()
+    errors = []
+    for digits in (1, 2):
+        grid, rebuilt = _rebuilt(weight, digits)
+        offsets = (weight - grid).reshape(48, -1, BLOCK)
+        assert np.abs(offsets - offsets[..., :1]).max() < 1e-6  # the grid exactly
+        assert np.abs(offsets).max() > 1e-3  # (the float parts are not nothing)
+        errors.append(np.abs(rebuilt - weight).max() / np.abs(weight).max())
+    assert errors[0] < 1e-2 and errors[1] < errors[0] / 8, errors
+    ragged = np.random.default_rng(0).standard_normal((5, 70)).astype(np.float32)
+    grid, rebuilt = _rebuilt(ragged, 1)  # K not a multiple of the block: padded, same layout
+    steps = (ragged.max() - ragged.min()) / 15
+    assert np.abs(rebuilt - ragged).max() < steps
+
+
 @pytest.mark.parametrize("attention", ["standard", "gqa"])
-def test_minmax_graph_holds_q4_1_weights_exactly(gguf_model, minmax_export, tmp_path, attention):
-    """The 4-bit products and their block-minimum offsets are the float weights: with float
-    activations in MatMulNBits (accuracy level 0) the graph is PyTorch float32 within float32's
-    bound; as exported (level 4: activations quantized to int8 per block) within 5e-2."""
+def test_minmax_graph_holds_q4_1_weights(gguf_model, minmax_export, tmp_path, attention):
+    """With float activations in MatMulNBits (accuracy level 0) the LM graph is PyTorch
+    float32 but for each block's float part in one 4-bit digit: within 3e-2 (measured
+    1.4e-2); the head's and the embedding's int8 tables exactly (the embedding within float32's
+    bound). As exported (level 4: activations quantized to int8 per block) within 5e-2."""
     artifacts = minmax_export(attention)
     facts = Manifest.load(artifacts).model
     assert (facts["weights"], facts["weights_method"]) == ("int4", "minmax")
     nodes = onnx.load(str(artifacts / "lm.onnx")).graph.node
-    nbits = {n.output[0]: {a.name: a.i for a in n.attribute} for n in nodes
-             if n.op_type == "MatMulNBits"}
-    [head] = [a for out, a in nbits.items() if out == LOGITS]
-    assert head["bits"] == 8
-    assert {a["bits"] for out, a in nbits.items() if out != LOGITS} == {4}
-    # each 4-bit product: MatMulNBits -> Split(y, blocksum) -> MatMul(offsets) -> Add
-    assert sum(n.op_type == "Add" for n in nodes) >= 4 * 2  # 2 layers, 4 products each
-    if attention == "gqa":  # 3 nodes more a product: 4 a layer (q|k|v, o, gate|up, down)
-        added = ("_blocksum", "_mins", "_add_mins")
+    nbits = {n.output[0]: (len(n.input), {a.name: a.i for a in n.attribute}["bits"])
+             for n in nodes if n.op_type == "MatMulNBits"}
+    assert nbits.pop(LOGITS) == (3, 8)  # the head: 8-bit, symmetric
+    assert set(nbits.values()) == {(4, 4)}  # 4-bit, with zero points
+    if attention == "gqa":  # 2 nodes more a product: 4 a layer (q|k|v, o, gate|up, down)
+        added = ("_block_sums", "_extended")
         for i in (0, 1):
             layer = [n.name for n in nodes if n.name.startswith(f"layers.{i}.")]
-            assert sum(name.endswith(added) for name in layer) == 4 * 3
+            assert sum(name.endswith(added) for name in layer) == 4 * 2
     exact = tmp_path / "exact"
     shutil.copytree(artifacts, exact)
     _set_accuracy_level(exact / "lm.onnx", 0)
     rows = parity_rows(open_pair(gguf_model, exact))
-    lm = [r.rel for r in rows if r.graph == "lm"]
-    assert lm and max(lm) <= TOLERANCES["float32"], max(lm)
+    lm = {(r.case, r.output): r.rel for r in rows if r.graph == "lm"}
+    assert len(lm) == 9 and max(lm.values()) <= 3e-2, lm
     embed = [r.rel for r in rows if r.graph == "embed"]
     assert embed and max(embed) <= TOLERANCES["float32"]
     exported = [r.rel for r in parity_rows(open_pair(gguf_model, artifacts)) if r.graph == "lm"]
