@@ -109,7 +109,7 @@ class Session:
         check_fits(prompt, max_new_tokens, self.target.max_len)
         check_tree_width(tree.trees, self.drafter)
         check_tree_size(tree.trees, self.target.max_len)
-        tree.start()
+        tree.start(prompt.has_images)
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
             drafter_start = self._start(prompt, turn)

@@ -19,7 +19,7 @@ class StaticPolicy:
     """A ``tree_policy.TreePolicy`` that learns nothing from its rounds (a fixed tree, or
     plain decoding): nothing to reset or observe."""
 
-    def start(self) -> None:
+    def start(self, images: bool = False) -> None:
         pass
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:

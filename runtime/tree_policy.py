@@ -64,8 +64,8 @@ class TreePolicy(Protocol):
 
     trees: tuple[TreeConfig, ...]  # every tree it may pick
 
-    def start(self) -> None:
-        """A generation begins."""
+    def start(self, images: bool = False) -> None:
+        """A generation begins (``images``: its prompt has images)."""
 
     def next_tree(self) -> TreeConfig | None:
         """The tree of the next round, or ``None``: decode plainly to the end."""
@@ -206,6 +206,9 @@ class AutoTree:
     seen: dict[TreeConfig, np.ndarray] = field(default_factory=dict)  # rounds per accepted
     fallen_back: bool = False                                          # length [levels+1]
     explored: bool = False  # this generation's exploring round is spent
+    # ``seen`` of prompts with and without images, kept apart: a drafter may accept several
+    # tokens a round on image answers and none on chat, and one must not silence the other
+    kinds: dict[bool, dict[TreeConfig, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.round_ms or self.plain_ms <= 0:
@@ -217,10 +220,12 @@ class AutoTree:
     def trees(self) -> tuple[TreeConfig, ...]:
         return tuple(self.round_ms)
 
-    def start(self) -> None:
-        """A new generation: try trees again, trusting past rounds ``memory`` as much (a
-        drafter that never wins is tried about every other generation, not every one)."""
+    def start(self, images: bool = False) -> None:
+        """A new generation: try trees again, trusting past rounds of prompts of its kind
+        (with or without images) ``memory`` as much (a drafter that never wins is tried about
+        every other generation, not every one)."""
         self.fallen_back = self.explored = False
+        self.seen = self.kinds.setdefault(images, self.seen if not self.kinds else {})
         for counts in self.seen.values():
             counts *= self.memory
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vispec.exporter.cli import cli
 from vispec.engines.weights_dq import unpack
+from vispec.exporter.cli import cli
 from vispec.exporter.drafters.export import export_drafter
 from vispec.exporter.export import export_target
 from vispec.exporter.fixtures.drafters import build_tiny_drafter
 from vispec.exporter.fixtures.models import build_tiny_model
 from vispec.exporter.parity import TOLERANCES
-from vispec.exporter.weight_quant import pack_minmax
 from vispec.exporter.validate import open_pair, parity_rows
+from vispec.exporter.weight_quant import pack_minmax
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.specs import LOGITS

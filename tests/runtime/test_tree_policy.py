@@ -67,6 +67,27 @@ def test_the_latest_rounds_decide():
         assert (p.next_tree() is not None) == speculates
 
 
+def test_chat_rounds_do_not_silence_a_drafter_on_image_prompts():
+    # Int4-like costs (a round 2.1 plain steps): after chat answers it never drafts, a
+    # policy sharing one memory would decode image prompts plainly; kept apart per prompt
+    # kind, the image prompt speculates and its rounds leave the chat memory as it was.
+    p = AutoTree(round_ms={SMALL: 2.1, WIDE: 4.9}, plain_ms=1.0)
+    for _ in range(4):
+        p.start(images=False)
+        while (tree := p.next_tree()) is not None:
+            p.observe(tree, 0)
+    chat = {t: c.copy() for t, c in p.seen.items()}
+    assert chat and p.next_tree() is None
+    p.start(images=True)
+    assert p.next_tree() is not None
+    for _ in range(10):
+        p.observe(SMALL, 2)
+    p.start(images=False)
+    assert p.next_tree() is None and all(np.allclose(p.seen[t], 0.9 * c) for t, c in chat.items())
+    p.start(images=True)
+    assert p.next_tree() == SMALL
+
+
 def test_a_losing_drafter_is_tried_at_most_every_other_generation():
     # round costs as measured on the ~100M target (1.55 and 2.1 plain steps)
     never = policy(small_ms=1.55, wide_ms=2.1)
