@@ -161,8 +161,8 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
                             data.shape[1] * block, 4, block)]
         if len(members) > 1:
             graph.initializer.append(numpy_helper.from_array(
-                np.array([numpy_helper.to_array(inits[m.input[1]]).shape[1] for m in members],
-                         np.int64), f"{first}.sizes"))
+                np.array([inits[m.input[1]].dims[1] for m in members], np.int64),
+                f"{first}.sizes"))
             nodes.append(helper.make_node("Split", [product, f"{first}.sizes"],
                                           [m.output[0] for m in members], axis=-1,
                                           name=f"{first}_split"))
