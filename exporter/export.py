@@ -14,6 +14,7 @@ from PIL import Image
 
 from vispec.runtime.errors import VispecError
 from vispec.runtime.families import FamilyGlue, glue_for
+from vispec.runtime.head_screen import HEAD_WEIGHTS, SCREEN
 from vispec.runtime.manifest import OPSETS, PROCESSOR_DIR, Manifest
 from vispec.runtime.model_dir import WEIGHT_PATTERNS, read_config
 from vispec.runtime.processors import load_processor
@@ -27,6 +28,7 @@ from vispec.runtime.specs import (
     GraphSpec,
     argmax_spec,
     embed_spec,
+    head_screen_spec,
     lm_step_spec,
 )
 from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
@@ -35,6 +37,7 @@ from .artifacts import ArtifactInfo, GraphJob, write_artifact
 from .families import FamilyExport
 from .gptq import calibration_forwards, calibration_prompts, gptq_language_model
 from .gqa_lm import check_gqa_model, write_gqa_lm
+from .head_screen import head_weight, screens, write_head_screen
 from .lm_step import ArgmaxStep, EmbedStep, LMStep
 from .loading import DTYPES, load_target
 from .onnx_io import example_feeds
@@ -90,22 +93,28 @@ def read_target_facts(adapter: FamilyExport, glue: FamilyGlue, model_dir: Path) 
 
 
 def target_specs(glue: FamilyGlue, facts: dict, max_len: int, max_images: int,
-                 dtype: str, attention: str = STANDARD) -> dict[str, GraphSpec]:
-    """Graph name -> spec of the target's four graphs, in export order."""
-    return {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
+                 dtype: str, attention: str = STANDARD, screen: bool = False
+                 ) -> dict[str, GraphSpec]:
+    """Graph name -> spec of the target's four graphs, in export order, and its float
+    head's greedy screen (``screen``)."""
+    specs = {"embed": embed_spec(hidden_size=facts["hidden_size"], max_len=max_len, dtype=dtype),
             "vision": glue.vision_spec(glue.config, max_images),
             "lm": lm_step_spec(num_layers=facts["num_layers"], hidden_size=facts["hidden_size"],
                                vocab_size=facts["vocab_size"], kv_heads=facts["kv_heads"],
                                head_dim=facts["head_dim"], max_len=max_len, mrope=glue.mrope,
                                dtype=dtype, attention=attention),
             "argmax": argmax_spec(vocab_size=facts["vocab_size"], max_len=max_len, dtype=dtype)}
+    if screen:
+        specs[SCREEN] = head_screen_spec(hidden_size=facts["hidden_size"],
+                                         vocab_size=facts["vocab_size"], max_len=max_len)
+    return specs
 
 
 def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
                 specs: dict[str, GraphSpec], rewrites: dict[str, tuple]) -> list[GraphJob]:
     """The target's graph jobs: each graph's module, traced on example inputs (a prompt with
     two images for the vision graph), with its weight rewrite if any; an ``lm`` spec of the
-    ``gqa`` form is written by ``gqa_lm`` instead."""
+    ``gqa`` form is written by ``gqa_lm`` instead, the head's screen by ``head_screen``."""
     example_prompt = glue.prepare(processor, "describe", example_images())
     lm = specs["lm"]
     traced = {"embed": lambda: (EmbedStep(adapter.language_model.embed_tokens),
@@ -122,17 +131,25 @@ def target_jobs(adapter: FamilyExport, glue: FamilyGlue, processor,
         if name == "lm" and lm.meta["attention"] == GQA:
             write = functools.partial(write_gqa_lm, adapter.language_model, adapter.lm_head, lm)
             jobs.append(GraphJob(name, None, spec, None, *rewrite, writer=write))
+        elif name == SCREEN:
+            jobs.append(GraphJob(name, None, spec, None, writer=functools.partial(
+                write_head_screen, adapter.lm_head, spec)))
         else:
             module, feeds = traced[name]()
             jobs.append(GraphJob(name, module, spec, feeds, *rewrite))
     return jobs
 
 
-def write_host_files(folder: Path, *, model_dir: Path, glue: FamilyGlue, model) -> dict[str, str]:
+def write_host_files(folder: Path, *, model_dir: Path, glue: FamilyGlue, model,
+                     head=None) -> dict[str, str]:
     """The glue's host-side arrays (``<key>.npy``, returned as the manifest's
-    ``extra_files``) and the processor files, written into ``folder``."""
+    ``extra_files``), ``head``'s float weights where it has a screen, and the processor
+    files, written into ``folder``."""
+    arrays = dict(glue.extra_arrays(model))
+    if head is not None:
+        arrays[HEAD_WEIGHTS] = head_weight(head)
     files = {}
-    for key, array in glue.extra_arrays(model).items():
+    for key, array in arrays.items():
         np.save(folder / f"{key}.npy", array)
         files[key] = f"{key}.npy"
     copy_processor_files(model_dir, folder / PROCESSOR_DIR)
@@ -215,7 +232,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   calibration: str | os.PathLike | None = None, overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
-    ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), host-side arrays, the
+    ``lm.onnx``, ``argmax.onnx`` (greedy choice on the device), for a float ``gqa`` LM the
+    head's greedy screen ``screen.onnx`` (``head_screen``), host-side arrays, the
     processor files and ``manifest.json``.
 
     ``dtype`` is the precision of the embed and LM graphs and of the KV cache (``float16``
@@ -255,12 +273,14 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                             None if "head" in weights_exclude else adapter.lm_head,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
                             weights_block, progress)
+    screen = screens(adapter.lm_head, attention, weights)
     jobs = target_jobs(adapter, glue, processor,
-                       target_specs(glue, facts, max_len, max_images, dtype, attention),
+                       target_specs(glue, facts, max_len, max_images, dtype, attention, screen),
                        weight_rewrites(weights, weights_block, weights_exclude, weights_method))
     info = ArtifactInfo(kind="target", family=glue.model_type, source=model_dir,
                         max_len=max_len, opset=opset, model=facts)
     return write_artifact(out_dir, info, jobs, inputs=[model_dir], overwrite=overwrite,
                           extras=functools.partial(write_host_files, model_dir=model_dir,
-                                                   glue=glue, model=adapter.model),
+                                                   glue=glue, model=adapter.model,
+                                                   head=adapter.lm_head if screen else None),
                           started=start, progress=progress)

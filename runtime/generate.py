@@ -94,7 +94,8 @@ class GenerationResult:
 
 @dataclass
 class Prefilled:
-    """State after the prompt's pass: the first new token comes from ``out.logits_row(-1)``."""
+    """State after the prompt's pass: the first new token comes from ``out``'s last row
+    (``TokenChooser.choose_next``)."""
 
     out: StepOutput
     embeds: np.ndarray  # [S, H] LM-input embeddings of the rows run (image features placed)
@@ -115,15 +116,17 @@ def check_fits(prompt: Prompt, max_new_tokens: int, max_len: int) -> None:
             f"re-export with a larger --max-len")
 
 
-def prefill(target: TargetModel, cache: KVCache, prompt: Prompt, keep: int = 0) -> Prefilled:
+def prefill(target: TargetModel, cache: KVCache, prompt: Prompt, keep: int = 0,
+            greedy: bool = False) -> Prefilled:
     """Run the prompt (images merged) through the LM from token ``keep`` on, after the
     cache's first ``keep`` rows (which must hold the prompt's first ``keep`` tokens, not cut
-    into an image), and commit its K/V. ``embeds``: the rows that ran."""
+    into an image), and commit its K/V. ``embeds``: the rows that ran; ``greedy``: only the
+    last row's greedy token is wanted (``TargetModel.step``)."""
     embeds = target.prompt_embeds(target.glue.tail(prompt, keep) if keep else prompt)
     positions, next_position = target.glue.position_ids(prompt)
     cache.truncate(keep)
     out = target.step(cache, embeds, positions[..., keep:], causal_mask(keep, len(embeds)),
-                      last_logits=True)
+                      last_logits=True, greedy=greedy)
     cache.commit(len(embeds))
     return Prefilled(out, embeds, next_position)
 

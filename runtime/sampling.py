@@ -51,7 +51,7 @@ class TokenChooser:
         return int(self.rng.choice(p.size, p=p))
 
     def choose_next(self, out: StepOutput) -> int:
-        """The next token after a one-token step (greedy: reduced where the logits are)."""
+        """The next token from a step's last row (greedy: reduced where the logits are)."""
         if self.sampling.greedy:
             return int(out.argmax()[-1])
         return self.choose(out.logits_row(-1))

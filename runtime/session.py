@@ -140,7 +140,7 @@ class Session:
         stats.prompt_tokens, stats.target_passes = len(prompt.input_ids), 1
         stats.reused_tokens, stats.dropped_tokens = keep, len(self.rows) - keep
         t0 = time.perf_counter()
-        state = prefill(self.target, self.cache, prompt, keep)
+        state = prefill(self.target, self.cache, prompt, keep, turn.chooser.sampling.greedy)
         del self.rows[keep:]
         self.rows.extend(prompt.input_ids[keep:].tolist())
         self.images, self.position = prompt.images, state.next_position
@@ -149,7 +149,7 @@ class Session:
             self.embeds[keep:len(self.rows)] = state.embeds
             self.embedded[keep:len(self.rows)] = True
         stats.prefill_seconds = time.perf_counter() - t0
-        turn.emit([turn.chooser.choose(state.out.logits_row(-1))], self.target.eos_token_ids)
+        turn.emit([turn.chooser.choose_next(state.out)], self.target.eos_token_ids)
         return drafter_start
 
     def reusable(self, prompt: Prompt) -> int:
@@ -228,7 +228,8 @@ class Session:
             out = target.step_tokens(cache, turn.tokens[-1:],
                                      target.glue.step_position_ids(self.position,
                                                                    np.zeros(1, np.int64)),
-                                     causal_mask(cache.length, 1))
+                                     causal_mask(cache.length, 1),
+                                     greedy=turn.chooser.sampling.greedy)
             t1 = time.perf_counter()
             cache.commit(1)
             self._commit(turn.tokens[-1:], out, [0])

@@ -244,6 +244,7 @@ LOGIT_ROWS = "logit_rows"  # gqa LM step: the new rows the LM head runs on (a pr
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
 TOKEN_IDS = "token_ids"
+SCREEN_LOWER, SCREEN_UPPER = "screen_lower", "screen_upper"  # bounds of every head logit
 
 # Dims shared by every step graph.
 NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
@@ -310,7 +311,7 @@ def lm_step_spec(*, num_layers: int, hidden_size: int, vocab_size: int, kv_heads
     rows = NEW
     if attention == GQA:
         rows = ROWS
-        dims += (Dim(ROWS, 1, dims[0].opt, dims[0].max),)
+        dims += (Dim(ROWS, 0, dims[0].opt, dims[0].max),)  # 0: a greedy step's screen decides
         kv_in = [TensorSpec(LOGIT_ROWS, "int64", (ROWS,)), *kv_in]
     return GraphSpec(
         name=name,
@@ -346,6 +347,19 @@ def argmax_spec(*, vocab_size: int, max_len: int, dtype: str = "float32",
         name=name,
         inputs=(TensorSpec(LOGITS, dtype, (1, NEW, vocab_size)),),
         outputs=(TensorSpec(TOKEN_IDS, "int64", (1, NEW)),),
+        dims=(Dim(NEW, 1, 8, max_len),),
+    )
+
+
+def head_screen_spec(*, hidden_size: int, vocab_size: int, max_len: int,
+                     name: str = "screen") -> GraphSpec:
+    """A float LM head's greedy screen (``exporter.head_screen``): ``hidden_states [1, new,
+    H]`` -> ``screen_lower``, ``screen_upper [1, new, V]``, between which each logit lies."""
+    return GraphSpec(
+        name=name,
+        inputs=(TensorSpec(HIDDEN_STATES, "float32", (1, NEW, hidden_size)),),
+        outputs=(TensorSpec(SCREEN_LOWER, "float32", (1, NEW, vocab_size)),
+                 TensorSpec(SCREEN_UPPER, "float32", (1, NEW, vocab_size))),
         dims=(Dim(NEW, 1, 8, max_len),),
     )
 

@@ -69,7 +69,7 @@ def verify(target: TargetModel, cache: KVCache, tree: DraftTree, position: int,
     past = cache.length
     out = target.step_tokens(cache, tree.tokens,
                              target.glue.step_position_ids(position, tree.depths),
-                             tree_mask(past, tree.mask))
+                             tree_mask(past, tree.mask), greedy=chooser.sampling.greedy)
     verification = chooser.verify(tree, out)
     cache.compact(past + verification.accepted, past)
     return verification, out

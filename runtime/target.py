@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from .backends import default_memory, make_runner
 from .device import DeviceTensor, HostMemory, Memory, host_batch, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
+from .head_screen import HEAD_WEIGHTS, SCREEN, HeadScreen
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .processors import load_artifact_processor
@@ -29,7 +31,7 @@ from .specs import (
     STANDARD,
     TOKEN_IDS,
 )
-from .weights import FLOAT, require_weights_runtime, weight_graphs
+from .weights import FLOAT, has_8bit_kernels, require_weights_runtime, weight_graphs
 
 ARGMAX = "argmax"  # optional graph: the greedy choice on the device
 EMBED = "embed"
@@ -53,12 +55,20 @@ class StepOutput:
     memory: Memory
     argmax_runner: object = None  # the target's argmax graph, used for device tensors
     first_logit_row: int = 0  # rows before it have no logits (``step(last_logits=True)``)
+    screen: HeadScreen | None = None  # a greedy step's chooser (of rows from
+    # ``first_logit_row`` on): no logits were computed
 
     @property
     def logits(self) -> np.ndarray:
         """``[S, V]`` on the host (the whole tensor crosses when it lives on a device);
         rows from ``first_logit_row`` on."""
+        self._require_logits()
         return self.memory.to_host(self.raw_logits)[0]
+
+    def _require_logits(self) -> None:
+        if self.screen is not None:
+            raise ValueError("this step ran for greedy tokens only (its head screen chose "
+                             "them): no logits. Hint: step with greedy=False for logits")
 
     @property
     def hidden(self) -> np.ndarray:
@@ -68,6 +78,7 @@ class StepOutput:
     def logits_row(self, row: int) -> np.ndarray:
         """``logits[row]`` ``[V]`` (a negative row counts from the end): only that row
         crosses."""
+        self._require_logits()
         if row >= 0:
             row -= self.first_logit_row
             if row < 0:
@@ -81,6 +92,8 @@ class StepOutput:
 
     def argmax(self) -> np.ndarray:
         """The greedy token of every row ``[S]``, reduced on the device when possible."""
+        if self.screen is not None:
+            return self.screen.argmax(self.hidden[self.first_logit_row:])
         if is_device(self.raw_logits) and self.argmax_runner is not None:
             return self.argmax_runner.infer({LOGITS: self.raw_logits})[TOKEN_IDS][0]
         return np.argmax(self.logits, axis=-1)
@@ -123,7 +136,8 @@ class TargetModel:
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec,
                                           1 if name in ONE_THREAD else threads, self.memory)
-                        for name, g in self.manifest.graphs.items()}
+                        for name, g in self.manifest.graphs.items()
+                        if name != SCREEN or has_8bit_kernels()}
         self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
         self.facts = self.manifest.model
         lm = self.manifest.graph("lm").spec
@@ -132,6 +146,7 @@ class TargetModel:
         self._rows = np.arange(self.max_len, dtype=np.int64)  # LOGIT_ROWS feeds: slices
         self._kept: dict[tuple, np.ndarray] = {}  # (input, shape, dtype) -> buffer (``_keep``)
         self._table = self._host_table()
+        self.screen = self._head_screen()
 
     @property
     def max_len(self) -> int:
@@ -170,6 +185,21 @@ class TargetModel:
         runner.close()
         return table
 
+    def _head_screen(self) -> HeadScreen | None:
+        """The float head's greedy screen where the export wrote one and this machine's
+        kernel keeps its bounds (a warning and the float head otherwise)."""
+        runner, weight = self.runners.pop(SCREEN, None), self.extras.pop(HEAD_WEIGHTS, None)
+        if runner is None:
+            return None
+        screen = HeadScreen(runner, weight)
+        if screen.holds():
+            return screen
+        warnings.warn(f"the LM head screen of {self.dir} does not bound this machine's "
+                      f"8-bit MatMulNBits kernel: greedy steps run "
+                      f"the float head", RuntimeWarning, stacklevel=3)
+        screen.close()
+        return None
+
     def _embed(self, input_ids) -> np.ndarray | DeviceTensor:
         """Token embeddings ``[1, S, H]`` where the LM reads them."""
         ids = np.asarray(input_ids, np.int64)[None]
@@ -190,30 +220,33 @@ class TargetModel:
         return embeds
 
     def step(self, cache: KVCache, embeds: np.ndarray, position_ids: np.ndarray,
-             mask: np.ndarray, last_logits: bool = False) -> StepOutput:
+             mask: np.ndarray, last_logits: bool = False, greedy: bool = False) -> StepOutput:
         """Run the LM over the host rows ``embeds [S, H]`` after the cache's valid rows; the
         new K/V land in the cache at ``[length, length + S)`` (not yet committed).
         ``last_logits``: only the last row's logits are wanted (a prompt's prefill); a graph
-        that can (``selects_logits``) skips the LM head on the others."""
+        that can (``selects_logits``) skips the LM head on the others. ``greedy``: only
+        ``argmax()`` is wanted, which a target with a head screen computes without the
+        float head (the output then has no logits)."""
         return self._step(cache, host_batch(embeds, self.dtype), position_ids, mask,
-                          last_logits)
+                          last_logits, greedy and self.screen is not None)
 
     def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
-                    mask: np.ndarray) -> StepOutput:
+                    mask: np.ndarray, greedy: bool = False) -> StepOutput:
         """``step`` over tokens: their embeddings stay where the LM reads them (on the
-        device for device memory)."""
-        return self._step(cache, self._embed(input_ids), position_ids, mask)
+        device for device memory); ``greedy`` as ``step``'s."""
+        return self._step(cache, self._embed(input_ids), position_ids, mask,
+                          greedy=greedy and self.screen is not None)
 
     def _step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
-              mask: np.ndarray, last_logits: bool = False) -> StepOutput:
-        """The LM over ``embeds [1, S, H]`` in ``memory``."""
+              mask: np.ndarray, last_logits: bool = False, greedy: bool = False) -> StepOutput:
+        """The LM over ``embeds [1, S, H]`` in ``memory``; ``greedy``: the screen chooses."""
         n = embeds.shape[1]
         feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask}
         sizes, first = {NEW: n}, 0
         if self.selects_logits:
             first = n - 1 if last_logits else 0
-            feeds[LOGIT_ROWS] = self._rows[first:n]
-            sizes[ROWS] = n - first
+            feeds[LOGIT_ROWS] = self._rows[n if greedy else first:n]
+            sizes[ROWS] = 0 if greedy else n - first
         if n <= KEPT_ROWS:
             for name in (INPUTS_EMBEDS, POSITION_IDS, LOGIT_ROWS):
                 if name in feeds and not is_device(feeds[name]):
@@ -225,7 +258,7 @@ class TargetModel:
         else:
             out = self.runners["lm"].infer({**feeds, **past}, {**outputs, **present})
         return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
-                          self.runners.get(ARGMAX), first)
+                          self.runners.get(ARGMAX), first, self.screen if greedy else None)
 
     def _keep(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` copied into the target's buffer for LM input ``name`` at its shape."""
@@ -249,6 +282,8 @@ class TargetModel:
         and step tensors, drafters' included); the model is unusable afterwards."""
         for runner in self.runners.values():
             runner.close()
+        if self.screen is not None:
+            self.screen.close()
         self.memory.close()
 
     def __enter__(self):

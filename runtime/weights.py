@@ -25,13 +25,18 @@ def require_weights_runtime(weights: str, backend: str, subject: str, *,
     if backend != "ort":
         raise VispecError(f"{subject}: {weights} weights run on ONNX Runtime's CPU provider "
                           f"only (backend {backend!r}). Hint: {hint} for a GPU")
-    import onnxruntime
-    version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
-    if version < MIN_ORT:
+    if not has_8bit_kernels():
+        import onnxruntime
         raise VispecError(f"{subject}: {weights} weights need onnxruntime >= "
                           f"{'.'.join(map(str, MIN_ORT))} (installed: "
                           f"{onnxruntime.__version__}). Hint: pip install -U onnxruntime, or "
                           f"{hint}")
+
+
+def has_8bit_kernels() -> bool:
+    """Whether the installed ONNX Runtime has CPU kernels for 8-bit ``MatMulNBits``."""
+    import onnxruntime
+    return tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) >= MIN_ORT
 
 
 def weight_graphs(facts: dict) -> set[str]:
