@@ -144,3 +144,17 @@ def test_a_target_drops_a_screen_its_kernel_breaks(screened, tmp_path):
     prompt = target.prepare("Describe the boat.")
     assert generate_plain(target, prompt, 8).tokens == \
         generate_plain(TargetModel(gqa), prompt, 8).tokens
+
+
+def test_sampling_keeps_the_float_head(screened):
+    """Sampling needs every logit: its steps run the float head, as a target without a
+    screen does (same draws, same tokens)."""
+    from vispec.runtime.sampling import Sampling
+    standard, gqa = screened
+    sampling = Sampling(temperature=0.9, seed=7)
+    runs = []
+    for art in (gqa, standard):
+        target = TargetModel(art)
+        runs.append(generate_plain(target, target.prepare("Describe the boat."), 16,
+                                   sampling=sampling).tokens)
+    assert runs[0] == runs[1]
