@@ -148,8 +148,9 @@ class Session:
             self.features[keep:len(self.rows)] = state.out.hidden
             self.embeds[keep:len(self.rows)] = state.embeds
             self.embedded[keep:len(self.rows)] = True
-        stats.prefill_seconds = time.perf_counter() - t0
-        turn.emit([turn.chooser.choose_next(state.out)], self.target.eos_token_ids)
+        first = turn.chooser.choose_next(state.out)
+        stats.prefill_seconds = time.perf_counter() - t0  # to the first token, chosen
+        turn.emit([first], self.target.eos_token_ids)
         return drafter_start
 
     def reusable(self, prompt: Prompt) -> int:
