@@ -8,14 +8,15 @@ time). With ``W~ = d q`` the rounded weights, every logit of row ``v`` obeys::
 
     |W_v h - screen_v(h)| <= sum_b ||W_vb - W~_vb||_2 ||h_b||_2 + ||W~_vb||_1 s_b / 2
 
-(the first term is 0 where the head is Q8_0 already). The graph returns ``screen -/+ bound``
-(the bound widened by ``REL_SLACK`` and ``ABS_SLACK`` for the kernel's float rounding), so
-the greedy token is among the rows whose upper bound reaches the highest lower bound: ~3 of
-49k on the demo's target. The runtime scores those exactly from the float weights
-(the target's ``lm_head.npy``) and checks the kernel's rounding at load (``runtime.head_screen``).
+(the first term is 0 where the head is Q8_0 already). With ``screen -/+ bound`` (the bound
+widened by ``REL_SLACK`` and ``ABS_SLACK`` for the kernel's float rounding) the greedy token
+is among the rows whose upper bound reaches the highest lower bound (the floor): ~3 of 49k
+on the demo's target. The graph returns those candidates (bool), the upper bounds and the
+floor; the runtime scores the candidates exactly from the float weights (the target's
+``lm_head.npy``) and checks the kernel's rounding at load (``runtime.head_screen``).
 
 Written for float32 ``gqa`` targets whose head has no bias and whose hidden size is a
-multiple of 32; sampling and prefill keep the float head in the LM graph.
+multiple of 32; sampling keeps the float head in the LM graph.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vispec.runtime.specs import HIDDEN_STATES, SCREEN_LOWER, SCREEN_UPPER, GraphSpec
+from vispec.runtime.specs import (
+    HIDDEN_STATES,
+    SCREEN_CANDIDATES,
+    SCREEN_FLOOR,
+    SCREEN_UPPER,
+    GraphSpec,
+)
 
 from .weight_quant import ACCURACY_LEVEL, pack_symmetric
 
@@ -58,8 +65,8 @@ def screen_parts(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def build_head_screen(weight: np.ndarray, spec: GraphSpec):
-    """The screen's ONNX model for ``spec`` (``hidden_states`` -> ``screen_lower``,
-    ``screen_upper``)."""
+    """The screen's ONNX model for ``spec`` (``hidden_states`` -> ``screen_candidates``,
+    ``screen_upper``, ``screen_floor``)."""
     from onnx import helper, numpy_helper
 
     from .gqa_lm import MS, OPSETS, _value_infos
@@ -84,8 +91,12 @@ def build_head_screen(weight: np.ndarray, spec: GraphSpec):
                          name="block_sizes", axis=-1),
         helper.make_node("MatMul", ["block_sizes", "screen.bound"], ["rounding"], name="rounding"),
         helper.make_node("Add", ["rounding", "screen.slack"], ["bound"], name="bound"),
-        helper.make_node("Sub", ["z", "bound"], [SCREEN_LOWER], name="lower"),
+        helper.make_node("Sub", ["z", "bound"], ["lower"], name="lower"),
         helper.make_node("Add", ["z", "bound"], [SCREEN_UPPER], name="upper"),
+        helper.make_node("ReduceMax", ["lower"], [SCREEN_FLOOR], name="floor", axes=[-1],
+                         keepdims=1),
+        helper.make_node("GreaterOrEqual", [SCREEN_UPPER, SCREEN_FLOOR], [SCREEN_CANDIDATES],
+                         name="candidates"),
     ]
     graph = helper.make_graph(nodes, spec.name, _value_infos(spec.inputs),
                               _value_infos(spec.outputs),

@@ -244,7 +244,9 @@ LOGIT_ROWS = "logit_rows"  # gqa LM step: the new rows the LM head runs on (a pr
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
 TOKEN_IDS = "token_ids"
-SCREEN_LOWER, SCREEN_UPPER = "screen_lower", "screen_upper"  # bounds of every head logit
+# A head screen's outputs: the rows that may be a row's argmax, every logit's upper bound and
+# the highest lower bound (``head_screen``)
+SCREEN_CANDIDATES, SCREEN_UPPER, SCREEN_FLOOR = "screen_candidates", "screen_upper", "screen_floor"
 
 # Dims shared by every step graph.
 NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
@@ -354,12 +356,15 @@ def argmax_spec(*, vocab_size: int, max_len: int, dtype: str = "float32",
 def head_screen_spec(*, hidden_size: int, vocab_size: int, max_len: int,
                      name: str = "screen") -> GraphSpec:
     """A float LM head's greedy screen (``exporter.head_screen``): ``hidden_states [1, new,
-    H]`` -> ``screen_lower``, ``screen_upper [1, new, V]``, between which each logit lies."""
+    H]`` -> ``screen_candidates`` (bool) and ``screen_upper [1, new, V]``, ``screen_floor
+    [1, new, 1]``: every logit is at most its upper bound, a row's largest at least its
+    floor, so its argmax is among the candidates (upper bound >= floor)."""
     return GraphSpec(
         name=name,
         inputs=(TensorSpec(HIDDEN_STATES, "float32", (1, NEW, hidden_size)),),
-        outputs=(TensorSpec(SCREEN_LOWER, "float32", (1, NEW, vocab_size)),
-                 TensorSpec(SCREEN_UPPER, "float32", (1, NEW, vocab_size))),
+        outputs=(TensorSpec(SCREEN_CANDIDATES, "bool", (1, NEW, vocab_size)),
+                 TensorSpec(SCREEN_UPPER, "float32", (1, NEW, vocab_size)),
+                 TensorSpec(SCREEN_FLOOR, "float32", (1, NEW, 1))),
         dims=(Dim(NEW, 1, 8, max_len),),
     )
 

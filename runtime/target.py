@@ -12,7 +12,7 @@ from .backends import default_memory, make_runner
 from .device import DeviceTensor, HostMemory, Memory, host_batch, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
-from .head_screen import HEAD_WEIGHTS, SCREEN, HeadScreen
+from .head_screen import HEAD_WEIGHTS, MAX_ROWS, SCREEN, HeadScreen
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .processors import load_artifact_processor
@@ -226,21 +226,22 @@ class TargetModel:
         ``last_logits``: only the last row's logits are wanted (a prompt's prefill); a graph
         that can (``selects_logits``) skips the LM head on the others. ``greedy``: only
         ``argmax()`` is wanted, which a target with a head screen computes without the
-        float head (the output then has no logits)."""
+        float head for up to ``head_screen.MAX_ROWS`` rows (the output then has no logits)."""
         return self._step(cache, host_batch(embeds, self.dtype), position_ids, mask,
-                          last_logits, greedy and self.screen is not None)
+                          last_logits, greedy)
 
     def step_tokens(self, cache: KVCache, input_ids, position_ids: np.ndarray,
                     mask: np.ndarray, greedy: bool = False) -> StepOutput:
         """``step`` over tokens: their embeddings stay where the LM reads them (on the
         device for device memory); ``greedy`` as ``step``'s."""
-        return self._step(cache, self._embed(input_ids), position_ids, mask,
-                          greedy=greedy and self.screen is not None)
+        return self._step(cache, self._embed(input_ids), position_ids, mask, greedy=greedy)
 
     def _step(self, cache: KVCache, embeds: np.ndarray | DeviceTensor, position_ids: np.ndarray,
               mask: np.ndarray, last_logits: bool = False, greedy: bool = False) -> StepOutput:
-        """The LM over ``embeds [1, S, H]`` in ``memory``; ``greedy``: the screen chooses."""
+        """The LM over ``embeds [1, S, H]`` in ``memory``; ``greedy``: the screen chooses
+        where it serves."""
         n = embeds.shape[1]
+        greedy = greedy and self.screen is not None and (1 if last_logits else n) <= MAX_ROWS
         feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask}
         sizes, first = {NEW: n}, 0
         if self.selects_logits:

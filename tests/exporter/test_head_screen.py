@@ -12,10 +12,10 @@ from vispec.exporter.export import export_target
 from vispec.exporter.head_screen import BLOCK, build_head_screen, screen_parts
 from vispec.runtime.backends import make_runner
 from vispec.runtime.generate import generate_plain, prefill
-from vispec.runtime.head_screen import SCREEN, HeadScreen
+from vispec.runtime.head_screen import MAX_ROWS, SCREEN, HeadScreen
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.masks import causal_mask
-from vispec.runtime.specs import head_screen_spec
+from vispec.runtime.specs import SCREEN_CANDIDATES, SCREEN_FLOOR, SCREEN_UPPER, head_screen_spec
 from vispec.runtime.target import TargetModel
 
 VOCAB, HIDDEN = 3000, 128
@@ -45,7 +45,7 @@ def _states(rng, rows: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("q8", [True, False])
-def test_every_logit_lies_between_the_screens_bounds(tmp_path, q8):
+def test_the_screens_bounds_hold_and_leave_few_candidates(tmp_path, q8):
     rng = np.random.default_rng(3)
     weight = _weight(rng, q8)
     _, _, bound = screen_parts(weight)
@@ -58,10 +58,12 @@ def test_every_logit_lies_between_the_screens_bounds(tmp_path, q8):
         assert bound[:, :blocks].min() > 0
     screen = _screen(tmp_path, weight)
     hidden = _states(rng, 24)
-    lower, upper = screen.bounds(hidden)
+    out = screen.run(hidden)
     exact = hidden.astype(np.float64) @ weight.astype(np.float64).T
-    assert np.all(lower <= exact) and np.all(exact <= upper)
-    candidates = (upper >= lower.max(-1, keepdims=True)).sum(-1)
+    assert np.all(exact <= out[SCREEN_UPPER]) and np.all(out[SCREEN_FLOOR][:, 0] <= exact.max(-1))
+    np.testing.assert_array_equal(out[SCREEN_CANDIDATES], out[SCREEN_UPPER] >= out[SCREEN_FLOOR])
+    assert out[SCREEN_CANDIDATES][np.arange(len(exact)), exact.argmax(-1)].all()
+    candidates = out[SCREEN_CANDIDATES].sum(-1)
     assert np.median(candidates) < VOCAB / (50 if q8 else 10)  # tight enough to screen
 
 
@@ -72,8 +74,7 @@ def test_screened_greedy_tokens_are_the_float_heads(tmp_path):
     hidden = _states(rng, 40)
     exact = hidden.astype(np.float64) @ weight.astype(np.float64).T
     np.testing.assert_array_equal(screen.argmax(hidden), exact.argmax(-1))
-    lower, upper = screen.bounds(hidden)
-    candidates = (upper >= lower.max(-1, keepdims=True)).sum(-1)
+    candidates = screen.run(hidden)[SCREEN_CANDIDATES].sum(-1)
     assert candidates.max() < VOCAB // 20  # the exact scores are a handful of rows
     tied = hidden[:1].copy()  # two equal rows: the lowest id wins, as np.argmax
     w2 = weight.copy()
@@ -158,3 +159,21 @@ def test_sampling_keeps_the_float_head(screened):
         runs.append(generate_plain(target, target.prepare("Describe the boat."), 16,
                                    sampling=sampling).tokens)
     assert runs[0] == runs[1]
+
+
+def test_steps_of_many_rows_keep_the_float_head(screened):
+    """Past ``MAX_ROWS`` rows the 8-bit kernel is no faster than the float head: a greedy
+    step that wide (a big tree) runs the float head; a prefill's greedy choice screens its
+    last row only."""
+    _, gqa = screened
+    target = TargetModel(gqa)
+    cache = target.new_cache()
+    n = MAX_ROWS + 1
+    wide = target.step_tokens(cache, np.arange(3, 3 + n), np.arange(n)[None],
+                              causal_mask(0, n), greedy=True)
+    assert wide.screen is None and wide.logits.shape[0] == n
+    embeds = target.embed(np.arange(3, 3 + n))
+    last = target.step(cache, embeds, np.arange(n)[None], causal_mask(0, n), last_logits=True,
+                       greedy=True)
+    assert last.screen is not None
+    np.testing.assert_array_equal(last.argmax(), wide.logits[-1:].argmax(-1))
