@@ -169,3 +169,13 @@ def test_two_caches_interleaved_on_one_gqa_target(gqa_targets):
             positions[i] += 1
             tokens[i].append(int(np.argmax(logits)))
     assert tokens == alone
+
+
+def test_quantized_targets_are_held_to_their_activation_rounding(gqa_targets):
+    """Level-4 ``MatMulNBits`` rounds activations to int8: a tree row and the plain step's
+    row may part by a rounding step, so such targets' ties are wider (``runtime.ties``)."""
+    from vispec.runtime.ties import ROUNDED_ACTIVATIONS, TIE_TOLERANCE, tie_tolerance
+    _, standard, gqa, int4 = gqa_targets
+    assert tie_tolerance(TargetModel(int4)) == TIE_TOLERANCE[ROUNDED_ACTIVATIONS]
+    assert tie_tolerance(TargetModel(gqa)) == tie_tolerance(TargetModel(standard)) == \
+        TIE_TOLERANCE["float32"]
