@@ -236,12 +236,13 @@ def test_every_tree_setting_resolves_to_one_policy():
 
 def test_a_near_tie_goes_to_the_cheapest_tree():
     # Round costs as measured on the real-LM target; after one round of (4, 2, 2) that
-    # accepted one level every tree's rate lies within 1%: the cheapest is verified, where
-    # the widest would gather the rounds that keep it.
+    # accepted one level, its own round weighed as much as 2 of the model's, every tree's
+    # rate lies within 1%: the cheapest is verified, where the widest would gather the
+    # rounds that keep it.
     round_ms = dict(zip(CANDIDATES, (48.5, 56.1, 64.4, 75.3, 113.2, 193.9)))
     chosen = {}
     for tie in (0.0, AutoTree.tie):
-        p = AutoTree(round_ms=round_ms, plain_ms=37.7, tie=tie)
+        p = AutoTree(round_ms=round_ms, plain_ms=37.7, tie=tie, prior_rounds=2.0)
         p.observe(SMALL, 1)
         chosen[tie] = p.next_tree()
     rates = p.rates()
