@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends.base import GraphRunner
-from .errors import VispecError
+from .errors import ManifestError, VispecError
 from .specs import HIDDEN_STATES, NEW, SCREEN_CANDIDATES, SCREEN_FLOOR, SCREEN_UPPER
 
 SCREEN = "screen"  # the graph's name in a target's manifest
@@ -33,6 +33,11 @@ class HeadScreen:
     [V, H]`` (the float head)."""
 
     def __init__(self, runner: GraphRunner, weight: np.ndarray):
+        outputs = {t.name for t in runner.spec.outputs}
+        if not {SCREEN_CANDIDATES, SCREEN_UPPER, SCREEN_FLOOR} <= outputs:
+            raise ManifestError(f"the {SCREEN} graph's outputs {sorted(outputs)} are not this "
+                                f"runtime's ({SCREEN_CANDIDATES}, {SCREEN_UPPER}, "
+                                f"{SCREEN_FLOOR}). Hint: re-export the target")
         self.runner, self.weight = runner, weight
         self._outputs: dict[int, dict[str, np.ndarray]] = {}  # rows -> kept output buffers
 
