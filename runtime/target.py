@@ -195,8 +195,8 @@ class TargetModel:
         if screen.holds():
             return screen
         warnings.warn(f"the LM head screen of {self.dir} does not bound this machine's "
-                      f"8-bit MatMulNBits kernel: greedy steps run "
-                      f"the float head", RuntimeWarning, stacklevel=3)
+                      f"8-bit MatMulNBits kernel: greedy steps run the float head",
+                      RuntimeWarning, stacklevel=3)
         screen.close()
         return None
 
