@@ -23,8 +23,9 @@ from .specs import HIDDEN_STATES, NEW, SCREEN_CANDIDATES, SCREEN_FLOOR, SCREEN_U
 SCREEN = "screen"  # the graph's name in a target's manifest
 HEAD_WEIGHTS = "lm_head"  # its extra file's key: the float head's weights [V, H]
 # Rows a step screens at most: the 8-bit kernel's time grows with the rows, the float head's
-# hardly (2 cores: 1 row 1.0 vs 3.0 ms, 16 rows 6.0 vs 6.4, 32 rows 10.3 vs 10.1)
-MAX_ROWS = 16
+# hardly (``benchmarks/head_screen.py``, 2 cores: whole steps 1.10x as fast at 1 row, 1.04x
+# at 8, even at 12-16)
+MAX_ROWS = 8
 CHECK_ROWS, CHECK_CHUNK = 4, 4096  # load-time check: states; vocabulary rows a float64 product
 
 
