@@ -138,7 +138,8 @@ class TargetModel:
                                           1 if name in ONE_THREAD else threads, self.memory)
                         for name, g in self.manifest.graphs.items()
                         if name != SCREEN or has_8bit_kernels()}
-        self.extras = {k: np.load(self.dir / f) for k, f in self.manifest.extra_files.items()}
+        self.extras = {k: np.load(self.dir / f, mmap_mode="r" if k == HEAD_WEIGHTS else None)
+                       for k, f in self.manifest.extra_files.items()}  # the head: rows as read
         self.facts = self.manifest.model
         lm = self.manifest.graph("lm").spec
         self.dtype = lm.tensor(INPUTS_EMBEDS).np_dtype  # LM + KV
