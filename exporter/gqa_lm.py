@@ -183,13 +183,14 @@ def build_gqa_lm(language_model: torch.nn.Module, lm_head: torch.nn.Linear, spec
     if lm_head.bias is not None:
         g.node("Add", [head, g.init("lm_head.bias", lm_head.bias.detach().float().numpy())],
                [LOGITS], "lm_head.add_bias")
-    graph = helper.make_graph(g.nodes, spec.name, _value_infos(spec.inputs),
-                              _value_infos(spec.outputs), initializer=g.inits)
+    graph = helper.make_graph(g.nodes, spec.name, value_infos(spec.inputs),
+                              value_infos(spec.outputs), initializer=g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS],
                              producer_name="vispec-export")
 
 
-def _value_infos(tensors) -> list:
+def value_infos(tensors) -> list:
+    """ONNX value infos of spec tensors (graph inputs or outputs)."""
     from onnx import helper
     from onnx.helper import np_dtype_to_tensor_dtype
     return [helper.make_tensor_value_info(t.name, np_dtype_to_tensor_dtype(t.np_dtype),

@@ -26,13 +26,16 @@ import numpy as np
 import torch
 
 from vispec.runtime.specs import (
+    GQA,
     HIDDEN_STATES,
     SCREEN_CANDIDATES,
     SCREEN_FLOOR,
     SCREEN_UPPER,
     GraphSpec,
 )
+from vispec.runtime.weights import FLOAT
 
+from .gqa_lm import MS, OPSETS, value_infos
 from .weight_quant import ACCURACY_LEVEL, pack_symmetric
 
 BLOCK = 32  # level 4 rounds activations per block of the weights' block size
@@ -42,8 +45,6 @@ REL_SLACK, ABS_SLACK = 2.0 ** -10, 1e-5
 def screens(lm_head: torch.nn.Linear, attention: str, weights: str) -> bool:
     """Whether a target gets a head screen: the fused CPU form with float weights, a head
     without bias over a hidden size that is a multiple of ``BLOCK``."""
-    from vispec.runtime.specs import GQA
-    from vispec.runtime.weights import FLOAT
     return (attention == GQA and weights == FLOAT and lm_head.bias is None
             and lm_head.in_features % BLOCK == 0)
 
@@ -68,8 +69,6 @@ def build_head_screen(weight: np.ndarray, spec: GraphSpec):
     """The screen's ONNX model for ``spec`` (``hidden_states`` -> ``screen_candidates``,
     ``screen_upper``, ``screen_floor``)."""
     from onnx import helper, numpy_helper
-
-    from .gqa_lm import MS, OPSETS, _value_infos
 
     vocab, hidden = weight.shape
     data, scales, bound = screen_parts(weight)
@@ -98,8 +97,8 @@ def build_head_screen(weight: np.ndarray, spec: GraphSpec):
         helper.make_node("GreaterOrEqual", [SCREEN_UPPER, SCREEN_FLOOR], [SCREEN_CANDIDATES],
                          name="candidates"),
     ]
-    graph = helper.make_graph(nodes, spec.name, _value_infos(spec.inputs),
-                              _value_infos(spec.outputs),
+    graph = helper.make_graph(nodes, spec.name, value_infos(spec.inputs),
+                              value_infos(spec.outputs),
                               initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS],
                              producer_name="vispec-export")

@@ -136,8 +136,7 @@ class TargetModel:
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec,
                                           1 if name in ONE_THREAD else threads, self.memory)
-                        for name, g in self.manifest.graphs.items()
-                        if name != SCREEN or has_8bit_kernels()}
+                        for name, g in self.manifest.graphs.items() if name != SCREEN}
         self.extras = {k: np.load(self.dir / f, mmap_mode="r" if k == HEAD_WEIGHTS else None)
                        for k, f in self.manifest.extra_files.items()}  # the head: rows as read
         self.facts = self.manifest.model
@@ -187,12 +186,14 @@ class TargetModel:
         return table
 
     def _head_screen(self) -> HeadScreen | None:
-        """The float head's greedy screen where the export wrote one and this machine's
-        kernel keeps its bounds (a warning and the float head otherwise)."""
-        runner, weight = self.runners.pop(SCREEN, None), self.extras.pop(HEAD_WEIGHTS, None)
-        if runner is None:
+        """The float head's greedy screen where the export wrote one, ONNX Runtime has its
+        8-bit kernels and they keep its bounds (a warning and the float head otherwise)."""
+        weight = self.extras.pop(HEAD_WEIGHTS, None)
+        if SCREEN not in self.manifest.graphs or not has_8bit_kernels():
             return None
-        screen = HeadScreen(runner, weight)
+        graph = self.manifest.graph(SCREEN)
+        screen = HeadScreen(make_runner(self.backend, self.dir / graph.file, graph.spec,
+                                        self.threads, self.memory), weight)
         if screen.holds():
             return screen
         warnings.warn(f"the LM head screen of {self.dir} does not bound this machine's "

@@ -1,6 +1,7 @@
 """The float LM head's greedy screen (``screen.onnx``): its bounds hold on ONNX Runtime's
 kernel, its greedy tokens are the float head's, a target drops a screen that fails its
 load-time check, and greedy steps skip the float head."""
+import shutil
 import warnings
 
 import numpy as np
@@ -130,7 +131,6 @@ def test_a_float_gqa_export_writes_the_screen_and_greedy_steps_skip_the_head(scr
 def test_a_target_drops_a_screen_its_kernel_breaks(screened, tmp_path):
     _, gqa = screened
     broken = tmp_path / "broken"
-    import shutil
     shutil.copytree(gqa, broken)
     model = onnx.load(str(broken / "screen.onnx"))
     for init in model.graph.initializer:
