@@ -6,8 +6,9 @@ training token counts), then ``vispec.runtime.bench`` runs plain decoding, fixed
 ``auto`` interleaved, on held-out synthetic images and on text prompts separately: tokens
 per pass, decode tok/s, the ratio, and the pass's cost split (drafter / target / host).
 
-    python benchmarks/real_model.py [--kinds vispec,hivis,eagle] [--draft-vocab 8192,full]
+    python benchmarks/real_model.py [--kinds vispec,hivis,eagle] [--draft-vocab 4096,full]
                                     [--weights float32,int8]
+                                    [--trees 4:2:2] [--margins 0.05]
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from vispec.exporter.demo.real_demo import DRAFT_WEIGHTS, MAX_LEN, demo_prompts
+from vispec.exporter.demo.real_demo import ATTENTION, DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN, demo_prompts
 from vispec.exporter.demo.real_drafters import demo_drafters
 from vispec.exporter.demo.real_target import cached_target
 from vispec.exporter.drafters.export import export_drafter
@@ -30,20 +31,21 @@ from vispec.runtime.tree import TreeConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="vispec,hivis,eagle")
-    parser.add_argument("--draft-vocab", default="8192", help="sizes, 'full' for the whole head")
+    parser.add_argument("--draft-vocab", default=str(DRAFT_VOCAB), help="sizes, 'full' for the whole head")
     parser.add_argument("--weights", default=DRAFT_WEIGHTS, help="drafter weights, e.g. float32,int8")
     parser.add_argument("--trees", default="4:2:2,8:2:3,16:3:4")
     parser.add_argument("--images", type=int, default=4, help="held-out image prompts")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--margins", default="", help="auto again with these margins, e.g. 0.05")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-real-"))
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     model_dir = cached_target(say)
     target_onnx = work / "target-onnx"
     if not (target_onnx / "manifest.json").exists():
-        export_target(model_dir, target_onnx, max_len=MAX_LEN, progress=say)
+        export_target(model_dir, target_onnx, max_len=MAX_LEN, attention=ATTENTION, progress=say)
     kinds = tuple(args.kinds.split(","))
     checkpoints = demo_drafters(model_dir, kinds, progress=say)
     trees = [TreeConfig(*(int(x) for x in t.split(":"))) for t in args.trees.split(",")]
@@ -64,7 +66,8 @@ def main() -> None:
                                draft_vocab=vocab, weights=weights, progress=say)
             pipe = Pipeline(target_onnx, drafter_dir=out, progress=say)
             for group, items in groups.items():
-                rows = run_bench(pipe, items, trees, args.max_new_tokens, args.repeats)
+                rows = run_bench(pipe, items, trees, args.max_new_tokens, args.repeats,
+                                 margins=[float(m) for m in args.margins.split(",") if m])
                 rate = {r.setting: r.tokens_per_second for r in rows}
                 best = max(r.tokens_per_second for r in rows if r.tree is not None)
                 print(f"\n{kind}, draft vocab {size}, {weights} weights, {group} prompts\n"

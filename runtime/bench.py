@@ -26,7 +26,7 @@ from .generate import GenerationResult
 from .pipeline import Pipeline
 from .speculative import check_tree_width
 from .tree import PLAIN, TreeConfig, tree_name
-from .tree_policy import AUTO, TreePolicy
+from .tree_policy import AUTO, AutoTree, TreePolicy
 
 Generate = Callable[[str, list], GenerationResult]  # (text, images) -> one generation
 
@@ -106,10 +106,13 @@ class BenchRow:
 
 def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequence[TreeConfig],
               max_new_tokens: int = 64, repeats: int = 3,
-              progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+              progress: Callable[[str], None] | None = None,
+              margins: Sequence[float] = ()) -> list[BenchRow]:
     """Rows for plain decoding, each tree of ``trees`` and ``auto``, the policy of ``pipe``
-    (built with ``tree="auto"``, the default). Greedy sampling is assumed for the identity
-    check; with sampling ``identical`` is not meaningful."""
+    (built with ``tree="auto"``, the default), then ``auto`` on the same costs with each
+    of ``margins`` (rows "auto m=<margin>", each policy learning on its own). Greedy
+    sampling is assumed for the identity check; with sampling ``identical`` is not
+    meaningful."""
     if pipe.tree != AUTO:
         raise VispecError(f"run_bench compares fixed trees with 'auto', but the pipeline's tree "
                           f"is {pipe.tree!r}. Hint: build the Pipeline with tree='auto'")
@@ -117,6 +120,11 @@ def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequen
     auto = pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
     settings: list[tuple[BenchRow, TreePolicy | None]] = [(BenchRow(PLAIN, None), None)]
     settings += [(BenchRow(tree_name(t), t), t) for t in trees] + [(BenchRow(AUTO, None), auto)]
+    if margins and not isinstance(auto, AutoTree):
+        raise VispecError("auto decodes plainly here (no candidate tree fits the cache), so "
+                          "it has no margin to compare. Hint: leave out the margins")
+    settings += [(BenchRow(f"{AUTO} m={m:g}", None), AutoTree(auto.round_ms, auto.plain_ms,
+                                                              margin=m)) for m in margins]
     return interleaved([(row, partial(_generate, pipe, tree, max_new_tokens))
                         for row, tree in settings], prompts, repeats, progress)
 
@@ -170,7 +178,7 @@ def format_table(rows: list[BenchRow]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         used = ", ".join(f"{k}: {v}" for k, v in r.trees_used.items()) \
-            if r.setting == AUTO else ""
+            if r.setting.startswith(AUTO) else ""
         split = r.pass_split_ms
         share = split[2] / sum(split) if sum(split) else 0.0
         lines.append(f"| {r.setting} | {r.tokens_per_second:.1f} | "

@@ -197,7 +197,7 @@ class AutoTree:
     optimism: float = 0.5   # standard deviations of E[tokens] added to its posterior mean
     memory: float = 0.9     # weight of past generations' rounds at each new generation
     forget: float = 0.95    # weight of the rounds seen at each new round
-    margin: float = 0.1     # share by which a tree must beat plain decoding
+    margin: float = 0.05    # share by which a tree must beat plain decoding
     prior_rounds: float = 8.0  # weight, in rounds, of the model's prediction for one tree
     # (a tree's own mean of 1-2 rounds is noise: one unlucky round kept (4,2,2) off int4 images)
     misfit: float = 0.1     # the model's relative error for one tree
