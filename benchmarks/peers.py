@@ -16,8 +16,11 @@ cores on average is marked contended (ratios flip under load: see shared/PITFALL
     pip install -e '.[peers]'     # onnxruntime-genai; this script installs nothing
     python benchmarks/peers.py [--precisions fp32,int4] [--threads 2] [--repeats 3]
         [--max-new-tokens 128] [--images 4] [--drafter vispec|none] [--png peers.png]
-        [--attention gqa|standard] [--weights-method rtn|gptq|minmax]
+        [--attention gqa|standard] [--weights-method rtn|gptq|minmax] [--calibration FILE]
         [--json FILE] [--workdir DIR]
+
+``--weights-method gptq`` calibrates on ``--calibration`` (default: 32 of the demo's training
+images with both questions and GPTQ's text prompts, ``real_target.write_calibration``).
 """
 from __future__ import annotations
 
@@ -246,6 +249,8 @@ def main() -> None:
                         "gqa (ONNX Runtime's fused CPU kernels) or standard")
     parser.add_argument("--weights-method", default="rtn", help="the project's int4/int8 "
                         "rounding: rtn (as the peer's builder), gptq or minmax")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="gptq's calibration file (default: the demo's training images)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--images", type=int, default=4, help="held-out image prompts (project)")
@@ -259,7 +264,7 @@ def main() -> None:
     from vispec.exporter.demo.real_demo import MAX_LEN, export_demo_drafter
     from vispec.exporter.demo.real_drafters import demo_drafters
     from vispec.exporter.demo.real_lm import smollm2_dir
-    from vispec.exporter.demo.real_target import cached_target
+    from vispec.exporter.demo.real_target import cached_target, write_calibration
     from vispec.exporter.demo.synthetic_images import QUESTION, examples
     from vispec.exporter.export import export_target
     from vispec.runtime.pipeline import Pipeline
@@ -276,8 +281,11 @@ def main() -> None:
     targets = {p: work / f"target-{p}-{args.attention}-{method[p]}" for p in method}
     for p, out in targets.items():
         if not (out / "manifest.json").exists():
+            calibration = None if method[p] != "gptq" else \
+                args.calibration or write_calibration(work / "calibration")
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
-                          attention=args.attention, weights_method=method[p], progress=say)
+                          attention=args.attention, weights_method=method[p],
+                          calibration=calibration, progress=say)
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
         checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]

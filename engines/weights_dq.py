@@ -12,7 +12,7 @@ which it fuses into a weight-only GEMM. So, value for value:
 
 (an embedding gather reads S rows a step: its float table costs memory, not time).
 TensorRT's INT4 is symmetric; a ``MatMulNBits`` with zero points (``--weights-method
-minmax``) maps as ``d (q - z) = d (q - 8) + d (8 - z)``: the symmetric INT4 product plus
+minmax``, or ``gptq`` at int4) maps as ``d (q - z) = d (q - 8) + d (8 - z)``: the symmetric INT4 product plus
 its block sums (a 0/1 float ``MatMul``) times the constant ``d (8 - z)`` (``[blocks, N]``).
 Their LM head is 8-bit, so TensorRT takes them with ``--weights-exclude head``.
 """
@@ -28,7 +28,8 @@ from vispec.runtime.errors import VispecError
 TRT_INT4_BLOCKS = (64, 128)
 DQ_OPSET = 21  # blocked DequantizeLinear
 CONTRIB = "com.microsoft"
-MINMAX_HEAD = " (--weights-method minmax keeps the LM head 8-bit: add --weights-exclude head)"
+MINMAX_HEAD = (" (--weights-method minmax, and gptq at int4, keep the LM head 8-bit: add "
+               "--weights-exclude head)")
 
 
 def _attrs(node) -> dict:

@@ -192,20 +192,29 @@ def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: st
     require_weights_runtime(weights, "ort", f"export --weights {weights}")
 
 
+def zero_point_grid(weights: str, method: str) -> bool:
+    """Whether the LM's 4-bit weights are min/max with zero points (``minmax``, and ``gptq``
+    at int4: the head and the embedding table int8) rather than symmetric."""
+    return weights == "int4" and method in ("minmax", "gptq")
+
+
 def weight_rewrites(weights: str, block: int, exclude: tuple[str, ...],
                     method: str = "rtn") -> dict[str, tuple[Callable[[Path], object], str]]:
     """Graph name -> (rewrite of its exported file, progress note) quantizing the ``lm``
     graph's MatMuls (its LM head unless excluded) and the ``embed`` graph's table (unless
     excluded) (``weight_quant``); none for float weights. ``minmax``: the decoder's MatMuls
-    4-bit min/max, the head and the embedding table int8 (symmetric, ``max |w| / 127``)."""
+    4-bit min/max, the head and the embedding table int8 (symmetric, ``max |w| / 127``);
+    ``gptq`` at int4 the same with no float part (GPTQ's grid has integer zero points)."""
     if weights == FLOAT:
         return {}
     keep = (LOGITS,) if "head" in exclude else ()
-    bits = 8 if method == "minmax" else BITS[weights]  # the head's and the table's
-    if method == "minmax":
+    zero_points = zero_point_grid(weights, method)
+    bits = 8 if zero_points else BITS[weights]  # the head's and the table's
+    if zero_points:
         lm = functools.partial(quantize_minmax, block=block, keep=keep,
-                               int8=() if keep else (LOGITS,))
-        note = f"{', LM head float' if keep else ', LM head int8'}, min/max"
+                               int8=() if keep else (LOGITS,),
+                               **({"digits": 0} if method == "gptq" else {}))
+        note = f"{', LM head float' if keep else ', LM head int8'}, {method}"
     else:
         lm = functools.partial(quantize_matmuls, bits=bits, block=block, keep=keep)
         note = ', LM head float' if keep else ''
@@ -244,7 +253,8 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``weights_block`` (``weight_rewrites``); ``weights_exclude`` keeps the LM ``head``
     and/or the ``embed`` table float (default: the embedding). ``weights_method="gptq"``
     rounds the LM's weights with GPTQ first (``gptq``), calibrated on the prompts of
-    ``calibration`` (a file) or a built-in set. ``weights_method="minmax"`` (int4): 4-bit
+    ``calibration`` (a file) or a built-in set; at int4 onto min/max blocks with integer
+    zero points, the head and embedding int8. ``weights_method="minmax"`` (int4): 4-bit
     min/max blocks with a float minimum, the head and embedding int8 (``weight_quant``).
     """
     if dtype not in DTYPES:
@@ -269,10 +279,11 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if weights_method == "gptq" and weights != FLOAT:
         prompts = [glue.prepare(processor, text, images) for text, images in calibration]
         progress(f"GPTQ: calibrating on {len(prompts)} prompts and the model's answers")
+        zero_points = zero_point_grid(weights, weights_method)  # the head stays int8 then
         gptq_language_model(adapter.language_model,
-                            None if "head" in weights_exclude else adapter.lm_head,
+                            None if "head" in weights_exclude or zero_points else adapter.lm_head,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
-                            weights_block, progress)
+                            weights_block, zero_points, progress)
     screen = screens(adapter.lm_head, attention, weights)
     jobs = target_jobs(adapter, glue, processor,
                        target_specs(glue, facts, max_len, max_images, dtype, attention, screen),

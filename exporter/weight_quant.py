@@ -25,7 +25,8 @@ all over ``x`` extended by those sums (``block_sums``: a 0/1 float MatMul)::
 ``r [K/b, N]`` stored in extra 4-bit blocks, each column's ``r`` over ``b`` blocks at a
 time rounded min/max (error <= (max r - min r) / 30, ~0.4% of a weight's size; ``digits``
 more blocks round what is left). Its LM head is 8-bit, symmetric, ``d = max |w| / 127``
-(exact for GGUF Q8_0).
+(exact for GGUF Q8_0). With no digits (``--weights-method gptq`` at int4, whose weights GPTQ
+put on such a grid) the product is ``MatMulNBits(x, q, d, z)`` alone.
 
 All are ONNX Runtime contrib ops (``vispec.runtime.weights``: CPU provider, >= 1.22);
 ``vispec.engines.weights_dq`` rewrites them into the standard-op form TensorRT parses.
@@ -123,7 +124,9 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
     weights stacked along N, split back.
 
     Nodes per 4-bit input: ``MatMul(x, block_sums) -> Concat(x, sums) -> MatMulNBits`` (2
-    more than round to nearest's one); the 0/1 ``block_sums`` matrix is one per K."""
+    more than round to nearest's one); the 0/1 ``block_sums`` matrix is one per K. ``digits``
+    0: no float part, ``MatMulNBits(x)`` alone over each block's range widened to hold 0
+    (``_min_max``; exact for GPTQ's zero-point grid)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -147,6 +150,9 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
         if bits == 8:
             data, scales, _ = pack_symmetric(np.ascontiguousarray(w.T), block)
             nodes = [_nbits(graph, first, x, data, scales, None, product, k, 8, block)]
+        elif digits == 0:
+            data, scales, zeros = pack_minmax(np.ascontiguousarray(w.T), block, 0)
+            nodes = [_nbits(graph, first, x, data, scales, zeros, product, k, 4, block)]
         else:
             data, scales, zeros = pack_minmax(np.ascontiguousarray(w.T), block, digits)
             sums, extended = f"minmax.block_sums.{k}", f"{first}/extended"
@@ -221,12 +227,15 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
 
 
-def _min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _min_max(blocks: np.ndarray, hold_zero: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """4-bit min/max rounding of ``blocks [..., block]``: ``q`` in 0..15, scale ``d = (max -
     min) / 15``, zero point ``z = round(-min / d)`` in 0..15 and the float part ``min + d z``
     (``blocks = d (q - z) + min + d z`` up to rounding q; within ``d / 2`` of 0 when the
-    block spans 0)."""
+    block spans 0). ``hold_zero``: the range widened to hold 0 first (``min <= 0 <= max``)."""
     low, high = blocks.min(-1), blocks.max(-1)
+    if hold_zero:
+        low, high = np.minimum(low, 0), np.maximum(high, 0)
     scales = (high - low) / 15
     safe = np.where(scales > 0, scales, 1.0)
     q = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 15)
@@ -240,8 +249,9 @@ def pack_minmax(weight: np.ndarray, block: int, digits: int = DIGITS
     and packed zero points ``[N * ceil(B / 2)]`` over ``[x, x @ block_sums(K, block, digits)]``
     (B = nb + digits * S / block, nb = ceil(K / block)). A block of inputs: ``w = d (q - z) +
     r`` (``_min_max``); the float parts ``r [N, nb]`` are the weights of the block sums, each
-    further digit rounding (4-bit min/max) what the digits before left of them."""
-    q, scales, zeros, offsets = _min_max(_blocks(weight, block))
+    further digit rounding (4-bit min/max) what the digits before left of them. ``digits``
+    0: over ``x`` alone (B = nb), each block's range held to 0 and its float part dropped."""
+    q, scales, zeros, offsets = _min_max(_blocks(weight, block), hold_zero=digits == 0)
     rows, nb = scales.shape
     left = np.zeros((rows, -(-nb // block) * block))
     left[:, :nb] = offsets

@@ -234,25 +234,49 @@ def evaluate_artifacts(artifact_dir: str | os.PathLike, n: int = 128, seed: int 
     return scored(answers[QUESTION], held_out, answers[DETAIL_QUESTION])
 
 
+def write_calibration(folder: str | os.PathLike, n: int = 32, seed: int = 5) -> Path:
+    """A calibration file for ``export --weights-method gptq`` (``folder/prompts.txt``):
+    ``n`` training-split images (``folder/NNN.png``; never the held-out ones) each with both
+    questions, then GPTQ's built-in text prompts (more chat instructions: 0.92 of the
+    held-out images right instead of 0.94, text agreement 0.84 instead of 0.80). Returns
+    the file."""
+    from vispec.exporter.gptq import PROMPTS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, example in enumerate(examples(n, seed, "train")):
+        example.image.save(folder / f"{i:03d}.png")
+        lines += [f"{i:03d}.png\t{question}" for question in (QUESTION, DETAIL_QUESTION)]
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(lines + list(PROMPTS)) + "\n", encoding="utf-8")
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Reproduce or score the shipped vision weights.")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--write-weights", type=Path, nargs="?", const=WEIGHTS)
     action.add_argument("--evaluate", type=Path, nargs="?", const=WEIGHTS,
                         help="score a weights file on --images held-out images")
+    action.add_argument("--calibration", type=Path, metavar="FOLDER",
+                        help="write a GPTQ calibration file of --images training images there")
     parser.add_argument("--continue-steps", type=int, default=0,
                         help="continue the weights file with this many stage-2 steps")
     parser.add_argument("--detail-only", action="store_true",
                         help="continue the weights file with stage 5 alone (both questions; "
                              "not yet at the shipped file's accuracy: write elsewhere)")
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=None,
+                        help="held-out images to score (128), or calibration images (32)")
     parser.add_argument("--artifacts", type=Path, default=None,
                         help="with --evaluate: score this exported target (ONNX Runtime) instead")
     args = parser.parse_args()
-    if args.evaluate and args.artifacts:
-        print(evaluate_artifacts(args.artifacts, args.images).summary())
+    if args.calibration:
+        print(write_calibration(args.calibration, args.images or 32))
+    elif args.evaluate and args.artifacts:
+        print(evaluate_artifacts(args.artifacts, args.images or 128).summary())
     elif args.evaluate:
-        print(evaluate_weights(args.evaluate, args.images).summary())
+        print(evaluate_weights(args.evaluate, args.images or 128).summary())
     else:
         write_weights(args.write_weights, continue_steps=args.continue_steps,
                       detail_only=args.detail_only, progress=print)

@@ -128,7 +128,8 @@ def test_cli_int8_weights_with_the_head_kept_float_and_the_embedding_not(tiny_ta
 def test_gptq_export_agrees_with_pytorch_more_than_round_to_nearest(int4_target, tmp_path):
     """GPTQ calibrated on the validation prompt (with and without its image) keeps more of
     the float32 model's greedy tokens there than round to nearest (tiny LLaVA, int4: 0.75 vs
-    0.38 of 16 with the built-in set)."""
+    0.38 of 16 with the built-in set). At int4 its weights are 4-bit min/max blocks with zero
+    points, one ``MatMulNBits`` a product (no float part), the head int8."""
     model_dir, _, rtn = int4_target
     example_images()[0].save(tmp_path / "image.png")
     (tmp_path / "prompts.txt").write_text(f"{PROMPT}\nimage.png\t{PROMPT}\n")
@@ -137,3 +138,23 @@ def test_gptq_export_agrees_with_pytorch_more_than_round_to_nearest(int4_target,
                   weights_method="gptq", calibration=tmp_path / "prompts.txt")
     assert Manifest.load(gptq).model["weights_method"] == "gptq"
     assert greedy_check(model_dir, gptq).agreement > greedy_check(model_dir, rtn).agreement
+    nodes, weights = _nodes(gptq / "lm.onnx")
+    assert not [w for w in weights if "block_sums" in w]  # no float part
+    assert not [n for n in nodes if n.op_type == "MatMul" and set(n.input) & weights]
+    nbits = {n.output[0]: (len(n.input), {a.name: a.i for a in n.attribute}) for n in nodes
+             if n.op_type == "MatMulNBits"}
+    assert nbits.pop(LOGITS)[1]["bits"] == 8
+    assert all(inputs == 4 and a["bits"] == 4 for inputs, a in nbits.values())  # zero points
+
+
+def test_gptq_catches_each_familys_layer_inputs(tiny_target, tmp_path):
+    """GPTQ runs each decoder layer alone on inputs caught at the first one (Qwen2.5-VL's
+    multimodal rotary positions included): it keeps more of the float32 model's greedy
+    tokens than round to nearest (tiny Qwen2.5-VL, int4: 10 vs 5 of 16)."""
+    model_dir, _ = tiny_target("qwen2_5_vl")
+    agreement = {}
+    for method in ("rtn", "gptq"):
+        export_target(model_dir, tmp_path / method, max_len=MAX_LEN, weights="int4",
+                      weights_method=method)
+        agreement[method] = greedy_check(model_dir, tmp_path / method).agreement
+    assert agreement["gptq"] > agreement["rtn"], agreement
