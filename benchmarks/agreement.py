@@ -1,0 +1,58 @@
+"""Teacher-forced top-1 agreement of exported targets (e.g. quantized) with a reference export
+(float32) of the same model: how often each picks the reference's next token along the
+reference's own greedy answers (RESULTS.md: int4 forms).
+
+    python benchmarks/agreement.py REFERENCE ARTIFACTS [ARTIFACTS ...] [--tokens 48]
+        [--images 8]
+
+Prompts: distill-data's held-out chat prompts (``HELD_OUT_CHAT``) and held-out synthetic
+images asked the short question (the demo's SmolLM2 LLaVA target). The reference answers
+each greedily; every other export then runs one prefill over prompt + answer and its argmax
+per position is compared with the answer's next token. Prints the mean per group.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reference")
+    parser.add_argument("artifacts", nargs="+")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from vispec.exporter.demo.synthetic_images import QUESTION, examples
+    from vispec.exporter.drafters.distill import HELD_OUT_CHAT
+    from vispec.runtime.generate import generate_plain
+    from vispec.runtime.masks import causal_mask
+    from vispec.runtime.target import TargetModel
+
+    reference = TargetModel(args.reference, threads=args.threads)
+    cases = [("chat", text, []) for text in HELD_OUT_CHAT]
+    cases += [("image", QUESTION, [e.image]) for e in examples(args.images, 11, "heldout")]
+    answers = []
+    for group, text, images in cases:
+        prompt = reference.prepare(text, images)
+        answers.append((group, prompt, generate_plain(reference, prompt, args.tokens).tokens))
+    for path in args.artifacts:
+        target = TargetModel(path, threads=args.threads)
+        agreement: dict[str, list[float]] = {}
+        for group, prompt, answer in answers:
+            embeds = np.concatenate([target.prompt_embeds(prompt), target.embed(answer[:-1])])
+            positions, start = target.glue.position_ids(prompt)
+            steps = target.glue.step_position_ids(start, np.arange(len(answer) - 1))
+            out = target.step(target.new_cache(), embeds, np.concatenate([positions, steps], -1),
+                              causal_mask(0, len(embeds)))
+            chosen = np.argmax(out.logits, -1)[len(prompt.input_ids) - 1:]
+            agreement.setdefault(group, []).append(float(np.mean(chosen == np.array(answer))))
+        print(path, ", ".join(f"{g} {np.mean(v):.3f} ({len(v)} prompts)"
+                              for g, v in agreement.items()), flush=True)
+        target.close()
+
+
+if __name__ == "__main__":
+    main()
