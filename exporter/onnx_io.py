@@ -43,7 +43,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, example: dict[str, np
     (an example dim of 1 is baked in as a constant by the tracer).
     """
     path = Path(path)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in spec.input_names)
+    args = tuple(torch.from_numpy(np.array(example[n])) for n in spec.input_names)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=spec.input_names,

@@ -175,7 +175,7 @@ def write_draft_vocab(folder: Path, draft_ids: np.ndarray | None) -> dict[str, s
 # -- parity -----------------------------------------------------------------------------------
 @torch.no_grad()
 def _torch_outputs(module, spec: GraphSpec, feeds: dict) -> dict[str, np.ndarray]:
-    out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names))
+    out = module(*(torch.from_numpy(np.array(feeds[n])) for n in spec.input_names))
     out = out if isinstance(out, tuple) else (out,)
     return {name: o.numpy() for name, o in zip(spec.output_names, out)}
 
