@@ -50,18 +50,19 @@ def block_grid(w: torch.Tensor, bits: int, block: int, zero_points: bool) -> Gri
     first = torch.arange(0, k, block)
     top = 2 ** bits - 1
     none = torch.full((n, k // block), -1)
+    zeros = blocks.abs().amax(2) == 0  # all-zero blocks: scale 1, nothing held
     if zero_points:
         lo, hi = blocks.min(2).values.clamp(max=0), blocks.max(2).values.clamp(min=0)
-        scale = (hi - lo) / top
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = torch.where(zeros, 1.0, (hi - lo) / top)
         zero = torch.clamp(torch.round(-lo / scale), 0, top)
-        low = torch.where(blocks.min(2).values <= 0, blocks.argmin(2) + first, none)
-        high = torch.where(blocks.max(2).values >= 0, blocks.argmax(2) + first, none)
+        low = torch.where((blocks.min(2).values <= 0) & ~zeros, blocks.argmin(2) + first, none)
+        high = torch.where((blocks.max(2).values >= 0) & ~zeros, blocks.argmax(2) + first, none)
         return Grid(scale, zero, top, low, high)
     extreme = blocks.abs().argmax(2, keepdim=True)
     scale = torch.gather(blocks, 2, extreme).squeeze(2) / -(2 ** (bits - 1))  # signed
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return Grid(scale, torch.full_like(scale, 2 ** (bits - 1)), top, extreme.squeeze(2) + first, none)
+    scale = torch.where(zeros, 1.0, scale)
+    held = torch.where(zeros, none, extreme.squeeze(2) + first)
+    return Grid(scale, torch.full_like(scale, 2 ** (bits - 1)), top, held, none)
 
 
 def round_column(column: torch.Tensor, index: int, grid: Grid, block: int) -> torch.Tensor:
@@ -128,16 +129,21 @@ class _Stop(Exception):
     """Raised by a hook once what is wanted of a calibration forward is caught."""
 
 
+def _run(forwards: Sequence[Callable[[], object]]) -> None:
+    """Each forward, until a hook stops it (``_Stop``)."""
+    for forward in forwards:
+        try:
+            forward()
+        except _Stop:
+            pass
+
+
 def _calibrate(forwards: Sequence[Callable[[], object]], stop_after: torch.nn.Module) -> None:
     def stop(*_):
         raise _Stop
     hook = stop_after.register_forward_hook(stop)
     try:
-        for forward in forwards:
-            try:
-                forward()
-            except _Stop:
-                pass
+        _run(forwards)
     finally:
         hook.remove()
 
@@ -159,11 +165,7 @@ def _layer_inputs(forwards: Sequence[Callable[[], object]], layer: torch.nn.Modu
         raise _Stop
     hook = layer.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for forward in forwards:
-            try:
-                forward()
-            except _Stop:
-                pass
+        _run(forwards)
     finally:
         hook.remove()
     return caught

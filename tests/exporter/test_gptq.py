@@ -117,3 +117,13 @@ def test_demo_calibration_file_reads_back(tmp_path):
     assert [(text, len(images)) for text, images in prompts[:4]] == \
         [(QUESTION, 1), (DETAIL_QUESTION, 1)] * 2
     assert len(prompts) == 4 + len(PROMPTS) and not any(images for _, images in prompts[4:])
+
+
+@pytest.mark.parametrize("bits,zero_points", GRIDS)
+def test_an_all_zero_block_stays_zero(bits, zero_points):
+    """Inputs the calibration never saw (zero Hessian) are zeroed: a block of them stays 0,
+    its extreme held at no level."""
+    w, x = _problem(3)
+    x[:, 32:64] = 0
+    q = gptq_weight(w, 2 * x.T.double() @ x.double(), bits, 32, zero_points)
+    assert torch.all(q[:, 32:64] == 0) and torch.any(q[:, :32] != 0)
