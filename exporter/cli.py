@@ -125,7 +125,8 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
                    "embedding); 'none' quantizes both.")
 @click.option("--weights-method", type=click.Choice(["rtn", "gptq", "minmax"]), default="rtn",
               show_default=True, help="Round to nearest, GPTQ on calibration prompts "
-                                      "(minutes; more accurate), or (int4) min/max per block "
+                                      "(minutes; more accurate; int4: blocks with integer "
+                                      "zero points, the head int8), or (int4) min/max per block "
                                       "with zero points and the float part in a 4-bit digit, "
                                       "the head int8 (GGUF Q4_1/Q8_0 weights kept).")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False),
