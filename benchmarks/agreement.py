@@ -7,8 +7,9 @@ reference's own greedy answers (RESULTS.md: int4 forms).
 
 Prompts: distill-data's held-out chat prompts (``HELD_OUT_CHAT``) and held-out synthetic
 images asked the short question (the demo's SmolLM2 LLaVA target). The reference answers
-each greedily; every other export then runs one prefill over prompt + answer and its argmax
-per position is compared with the answer's next token. Prints the mean per group.
+each greedily; every other export then runs one prefill over prompt + answer
+(``runtime.ties.teacher_forced_logits``) and its argmax per position is compared with the
+answer's next token. Prints the mean per group.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def main() -> None:
     from vispec.exporter.demo.synthetic_images import QUESTION, examples
     from vispec.exporter.drafters.distill import HELD_OUT_CHAT
     from vispec.runtime.generate import generate_plain
-    from vispec.runtime.masks import causal_mask
     from vispec.runtime.target import TargetModel
+    from vispec.runtime.ties import teacher_forced_logits
 
     reference = TargetModel(args.reference, threads=args.threads)
     cases = [("chat", text, []) for text in HELD_OUT_CHAT]
@@ -42,12 +43,7 @@ def main() -> None:
         target = TargetModel(path, threads=args.threads)
         agreement: dict[str, list[float]] = {}
         for group, prompt, answer in answers:
-            embeds = np.concatenate([target.prompt_embeds(prompt), target.embed(answer[:-1])])
-            positions, start = target.glue.position_ids(prompt)
-            steps = target.glue.step_position_ids(start, np.arange(len(answer) - 1))
-            out = target.step(target.new_cache(), embeds, np.concatenate([positions, steps], -1),
-                              causal_mask(0, len(embeds)))
-            chosen = np.argmax(out.logits, -1)[len(prompt.input_ids) - 1:]
+            chosen = teacher_forced_logits(target, prompt, answer).argmax(-1)
             agreement.setdefault(group, []).append(float(np.mean(chosen == np.array(answer))))
         print(path, ", ".join(f"{g} {np.mean(v):.3f} ({len(v)} prompts)"
                               for g, v in agreement.items()), flush=True)

@@ -150,21 +150,21 @@ def quantize_minmax(path: str | os.PathLike, block: int = BLOCK, keep: Collectio
         if bits == 8:
             data, scales, _ = pack_symmetric(np.ascontiguousarray(w.T), block)
             nodes = [_nbits(graph, first, x, data, scales, None, product, k, 8, block)]
-        elif digits == 0:
-            data, scales, zeros = pack_minmax(np.ascontiguousarray(w.T), block, 0)
-            nodes = [_nbits(graph, first, x, data, scales, zeros, product, k, 4, block)]
         else:
             data, scales, zeros = pack_minmax(np.ascontiguousarray(w.T), block, digits)
-            sums, extended = f"minmax.block_sums.{k}", f"{first}/extended"
-            if sums not in inits:
-                inits[sums] = numpy_helper.from_array(block_sums(k, block, digits), sums)
-                graph.initializer.append(inits[sums])
-            nodes = [helper.make_node("MatMul", [x, sums], [f"{first}/block_sums"],
-                                      name=f"{first}_block_sums"),
-                     helper.make_node("Concat", [x, f"{first}/block_sums"], [extended], axis=-1,
-                                      name=f"{first}_extended"),
-                     _nbits(graph, first, extended, data, scales, zeros, product,
-                            data.shape[1] * block, 4, block)]
+            source, width, nodes = x, k, []
+            if digits > 0:  # over x extended by its block sums (the float part)
+                sums, source = f"minmax.block_sums.{k}", f"{first}/extended"
+                if sums not in inits:
+                    inits[sums] = numpy_helper.from_array(block_sums(k, block, digits), sums)
+                    graph.initializer.append(inits[sums])
+                nodes = [helper.make_node("MatMul", [x, sums], [f"{first}/block_sums"],
+                                          name=f"{first}_block_sums"),
+                         helper.make_node("Concat", [x, f"{first}/block_sums"], [source],
+                                          axis=-1, name=f"{first}_extended")]
+                width = data.shape[1] * block
+            nodes.append(_nbits(graph, first, source, data, scales, zeros, product, width, 4,
+                                block))
         if len(members) > 1:
             graph.initializer.append(numpy_helper.from_array(
                 np.array([inits[m.input[1]].dims[1] for m in members], np.int64),
