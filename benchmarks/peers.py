@@ -17,8 +17,10 @@ cores on average is marked contended (ratios flip under load: see shared/PITFALL
     python benchmarks/peers.py [--precisions fp32,int4] [--threads 2] [--repeats 3]
         [--max-new-tokens 128] [--images 4] [--drafter vispec|none] [--png peers.png]
         [--attention gqa|standard] [--weights-method rtn|gptq|minmax] [--calibration FILE]
-        [--json FILE] [--workdir DIR]
+        [--weights-head int8|int4] [--json FILE] [--workdir DIR]
 
+Plain rows run a drafter-less ``Pipeline`` (as a user decoding plainly loads it: its LM's
+thread pool spins on between steps), speculative rows one with the drafter.
 ``--weights-method gptq`` calibrates on ``--calibration`` (default: 32 of the demo's training
 images with both questions and GPTQ's text prompts, ``real_target.write_calibration``).
 """
@@ -249,6 +251,9 @@ def main() -> None:
                         "gqa (ONNX Runtime's fused CPU kernels) or standard")
     parser.add_argument("--weights-method", default="rtn", help="the project's int4/int8 "
                         "rounding: rtn (as the peer's builder), gptq or minmax")
+    parser.add_argument("--weights-head", default=None, choices=("int8", "int4"),
+                        help="the project's LM head precision at int4 (default: the "
+                             "method's; the peer's builder makes it int4)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="gptq's calibration file (default: the demo's training images)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -278,28 +283,32 @@ def main() -> None:
     precisions = args.precisions.split(",")
     model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
     method = {p: "rtn" if p == "fp32" else args.weights_method for p in {"fp32", *precisions}}
-    targets = {p: work / f"target-{p}-{args.attention}-{method[p]}" for p in method}
+    head = {p: None if p == "fp32" else args.weights_head for p in method}
+    targets = {p: work / f"target-{p}-{args.attention}-{method[p]}"
+                         f"{'-head-' + head[p] if head[p] else ''}" for p in method}
     for p, out in targets.items():
         if not (out / "manifest.json").exists():
             calibration = None if method[p] != "gptq" else \
                 args.calibration or write_calibration(work / "calibration")
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
                           attention=args.attention, weights_method=method[p],
-                          calibration=calibration, progress=say)
+                          weights_head=head[p], calibration=calibration, progress=say)
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
         checkpoint = demo_drafters(model_dir, (args.drafter,), progress=say)[args.drafter]
         drafter_dir = export_demo_drafter(checkpoint, model_dir, work, progress=say)
+    # plain rows from a drafter-less pipeline, as a user decoding plainly would load it (its
+    # LM's pool spins on between steps: ``TargetModel(keep_spinning=)``)
+    plain = {p: Pipeline(targets[p], threads=args.threads) for p in precisions}
     pipes = {p: Pipeline(targets[p], drafter_dir=drafter_dir, threads=args.threads, progress=say)
-             for p in precisions}
+             for p in precisions} if drafter_dir else {}
     peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}", p), args.threads)
              for p in precisions} if has_peer else {}
-    texts = [pipes[precisions[0]].target.prepare(t) for t in TEXT_PROMPTS]
-    images = [pipes[precisions[0]].target.prepare(QUESTION, [e.image])
+    texts = [plain[precisions[0]].target.prepare(t) for t in TEXT_PROMPTS]
+    images = [plain[precisions[0]].target.prepare(QUESTION, [e.image])
               for e in examples(args.images, 0, "heldout")]
     for pipe in pipes.values():
-        if pipe.drafter is not None:
-            pipe.tree_policy()  # auto measures its costs before any timing
+        pipe.tree_policy()  # auto measures its costs before any timing
     say(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
         f"{args.threads} threads each; {args.repeats} repeats after a warm-up, "
         f"{args.max_new_tokens} new tokens at most; {len(texts)} text prompts (both), "
@@ -308,12 +317,12 @@ def main() -> None:
     n = args.max_new_tokens
     for repeat in range(args.repeats + 1):
         for p in precisions:
-            pipe = pipes[p]
             for group, prompts in (("text", texts), ("image", images)):
                 for i, prompt in enumerate(prompts):
-                    jobs = [(PROJECT, PLAIN, lambda: project_run(pipe, prompt, n, False))]
-                    if pipe.drafter is not None:
-                        jobs.append((PROJECT, SPECULATIVE, lambda: project_run(pipe, prompt, n, True)))
+                    jobs = [(PROJECT, PLAIN, lambda: project_run(plain[p], prompt, n, False))]
+                    if p in pipes:
+                        jobs.append((PROJECT, SPECULATIVE,
+                                     lambda: project_run(pipes[p], prompt, n, True)))
                     if group == "text" and p in peers:
                         ids = prompt.input_ids.tolist()
                         jobs.append((PEER, PLAIN, lambda: peers[p].generate(ids, n)))
@@ -327,7 +336,7 @@ def main() -> None:
     print(format_groups(groups, args.quiet))
     if any(g.identical is False for g in groups):
         say("WARNING: fp32 outputs of the project and the peer differ")
-    if args.png:
+    if args.png and groups:
         say(f"chart: {plot(groups, args.png, args.quiet)}")
     if args.json:
         args.json.write_text(json.dumps([g.to_dict() for g in groups], indent=1, default=list))

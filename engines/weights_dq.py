@@ -29,7 +29,7 @@ TRT_INT4_BLOCKS = (64, 128)
 DQ_OPSET = 21  # blocked DequantizeLinear
 CONTRIB = "com.microsoft"
 MINMAX_HEAD = (" (--weights-method minmax, and gptq at int4, keep the LM head 8-bit: add "
-               "--weights-exclude head)")
+               "--weights-head int4, or --weights-exclude head)")
 
 
 def _attrs(node) -> dict:

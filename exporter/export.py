@@ -47,6 +47,7 @@ DEFAULT_OPSET = 17
 EXAMPLE_NEW, EXAMPLE_PAST = 8, 5  # example dims > 2: the tracer bakes in 1s
 WEIGHT_PARTS = ("head", "embed")  # besides the decoder layers: the LM head, the embedding
 DEFAULT_EXCLUDE = ("embed",)  # a Gather reads S rows a step: quantizing it saves no time
+HEAD_PRECISIONS = ("int8", "int4")  # an LM head quantized with the layers
 METHODS = ("rtn", "gptq", "minmax")  # round to nearest; GPTQ on calibration prompts first
 # (minutes); int4 min/max per block with a float minimum, the head int8 (exact for GGUF Q4_1/Q8_0)
 
@@ -175,8 +176,10 @@ def check_attention(attention: str, glue: FamilyGlue, dtype: str) -> None:
         check_gqa_model(glue.text_config, glue.mrope, dtype)
 
 
-def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: str = "rtn") -> None:
-    """Refuse a weight precision, block size, excluded part or method that does not exist."""
+def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: str = "rtn",
+                  head: str | None = None) -> None:
+    """Refuse a weight precision, block size, excluded part, method or head precision that
+    does not exist or does not fit the others."""
     if weights not in WEIGHTS:
         raise VispecError(f"weights {weights!r}. Expected one of {WEIGHTS}")
     if method not in METHODS:
@@ -189,7 +192,21 @@ def check_weights(weights: str, block: int, exclude: tuple[str, ...], method: st
     unknown = set(exclude) - set(WEIGHT_PARTS)
     if unknown:
         raise VispecError(f"weights exclude {sorted(unknown)}. Expected some of {WEIGHT_PARTS}")
+    if head is not None:
+        if head not in HEAD_PRECISIONS:
+            raise VispecError(f"head weights {head!r}. Expected one of {HEAD_PRECISIONS}")
+        if weights == FLOAT or "head" in exclude:
+            why, fix = (("float weights", "pass --weights int4/int8") if weights == FLOAT
+                        else ("the head excluded", "drop head from --weights-exclude"))
+            raise VispecError(f"head weights {head} with {why}: nothing quantizes the head. "
+                              f"Hint: drop --weights-head, or {fix}")
     require_weights_runtime(weights, "ort", f"export --weights {weights}")
+
+
+def head_weights(weights: str, method: str, head: str | None = None) -> str:
+    """The LM head's precision: ``head``, else the method's default (int8 on zero-point
+    grids, ``zero_point_grid``; the layers' otherwise)."""
+    return head or ("int8" if zero_point_grid(weights, method) else weights)
 
 
 def zero_point_grid(weights: str, method: str) -> bool:
@@ -199,30 +216,43 @@ def zero_point_grid(weights: str, method: str) -> bool:
 
 
 def weight_rewrites(weights: str, block: int, exclude: tuple[str, ...],
-                    method: str = "rtn") -> dict[str, tuple[Callable[[Path], object], str]]:
+                    method: str = "rtn", head: str | None = None
+                    ) -> dict[str, tuple[Callable[[Path], object], str]]:
     """Graph name -> (rewrite of its exported file, progress note) quantizing the ``lm``
     graph's MatMuls (its LM head unless excluded) and the ``embed`` graph's table (unless
     excluded) (``weight_quant``); none for float weights. ``minmax``: the decoder's MatMuls
-    4-bit min/max, the head and the embedding table int8 (symmetric, ``max |w| / 127``);
-    ``gptq`` at int4 the same with no float part (GPTQ's grid has integer zero points)."""
+    4-bit min/max, the embedding table int8 (symmetric, ``max |w| / 127``); ``gptq`` at
+    int4 the same with no float part (GPTQ's grid has integer zero points). The head at
+    ``head_weights``: int8 symmetric, or int4 as the layers are rounded (min/max on the
+    zero-point grids)."""
     if weights == FLOAT:
         return {}
     keep = (LOGITS,) if "head" in exclude else ()
     zero_points = zero_point_grid(weights, method)
-    bits = 8 if zero_points else BITS[weights]  # the head's and the table's
+    bits = 8 if zero_points else BITS[weights]  # the table's
+    head = head_weights(weights, method, head)
     if zero_points:
         lm = functools.partial(quantize_minmax, block=block, keep=keep,
-                               int8=() if keep else (LOGITS,),
+                               int8=(LOGITS,) if head == "int8" and not keep else (),
                                **({"digits": 0} if method == "gptq" else {}))
-        note = f"{', LM head float' if keep else ', LM head int8'}, {method}"
-    else:
+    elif head == weights or keep:
         lm = functools.partial(quantize_matmuls, bits=bits, block=block, keep=keep)
-        note = ', LM head float' if keep else ''
-    rewrites = {"lm": (lm, f"quantizing the LM's weights to {weights} (blocks of {block}{note})")}
+    else:  # the layers, then the head alone
+        lm = functools.partial(_layers_then_head, bits=bits, head_bits=BITS[head], block=block)
+    note = ", LM head float" if keep else f", LM head {head}"
+    rewrites = {"lm": (lm, f"quantizing the LM's weights to {weights} (blocks of {block}{note}"
+                           f"{', ' + method if zero_points else ''})")}
     if "embed" not in exclude:
         rewrites["embed"] = (functools.partial(quantize_gathers, bits=bits, block=block),
                              f"quantizing the embedding table to int{bits} (blocks of {block})")
     return rewrites
+
+
+def _layers_then_head(path: Path, bits: int, head_bits: int, block: int) -> Path:
+    """Round-to-nearest rewrite of ``path``: the decoder's MatMuls at ``bits``, the LM head
+    at ``head_bits``."""
+    quantize_matmuls(path, bits=bits, block=block, keep=(LOGITS,))
+    return quantize_matmuls(path, bits=head_bits, block=block)
 
 
 def check_opset(opset: int) -> None:
@@ -238,6 +268,7 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   dtype: str = "float32", attention: str = STANDARD, weights: str = FLOAT,
                   weights_block: int = BLOCK,
                   weights_exclude: tuple[str, ...] = DEFAULT_EXCLUDE, weights_method: str = "rtn",
+                  weights_head: str | None = None,
                   calibration: str | os.PathLike | None = None, overwrite: bool = False,
                   progress: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Export the target at ``model_dir`` into ``out_dir``: ``embed.onnx``, ``vision.onnx``,
@@ -256,11 +287,13 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``calibration`` (a file) or a built-in set; at int4 onto min/max blocks with integer
     zero points, the head and embedding int8. ``weights_method="minmax"`` (int4): 4-bit
     min/max blocks with a float minimum, the head and embedding int8 (``weight_quant``).
+    ``weights_head`` ``int8``/``int4``: the LM head's precision instead of the method's
+    (int4 on the zero-point grids: rounded min/max, not by GPTQ).
     """
     if dtype not in DTYPES:
         raise VispecError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
     weights_exclude = tuple(weights_exclude)
-    check_weights(weights, weights_block, weights_exclude, weights_method)
+    check_weights(weights, weights_block, weights_exclude, weights_method, weights_head)
     if weights_method == "gptq" and weights != FLOAT:
         calibration = calibration_prompts(calibration)
     model_dir = Path(model_dir)
@@ -276,18 +309,22 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if weights != FLOAT:
         facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude),
                      weights_method=weights_method)
+        if "head" not in weights_exclude:
+            facts["weights_head"] = head_weights(weights, weights_method, weights_head)
     if weights_method == "gptq" and weights != FLOAT:
         prompts = [glue.prepare(processor, text, images) for text, images in calibration]
         progress(f"GPTQ: calibrating on {len(prompts)} prompts and the model's answers")
-        zero_points = zero_point_grid(weights, weights_method)  # the head stays int8 then
-        gptq_language_model(adapter.language_model,
-                            None if "head" in weights_exclude or zero_points else adapter.lm_head,
+        zero_points = zero_point_grid(weights, weights_method)
+        head_gptq = not ("head" in weights_exclude or zero_points  # the head rounded apart
+                         or head_weights(weights, weights_method, weights_head) != weights)
+        gptq_language_model(adapter.language_model, adapter.lm_head if head_gptq else None,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
                             weights_block, zero_points, progress)
     screen = screens(adapter.lm_head, attention, weights)
     jobs = target_jobs(adapter, glue, processor,
                        target_specs(glue, facts, max_len, max_images, dtype, attention, screen),
-                       weight_rewrites(weights, weights_block, weights_exclude, weights_method))
+                       weight_rewrites(weights, weights_block, weights_exclude, weights_method,
+                                       weights_head))
     info = ArtifactInfo(kind="target", family=glue.model_type, source=model_dir,
                         max_len=max_len, opset=opset, model=facts)
     return write_artifact(out_dir, info, jobs, inputs=[model_dir], overwrite=overwrite,

@@ -62,7 +62,8 @@ class Pipeline:
         target_dir = _check_artifacts(Path(artifact_dir), "target")
         if drafter_dir is not None:  # a wrong drafter folder is told before the target loads
             Manifest.load(_check_artifacts(Path(drafter_dir), "drafter"), kind="drafter")
-        self.target = TargetModel(target_dir, backend=backend, threads=threads)
+        self.target = TargetModel(target_dir, backend=backend, threads=threads,
+                                  keep_spinning=drafter_dir is None)
         self.drafter = None
         if drafter_dir is not None:
             from .drafters import open_drafter

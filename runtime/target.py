@@ -12,6 +12,7 @@ from .backends import default_memory, make_runner
 from .device import DeviceTensor, HostMemory, Memory, host_batch, is_device
 from .errors import ManifestError
 from .families import FamilyGlue, Prompt, glue_for
+from .greedy_steps import GreedySteps
 from .head_screen import HEAD_WEIGHTS, MAX_ROWS, SCREEN, HeadScreen
 from .kv_cache import KVCache
 from .manifest import Manifest
@@ -108,11 +109,16 @@ class TargetModel:
     default per backend, ``backends.default_memory``); ``traffic`` counts what crosses.
     The graphs' tensors are ``[1, S, ...]`` wherever they live; the host reads and hands in
     ``[S, ...]`` rows (``embed``, ``prompt_embeds``, ``step``, ``StepOutput``).
+    ``keep_spinning`` (ONNX Runtime on a CPU): the LM's thread pool spins on between steps
+    instead of stopping at each run's end, for a target no drafter alternates with (plain
+    int4 decoding ~5% faster on a quiet 2-core CPU; a drafter's runs beside the spinning
+    workers took ~10-30% longer, so ``Pipeline`` asks for it without a drafter). Not
+    where a head screen runs after each step (its own pool would meet the same fight).
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort",
                  threads: int | None = None,
-                 memory: Memory | None = None):
+                 memory: Memory | None = None, keep_spinning: bool = False):
         self.dir = Path(artifact_dir)
         self.backend, self.threads = backend, threads
         self.manifest = Manifest.load(self.dir, kind="target")
@@ -134,8 +140,10 @@ class TargetModel:
         if self.glue.model_type != self.manifest.family:
             raise ManifestError(f"manifest family {self.manifest.family!r} does not match "
                                 f"its config ({self.glue.model_type!r}). Hint: re-export")
+        keep_spinning = keep_spinning and SCREEN not in self.manifest.graphs
         self.runners = {name: make_runner(backend, self.dir / g.file, g.spec,
-                                          1 if name in ONE_THREAD else threads, self.memory)
+                                          1 if name in ONE_THREAD else threads, self.memory,
+                                          keep_spinning=keep_spinning and name == "lm")
                         for name, g in self.manifest.graphs.items() if name != SCREEN}
         self.extras = {k: np.load(self.dir / f, mmap_mode="r" if k == HEAD_WEIGHTS else None)
                        for k, f in self.manifest.extra_files.items()}  # the head: rows as read
@@ -262,6 +270,16 @@ class TargetModel:
             out = self.runners["lm"].infer({**feeds, **past}, {**outputs, **present})
         return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
                           self.runners.get(ARGMAX), first, self.screen if greedy else None)
+
+    def greedy_steps(self, cache: KVCache) -> GreedySteps | None:
+        """Greedy one-token steps on ``cache`` with every buffer bound once (``greedy_steps``),
+        where they serve: ONNX Runtime, the ``gqa`` form, a host embedding table, no head
+        screen (which chooses greedy tokens without the float head). None elsewhere."""
+        runner = self.runners["lm"]
+        if (not hasattr(runner, "bound_step") or self._table is None or not cache.heads_major
+                or self.screen is not None):
+            return None
+        return GreedySteps(runner, self._table, cache, self.selects_logits)
 
     def _keep(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` copied into the target's buffer for LM input ``name`` at its shape."""

@@ -12,15 +12,18 @@ BACKENDS = ("ort", "ort-cuda", "tensorrt")
 
 
 def make_runner(backend: str, path: str | os.PathLike, spec: GraphSpec,
-                threads: int | None = None, memory: Memory | None = None) -> GraphRunner:
+                threads: int | None = None, memory: Memory | None = None,
+                keep_spinning: bool = False) -> GraphRunner:
     """A runner of ``backend`` for the graph at ``path`` (ONNX file or TensorRT engine)
     whose tensors live in ``memory`` (its GPU for CUDA backends; host arrays it binds count
-    in ``memory.traffic``); by default the backend's own (``default_memory``)."""
+    in ``memory.traffic``); by default the backend's own (``default_memory``).
+    ``keep_spinning``: ONNX Runtime's pool spins on between runs (``OrtRunner``)."""
     check_backend(backend)
     if backend in ("ort", "ort-cuda"):
         from .ort import CPU, CUDA, OrtRunner
         providers = [CUDA, CPU] if backend == "ort-cuda" else [CPU]
-        return OrtRunner(path, spec, providers=providers, threads=threads, memory=memory)
+        return OrtRunner(path, spec, providers=providers, threads=threads, memory=memory,
+                         keep_spinning=keep_spinning)
     from .tensorrt import TrtRunner
     return TrtRunner(path, spec, memory=memory)
 

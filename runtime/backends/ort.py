@@ -102,12 +102,14 @@ class OrtRunner(GraphRunner):
     numpy arrays are bound as host memory: on CPU this is zero-copy (KV views are read and
     written in place); on a device ONNX Runtime copies them across, counted by ``memory``
     (the target's: its ``device_id`` is the CUDA provider's). :class:`DeviceTensor` s are
-    bound on their device.
+    bound on their device. ``keep_spinning``: where ``spinning()`` lets the pool spin,
+    it spins on between runs too (stopped at each run's end otherwise): for a session no
+    other session alternates with (``TargetModel``'s).
     """
 
     def __init__(self, path: str | os.PathLike, spec: GraphSpec, *,
                  providers: list[str] | None = None, threads: int | None = None,
-                 memory: Memory | None = None):
+                 memory: Memory | None = None, keep_spinning: bool = False):
         super().__init__(spec)
         self.memory = memory or HostMemory()
         device_id = self.memory.device_id
@@ -125,7 +127,8 @@ class OrtRunner(GraphRunner):
         options.log_severity_level = 3
         options.add_session_config_entry(  # one thread: no pool, nothing to spin
             "session.intra_op.allow_spinning", "1" if threads != 1 and spinning(threads) else "0")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.add_session_config_entry(  # spinning on between runs: ONNX Runtime's default
+            "session.force_spinning_stop", "0" if keep_spinning else "1")
         try:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=provider_options(providers, device_id))
@@ -163,9 +166,35 @@ class OrtRunner(GraphRunner):
             bind(name, *where)
         self._bound[name] = (array, where)
 
+    def bound_step(self, feeds: dict, outputs: dict) -> "BoundStep":
+        """A run of this graph over ``feeds`` and ``outputs`` (host or device buffers, every
+        input and output), checked against the spec once and bound once on an IO binding
+        of its own (this runner's bindings stay as they are)."""
+        self._check(feeds, outputs)
+        return BoundStep(self.session, feeds, outputs)
+
     def close(self) -> None:
         self.session = None
         self.binding = None
+
+
+class BoundStep:
+    """A graph run whose buffers stay bound between calls: a loop rewrites its inputs in
+    place, ``rebind`` s the one whose shape changes, and ``run`` s (no per-call checks)."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: dict, outputs: dict):
+        self.session, self.binding = session, session.io_binding()
+        for name, array in feeds.items():
+            self.rebind(name, array)
+        for name, array in outputs.items():
+            self.binding.bind_output(name, *_where(array))
+
+    def rebind(self, name: str, array) -> None:
+        """Bind input ``name`` to ``array`` (a contiguous buffer, kept alive by the caller)."""
+        self.binding.bind_input(name, *_where(array))
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
 
 
 def _where(array) -> tuple:

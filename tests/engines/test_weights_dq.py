@@ -93,20 +93,23 @@ def test_build_refuses_what_tensorrt_cannot_take(exports, weights, block, config
         plan_build(Manifest.load(artifacts), artifacts, config, "10.3.0")
 
 
-def test_build_maps_minmax_int4_with_the_head_float(tiny_target, tmp_path,
-                                                   fake_tensorrt):  # noqa: F811
+@pytest.mark.parametrize("head", [{"weights_exclude": ("head", "embed")},
+                                  {"weights_head": "int4"}], ids=["head-float", "head-int4"])
+def test_build_maps_minmax_int4_with_the_head_float_or_4_bit(tiny_target, tmp_path, head,
+                                                             fake_tensorrt):  # noqa: F811
     """``--weights-method minmax``: its zero points become the symmetric INT4 product plus
     ``d (8 - z)`` times the block sums (standard ops), so the DequantizeLinear form computes
-    the same graph; its int8 head is refused with the way out."""
+    the same graph; its int8 head is refused with the ways out (a float or a 4-bit head)."""
     model_dir = tiny_target("llava")[0]
     head_int8 = tmp_path / "head-int8"
     export_target(model_dir, head_int8, max_len=256, weights="int4", weights_block=64,
                   weights_method="minmax")
-    with pytest.raises(VispecError, match="8-bit.*minmax.*--weights-exclude head"):
+    with pytest.raises(VispecError, match="8-bit.*minmax.*--weights-head int4, or "
+                                          "--weights-exclude head"):
         plan_build(Manifest.load(head_int8), head_int8, BuildConfig(precision="fp16"), "10.3.0")
-    artifacts = tmp_path / "head-float"
+    artifacts = tmp_path / "artifacts"
     export_target(model_dir, artifacts, max_len=256, weights="int4", weights_block=64,
-                  weights_method="minmax", weights_exclude=("head", "embed"))
+                  weights_method="minmax", **head)
     plans = {p.name: p for p in plan_build(Manifest.load(artifacts), artifacts,
                                            BuildConfig(precision="fp16"), "10.3.0")}
     assert plans["lm"].precision == "int4"

@@ -18,6 +18,7 @@ from vispec.runtime.errors import ManifestError, VispecError
 from vispec.runtime.generate import generate_plain, prefill
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.masks import causal_mask
+from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.session import Session
 from vispec.runtime.specs import ATTENTION_MASK, INPUTS_EMBEDS, LOGIT_ROWS, LOGITS, POSITION_IDS
 from vispec.runtime.target import TargetModel
@@ -179,3 +180,42 @@ def test_quantized_targets_are_held_to_their_activation_rounding(gqa_targets):
     assert tie_tolerance(TargetModel(int4)) == TIE_TOLERANCE[ROUNDED_ACTIVATIONS]
     assert tie_tolerance(TargetModel(gqa)) == tie_tolerance(TargetModel(standard)) == \
         TIE_TOLERANCE["float32"]
+
+
+def test_a_drafter_less_lm_spins_between_steps_unless_a_screen_runs(gqa_targets, tiny_drafter):
+    """``Pipeline`` keeps the LM's pool spinning between runs (ONNX Runtime's default) only
+    where no other pooled session alternates with it: no drafter, no head screen. Either
+    way the tokens are the same."""
+    _, _, fp32, int4 = gqa_targets
+
+    def stops(pipe):
+        return {name: runner.session.get_session_options().get_session_config_entry(
+                    "session.force_spinning_stop") for name, runner in pipe.target.runners.items()}
+
+    alone, drafted = Pipeline(int4), Pipeline(int4, drafter_dir=tiny_drafter("eagle", "llava")[1])
+    assert stops(alone) == {**stops(drafted), "lm": "0"} and set(stops(drafted).values()) == {"1"}
+    screened = Pipeline(fp32)
+    assert screened.target.screen is not None and set(stops(screened).values()) == {"1"}
+    tokens = [p.generate("Describe the boat.", max_new_tokens=8, draft=False).tokens
+              for p in (alone, drafted)]
+    assert tokens[0] == tokens[1]
+
+
+def test_plain_greedy_steps_bound_once_decode_as_the_general_step(gqa_targets, monkeypatch):
+    """``TargetModel.greedy_steps`` (int4 ``gqa``: a host table, no head screen) decodes the
+    same tokens, K/V and positions as ``step_tokens``; targets it does not serve say None."""
+    _, standard, fp32, int4 = gqa_targets
+    target = TargetModel(int4)
+    assert target.greedy_steps(target.new_cache()) is not None
+    for other in (TargetModel(fp32), TargetModel(standard)):  # a screen; no heads-major slabs
+        assert other.greedy_steps(other.new_cache()) is None
+    prompt = target.prepare("Describe the boat.")
+    fast = Session(target)
+    fast_tokens = fast.generate_plain(prompt, 24).tokens
+    monkeypatch.setattr(TargetModel, "greedy_steps", lambda self, cache: None)
+    general = Session(target)
+    assert general.generate_plain(prompt, 24).tokens == fast_tokens
+    assert fast.position == general.position and fast.rows == general.rows
+    n = fast.cache.length
+    assert n == general.cache.length
+    np.testing.assert_array_equal(fast.cache.to_host()[:, :, :n], general.cache.to_host()[:, :, :n])

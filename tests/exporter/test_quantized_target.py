@@ -16,6 +16,7 @@ from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
 from vispec.runtime.specs import LOGITS
 from vispec.runtime.target import TargetModel
+from vispec.runtime.ties import teacher_forced_logits
 
 MAX_LEN = 256
 
@@ -158,3 +159,49 @@ def test_gptq_catches_each_familys_layer_inputs(tiny_target, tmp_path):
                       weights_method=method)
         agreement[method] = greedy_check(model_dir, tmp_path / method).agreement
     assert agreement["gptq"] > agreement["rtn"], agreement
+
+
+def _head(path):
+    """(inputs, bits) of the LM head's ``MatMulNBits``; asserts every other product is 4-bit."""
+    nodes, _ = _nodes(path / "lm.onnx")
+    nbits = {n.output[0]: (len(n.input), {a.name: a.i for a in n.attribute}["bits"])
+             for n in nodes if n.op_type == "MatMulNBits"}
+    head = nbits.pop(LOGITS)
+    assert {bits for _, bits in nbits.values()} == {4}
+    return head
+
+
+def test_the_heads_precision_apart_from_the_layers(int4_target, tmp_path):
+    """``weights_head``: an int8 head beside round-to-nearest int4 layers, an int4 head on
+    min/max's zero-point grid; the manifest records it; beside the same int4 layers with a
+    float head, the int8 head's logits lie closer than the int4 head's."""
+    model_dir, *_ = int4_target
+    exports = {"head8": {"weights_head": "int8"}, "head4": {},
+               "float": {"weights_exclude": ("head", "embed")},
+               "minmax4": {"weights_method": "minmax", "weights_head": "int4"}}
+    for name, options in exports.items():
+        export_target(model_dir, tmp_path / name, max_len=MAX_LEN, weights="int4", **options)
+    heads = {name: (*_head(tmp_path / name), Manifest.load(tmp_path / name).model["weights_head"])
+             for name in ("head8", "head4", "minmax4")}
+    assert heads == {"head8": (3, 8, "int8"), "head4": (3, 4, "int4"),
+                     "minmax4": (4, 4, "int4")}  # zero points
+    assert "weights_head" not in Manifest.load(tmp_path / "float").model
+    reference = TargetModel(tmp_path / "float")
+    prompt = reference.prepare(PROMPT)
+    tokens = [5, 17, 3, 29, 11]
+    want = teacher_forced_logits(reference, prompt, tokens)
+    error = {name: np.abs(teacher_forced_logits(TargetModel(tmp_path / name), prompt, tokens)
+                          - want).max() for name in ("head8", "head4")}
+    assert error["head8"] * 4 < error["head4"], error
+
+
+def test_cli_refuses_a_head_precision_nothing_quantizes(tiny_target, tmp_path):
+    model_dir, _ = tiny_target("llava")
+    out = tmp_path / "out"
+    args = ["export", str(model_dir), str(out), "--max-len", str(MAX_LEN), "--weights-head", "int4"]
+    for extra, said in (([], "float weights"),
+                        (["--weights", "int8", "--weights-exclude", "head"], "the head excluded")):
+        result = CliRunner().invoke(cli, args + extra)
+        assert result.exit_code == 2, result.output
+        assert said in result.output and "Hint: drop --weights-head" in result.output
+        assert not out.exists()
