@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--drafter", default="vispec", help="vispec|hivis|eagle, or none")
     parser.add_argument("--quiet", type=float, default=QUIET_CORES,
                         help="others' mean CPU use (cores) above which a group is contended")
-    parser.add_argument("--png", type=Path, default=Path("peers.png"))
+    parser.add_argument("--png", default="peers.png", help="the chart ('' for none)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -337,7 +337,7 @@ def main() -> None:
     if any(g.identical is False for g in groups):
         say("WARNING: fp32 outputs of the project and the peer differ")
     if args.png and groups:
-        say(f"chart: {plot(groups, args.png, args.quiet)}")
+        say(f"chart: {plot(groups, Path(args.png), args.quiet)}")
     if args.json:
         args.json.write_text(json.dumps([g.to_dict() for g in groups], indent=1, default=list))
 

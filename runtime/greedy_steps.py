@@ -28,8 +28,9 @@ from .specs import (
 class GreedySteps:
     """Greedy one-token steps of the LM ``runner`` (an ``OrtRunner``) on ``cache`` (heads-major
     slabs, bound once), token embeddings from ``table [V, H]``. ``selects_logits``: the graph
-    takes the rows whose logits it computes (one here). Valid while ``cache`` is the one
-    decoding; the caller commits each step's row (``KVCache.commit``)."""
+    takes the rows whose logits it computes (one here). Made once per cache
+    (``TargetModel.greedy_steps``: each past length's mask is wrapped once); the caller
+    commits each step's row (``KVCache.commit``)."""
 
     def __init__(self, runner, table: np.ndarray, cache: KVCache, selects_logits: bool):
         spec = runner.spec
@@ -46,6 +47,7 @@ class GreedySteps:
         self.step = runner.bound_step(self.feeds, {LOGITS: self.logits,
                                                    HIDDEN_STATES: self.hidden,
                                                    **cache.present(1)})
+        self.masks: dict[int, object] = {}  # past rows -> the decode mask as a bindable value
 
     def __call__(self, token: int, position: int) -> int:
         """Run ``token`` at text position ``position`` after the cache's rows (its K/V land
@@ -53,6 +55,10 @@ class GreedySteps:
         self.cache.ensure_room(1)
         np.copyto(self.embeds[0, 0], self.table[token])
         self.positions[0, 0] = position
-        self.step.rebind(ATTENTION_MASK, causal_mask(self.cache.length, 1))
+        past = self.cache.length
+        mask = self.masks.get(past)
+        if mask is None:
+            mask = self.masks[past] = self.step.value(causal_mask(past, 1))
+        self.step.rebind_value(ATTENTION_MASK, mask)
         self.step.run()
         return int(self.logits[0, 0].argmax())

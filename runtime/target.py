@@ -155,6 +155,7 @@ class TargetModel:
         self._kept: dict[tuple, np.ndarray] = {}  # (input, shape, dtype) -> buffer (``_keep``)
         self._table = self._host_table()
         self.screen = self._head_screen()
+        self._greedy: GreedySteps | None = None
 
     @property
     def max_len(self) -> int:
@@ -279,7 +280,9 @@ class TargetModel:
         if (not hasattr(runner, "bound_step") or self._table is None or not cache.heads_major
                 or self.screen is not None):
             return None
-        return GreedySteps(runner, self._table, cache, self.selects_logits)
+        if self._greedy is None or self._greedy.cache is not cache:  # kept for the last cache
+            self._greedy = GreedySteps(runner, self._table, cache, self.selects_logits)
+        return self._greedy
 
     def _keep(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` copied into the target's buffer for LM input ``name`` at its shape."""
