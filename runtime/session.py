@@ -223,40 +223,41 @@ class Session:
 
     def _decode_plain(self, turn: Turn) -> None:
         """One token per target pass from the last emitted token until the turn is done
-        (greedy without a drafter's features to keep: ``TargetModel.greedy_steps`` where
-        they serve)."""
+        (greedy: ``TargetModel.greedy_steps`` where they serve)."""
         target, cache = self.target, self.cache
         greedy = turn.chooser.sampling.greedy
-        steps = target.greedy_steps(cache) if greedy and self.features is None else None
+        steps = target.greedy_steps(cache) if greedy else None
         while not turn.done:
             t0 = time.perf_counter()
             if steps is not None:
                 token = steps(turn.tokens[-1], self.position)
-                out = None
+                t1 = time.perf_counter()
+                cache.commit(1)
+                self._commit(turn.tokens[-1:], steps.hidden[0])
             else:
                 out = target.step_tokens(cache, turn.tokens[-1:],
                                          target.glue.step_position_ids(self.position,
                                                                        np.zeros(1, np.int64)),
                                          causal_mask(cache.length, 1), greedy=greedy)
-            t1 = time.perf_counter()
-            cache.commit(1)
-            self._commit(turn.tokens[-1:], out, [0])
-            turn.emit([token if out is None else turn.chooser.choose_next(out)],
-                      target.eos_token_ids)
+                t1 = time.perf_counter()
+                cache.commit(1)
+                self._commit(turn.tokens[-1:], out, [0])
+                token = turn.chooser.choose_next(out)
+            turn.emit([token], target.eos_token_ids)
             turn.stats.target_passes += 1
             turn.stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,
                                                 (time.perf_counter() - t1) * 1e3, 1))
 
-    def _commit(self, tokens, out: StepOutput | None, out_rows) -> np.ndarray | None:
+    def _commit(self, tokens, out: StepOutput | np.ndarray, out_rows=None) -> np.ndarray | None:
         """Book rows just committed to the cache: their tokens, the next position, and with
-        a drafter their features (``out``'s rows ``out_rows``, returned; ``out`` None
-        without a drafter)."""
+        a drafter their features (``out``'s rows ``out_rows``, or ``out`` itself: the rows'
+        final hidden states ``[n, H]``; returned)."""
         start = len(self.rows)
         self.rows.extend(int(t) for t in tokens)
         self.position += len(self.rows) - start
         if self.features is None:
             return None
-        features = out.hidden_rows(out_rows)
+        features = out if isinstance(out, np.ndarray) else out.hidden_rows(out_rows)
         self.features[start:len(self.rows)] = features
         self.embedded[start:len(self.rows)] = False
         return features

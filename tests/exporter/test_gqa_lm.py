@@ -201,21 +201,25 @@ def test_a_drafter_less_lm_spins_between_steps_unless_a_screen_runs(gqa_targets,
     assert tokens[0] == tokens[1]
 
 
-def test_plain_greedy_steps_bound_once_decode_as_the_general_step(gqa_targets, monkeypatch):
+def test_plain_greedy_steps_bound_once_decode_as_the_general_step(gqa_targets, tiny_drafter,
+                                                                 monkeypatch):
     """``TargetModel.greedy_steps`` (int4 ``gqa``: a host table, no head screen) decodes the
-    same tokens, K/V and positions as ``step_tokens``; targets it does not serve say None."""
+    same tokens, K/V, positions and drafter features as ``step_tokens``; targets it does
+    not serve say None."""
     _, standard, fp32, int4 = gqa_targets
     target = TargetModel(int4)
     assert target.greedy_steps(target.new_cache()) is not None
     for other in (TargetModel(fp32), TargetModel(standard)):  # a screen; no heads-major slabs
         assert other.greedy_steps(other.new_cache()) is None
+    drafter = open_drafter(tiny_drafter("eagle", "llava")[1], target)
     prompt = target.prepare("Describe the boat.")
-    fast = Session(target)
+    fast = Session(target, drafter)
     fast_tokens = fast.generate_plain(prompt, 24).tokens
     monkeypatch.setattr(TargetModel, "greedy_steps", lambda self, cache: None)
-    general = Session(target)
+    general = Session(target, drafter)
     assert general.generate_plain(prompt, 24).tokens == fast_tokens
     assert fast.position == general.position and fast.rows == general.rows
     n = fast.cache.length
-    assert n == general.cache.length
+    assert n == general.cache.length == len(fast.rows)
     np.testing.assert_array_equal(fast.cache.to_host()[:, :, :n], general.cache.to_host()[:, :, :n])
+    np.testing.assert_array_equal(fast.features[:n], general.features[:n])
