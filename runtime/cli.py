@@ -65,13 +65,13 @@ def _images(paths) -> list:
 
 
 def _pipeline(model, drafter, backend, threads, sampling=None, image_input=ADAPTOR,
-              tree="auto"):
+              tree="auto", keep_spinning=None):
     hide_torch()
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.sampling import Sampling
     return Pipeline(model, drafter_dir=drafter, backend=backend, threads=threads,
                     tree=tree, sampling=sampling or Sampling(), drafter_image_input=image_input,
-                    progress=_progress)
+                    progress=_progress, keep_spinning=keep_spinning)
 
 
 def _mode(pipe, result) -> str:
@@ -260,7 +260,8 @@ def serve(artifacts, drafter, host, port, workers, queue, api_key, allow_local_i
     tree = _tree_setting(total_tokens, depth, top_k)
     pipes = []
     for _ in range(workers):
-        pipes.append(_pipeline(artifacts, drafter, backend, threads, tree=tree))
+        pipes.append(_pipeline(artifacts, drafter, backend, threads, tree=tree,  # workers
+                               keep_spinning=None if workers == 1 else False))  # share cores
         pipes[-1].tree_policy()  # `auto` measures once, before any request
     from vispec.runtime.serve.app import Settings
     from vispec.runtime.serve.server import serve as run

@@ -49,13 +49,17 @@ class Pipeline:
     first use; a ``TreeConfig``; None: the backend's default tree), resolved once by
     ``tree_policy()``; ``generate(..., tree=policy)`` overrides it for one call.
     ``drafter_image_input``: see ``drafters.open_drafter`` ("adaptor" or "official-llava15").
+    ``keep_spinning``: the LM's thread pool spins on between steps (``TargetModel``); by
+    default without a drafter. Pass False where other pipelines of the process (or other
+    processes) decode on the same cores at the same time: spinning pools fight them.
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
                  drafter_dir: str | os.PathLike | None = None, backend: str = "ort",
                  threads: int | None = None, tree: TreeSetting = AUTO,
                  sampling: Sampling = Sampling(), drafter_image_input: str = ADAPTOR,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None,
+                 keep_spinning: bool | None = None):
         if threads is not None and threads < 1:
             raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
                               f"ONNX Runtime's default")
@@ -63,7 +67,8 @@ class Pipeline:
         if drafter_dir is not None:  # a wrong drafter folder is told before the target loads
             Manifest.load(_check_artifacts(Path(drafter_dir), "drafter"), kind="drafter")
         self.target = TargetModel(target_dir, backend=backend, threads=threads,
-                                  keep_spinning=drafter_dir is None)
+                                  keep_spinning=drafter_dir is None if keep_spinning is None
+                                  else keep_spinning)
         self.drafter = None
         if drafter_dir is not None:
             from .drafters import open_drafter

@@ -21,8 +21,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         backend = config["parameters"]["backend"]["string_value"]
         drafter = HERE / "drafter"
-        self.pipe = Pipeline(HERE / "target", backend=backend,
-                             drafter_dir=drafter if drafter.is_dir() else None)
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [{}]))
+        self.pipe = Pipeline(HERE / "target", backend=backend,  # instances share the cores
+                             drafter_dir=drafter if drafter.is_dir() else None,
+                             keep_spinning=None if instances == 1 else False)
 
     def execute(self, requests):
         for request in requests:

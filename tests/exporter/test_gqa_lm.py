@@ -184,8 +184,8 @@ def test_quantized_targets_are_held_to_their_activation_rounding(gqa_targets):
 
 def test_a_drafter_less_lm_spins_between_steps_unless_a_screen_runs(gqa_targets, tiny_drafter):
     """``Pipeline`` keeps the LM's pool spinning between runs (ONNX Runtime's default) only
-    where no other pooled session alternates with it: no drafter, no head screen. Either
-    way the tokens are the same."""
+    where no other pooled session alternates with it: no drafter, no head screen, and not
+    when told (serving workers share the cores). Either way the tokens are the same."""
     _, _, fp32, int4 = gqa_targets
 
     def stops(pipe):
@@ -196,6 +196,7 @@ def test_a_drafter_less_lm_spins_between_steps_unless_a_screen_runs(gqa_targets,
     assert stops(alone) == {**stops(drafted), "lm": "0"} and set(stops(drafted).values()) == {"1"}
     screened = Pipeline(fp32)
     assert screened.target.screen is not None and set(stops(screened).values()) == {"1"}
+    assert set(stops(Pipeline(int4, keep_spinning=False)).values()) == {"1"}  # workers
     tokens = [p.generate("Describe the boat.", max_new_tokens=8, draft=False).tokens
               for p in (alone, drafted)]
     assert tokens[0] == tokens[1]
