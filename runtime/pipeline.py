@@ -51,7 +51,8 @@ class Pipeline:
     ``drafter_image_input``: see ``drafters.open_drafter`` ("adaptor" or "official-llava15").
     ``keep_spinning``: the LM's thread pool spins on between steps (``TargetModel``); by
     default without a drafter. Pass False where other pipelines of the process (or other
-    processes) decode on the same cores at the same time: spinning pools fight them.
+    processes) decode on the same cores at the same time or right after (the workers spin
+    ~40 ms past a generation's last step): spinning pools fight them.
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
