@@ -310,13 +310,14 @@ def export_target(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         facts.update(weights_block=weights_block, weights_exclude=sorted(weights_exclude),
                      weights_method=weights_method)
         if "head" not in weights_exclude:
-            facts["weights_head"] = head_weights(weights, weights_method, weights_head)
+            facts["weights_head"] = weights_head = head_weights(weights, weights_method,
+                                                                weights_head)
     if weights_method == "gptq" and weights != FLOAT:
         prompts = [glue.prepare(processor, text, images) for text, images in calibration]
         progress(f"GPTQ: calibrating on {len(prompts)} prompts and the model's answers")
         zero_points = zero_point_grid(weights, weights_method)
         head_gptq = not ("head" in weights_exclude or zero_points  # the head rounded apart
-                         or head_weights(weights, weights_method, weights_head) != weights)
+                         or weights_head != weights)
         gptq_language_model(adapter.language_model, adapter.lm_head if head_gptq else None,
                             calibration_forwards(adapter, glue, prompts), BITS[weights],
                             weights_block, zero_points, progress)

@@ -230,28 +230,26 @@ class Session:
         while not turn.done:
             t0 = time.perf_counter()
             if steps is not None:
-                token = steps(turn.tokens[-1], self.position)
-                t1 = time.perf_counter()
-                cache.commit(1)
-                self._commit(turn.tokens[-1:], steps.hidden[0])
+                token, out = steps(turn.tokens[-1], self.position), steps.hidden[0]
             else:
                 out = target.step_tokens(cache, turn.tokens[-1:],
                                          target.glue.step_position_ids(self.position,
                                                                        np.zeros(1, np.int64)),
                                          causal_mask(cache.length, 1), greedy=greedy)
-                t1 = time.perf_counter()
-                cache.commit(1)
-                self._commit(turn.tokens[-1:], out, [0])
+            t1 = time.perf_counter()
+            cache.commit(1)
+            self._commit(turn.tokens[-1:], out, [0])
+            if steps is None:
                 token = turn.chooser.choose_next(out)
             turn.emit([token], target.eos_token_ids)
             turn.stats.target_passes += 1
             turn.stats.rounds.append(RoundStats(None, 0.0, (t1 - t0) * 1e3,
                                                 (time.perf_counter() - t1) * 1e3, 1))
 
-    def _commit(self, tokens, out: StepOutput | np.ndarray, out_rows=None) -> np.ndarray | None:
+    def _commit(self, tokens, out: StepOutput | np.ndarray, out_rows) -> np.ndarray | None:
         """Book rows just committed to the cache: their tokens, the next position, and with
-        a drafter their features (``out``'s rows ``out_rows``, or ``out`` itself: the rows'
-        final hidden states ``[n, H]``; returned)."""
+        a drafter their features (``out``'s rows ``out_rows``, or ``out`` itself when it is
+        those rows' final hidden states ``[n, H]``; returned)."""
         start = len(self.rows)
         self.rows.extend(int(t) for t in tokens)
         self.position += len(self.rows) - start

@@ -179,21 +179,18 @@ class OrtRunner(GraphRunner):
 
 
 class BoundStep:
-    """A graph run whose buffers stay bound between calls: a loop rewrites its inputs in
-    place, ``rebind`` s the one whose shape changes, and ``run`` s (no per-call checks).
-    ``value`` wraps a host buffer for ``rebind_value``: right after a run, when the weights
-    have evicted the caches, a bind by pointer cost ~70 us, by value a fraction of it."""
+    """A graph run whose buffers stay bound between calls (contiguous, kept alive by the
+    caller): a loop rewrites its inputs in place, ``rebind_value`` s the one whose shape
+    changes, and ``run`` s (no per-call checks). ``value`` wraps a host buffer for it: right
+    after a run, when the weights have evicted the caches, a bind by pointer cost ~70 us,
+    by value a fraction of it."""
 
     def __init__(self, session: ort.InferenceSession, feeds: dict, outputs: dict):
         self.session, self.binding = session, session.io_binding()
         for name, array in feeds.items():
-            self.rebind(name, array)
+            self.binding.bind_input(name, *_where(array))
         for name, array in outputs.items():
             self.binding.bind_output(name, *_where(array))
-
-    def rebind(self, name: str, array) -> None:
-        """Bind input ``name`` to ``array`` (a contiguous buffer, kept alive by the caller)."""
-        self.binding.bind_input(name, *_where(array))
 
     @staticmethod
     def value(array: np.ndarray) -> ort.OrtValue:
