@@ -109,7 +109,7 @@ class Session:
         check_fits(prompt, max_new_tokens, self.target.max_len)
         check_tree_width(tree.trees, self.drafter)
         check_tree_size(tree.trees, self.target.max_len)
-        tree.start(prompt.has_images)
+        tree.start(prompt.has_images, max_new_tokens)
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
             drafter_start = self._start(prompt, turn)
@@ -119,6 +119,7 @@ class Session:
                 topk = self._draft_prompt(prompt, drafter_start, turn.tokens[-1])
                 self._speculate(turn, tree, fitting(config, self.cache, self.drafter), topk)
             self._decode_plain(turn)  # plain is faster, or no tree fits the caches any more
+        tree.end(len(turn.tokens), turn.tokens[-1] in self.target.eos_token_ids)
         return self._finish(turn, t0)
 
     # -- steps ---------------------------------------------------------------------------------

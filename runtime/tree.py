@@ -19,10 +19,13 @@ class StaticPolicy:
     """A ``tree_policy.TreePolicy`` that learns nothing from its rounds (a fixed tree, or
     plain decoding): nothing to reset or observe."""
 
-    def start(self, images: bool = False) -> None:
+    def start(self, images: bool = False, budget: int | None = None) -> None:
         pass
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
+        pass
+
+    def end(self, tokens: int, eos: bool) -> None:
         pass
 
 

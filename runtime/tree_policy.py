@@ -27,6 +27,14 @@ verified, and once per generation a tree hardly tried within ``explore`` of the 
 tree beats plain decoding by ``margin`` the generation goes on plainly to its end. Older
 rounds weigh less: ``forget`` per round, ``memory`` per generation (so that a drafter that
 lost is tried again now and then).
+
+Short answers are planned to their end instead (``plan_to_end``): tokens drafted past an
+answer's end are worthless and rounds come whole, so for a 9-token caption two rounds of 4
+beat three of 3 that the rate prefers. Where the generations of a prompt kind (their lengths
+recorded at each ``end``) or the budget say the end is within ``PLAN_LENGTHS`` tokens, each
+round picks the action (a tree, or plain decoding to the end) with the least expected time
+to the end, by dynamic programming over the tokens emitted, from the same acceptance model;
+generations that run longer are valued at the best rate beyond that.
 """
 from __future__ import annotations
 
@@ -64,14 +72,20 @@ class TreePolicy(Protocol):
 
     trees: tuple[TreeConfig, ...]  # every tree it may pick
 
-    def start(self, images: bool = False) -> None:
-        """A generation begins (``images``: its prompt has images)."""
+    def start(self, images: bool = False, budget: int | None = None) -> None:
+        """A generation begins (``images``: its prompt has images; ``budget``: it ends after
+        this many tokens at most) with its first token (the prefill's) emitted."""
 
     def next_tree(self) -> TreeConfig | None:
         """The tree of the next round, or ``None``: decode plainly to the end."""
 
     def observe(self, tree: TreeConfig, accepted_levels: int) -> None:
-        """A round with ``tree`` accepted ``accepted_levels`` drafted tokens."""
+        """A round with ``tree`` accepted ``accepted_levels`` drafted tokens (and emitted
+        them and the target's bonus token)."""
+
+    def end(self, tokens: int, eos: bool) -> None:
+        """The generation ended after ``tokens`` tokens, at an EOS or (``eos`` False) cut
+        short by its budget or a cancel."""
 
 
 class PlainDecoding(StaticPolicy):
@@ -175,13 +189,59 @@ def reach(tree: TreeConfig, probs: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def tree_model(tree: TreeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Over the (h, g) grid: log P(a round accepts exactly l drafted tokens) ``[grid, levels+1]``
-    and E[tokens of a round] ``[grid]`` (computed once per tree and process)."""
+def tree_model(tree: TreeConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over the (h, g) grid: log P(a round accepts exactly l drafted tokens) ``[grid, levels+1]``,
+    E[tokens of a round] ``[grid]`` and P(exactly l) itself (computed once per tree and
+    process)."""
     at_least = np.stack([reach(tree, rank_probs(h, g, tree.top_k))
                          for h, g in zip(GRID_H, GRID_G)])            # [grid, levels+1]
-    exactly = at_least - np.pad(at_least[:, 1:], ((0, 0), (0, 1)))
-    return np.log(np.maximum(exactly, 1e-12)), at_least.sum(axis=1)
+    exactly = np.maximum(at_least - np.pad(at_least[:, 1:], ((0, 0), (0, 1))), 1e-12)
+    return np.log(exactly), at_least.sum(axis=1), exactly
+
+
+PLAN_LENGTHS = 32  # generations ending within this many tokens are planned to their end
+PLAN_SHARE = 0.75  # trees whose rate is within this share of the best are planned with
+
+
+def plan_to_end(emitted: int, lengths: np.ndarray, longer: float, round_ms: np.ndarray,
+                emits: np.ndarray, plain_ms: float) -> np.ndarray | None:
+    """Expected milliseconds to a generation's end from ``emitted`` tokens on, of decoding
+    plainly to the end and of a round of each tree (then the best action again), ``[1 + A]``;
+    None where the end is not in reach (the history has no end after ``emitted`` within
+    ``len(lengths) - 1`` tokens: the rate decides).
+
+    ``lengths [N+1]``: weights of generations ending at L tokens, L = 0..N; ``longer``: of
+    those running past N, valued at the best rate (ms a token) beyond N. ``round_ms [A]``:
+    a round of each tree; ``emits [A, K]``: P(a round emits k tokens), k = 1..K."""
+    n_max = len(lengths) - 1
+    alive = np.append(np.cumsum(lengths[::-1])[::-1][1:], 0.0) + longer  # P(L > m), m <= N
+    if emitted > n_max or lengths[emitted + 1:].sum() <= 0 or alive[emitted] <= 0:
+        return None
+    k = np.arange(1, emits.shape[1] + 1)
+    best_ms = min(plain_ms, float(np.min(round_ms / (emits @ k))))  # a token, in the long run
+    top = n_max + 1 if longer > 0 else int(np.flatnonzero(lengths)[-1])  # all ended by top
+    alive = np.append(alive[:top], np.full(len(k) + 1, longer))  # [top + K + 1]
+    # alive x expected ms to the end from m tokens, the generation alive at m
+    worth = np.zeros(len(alive))
+    worth[top:] = -best_ms * longer * np.arange(top, len(alive)) if longer > 0 else 0.0
+    steps_left = np.cumsum(alive[top - 1::-1])[::-1]  # E[plain steps to the end] x alive
+    # a dozen states and actions: Python lists beat numpy's per-call cost here
+    emits_l, ms_l, alive_l, worth_l = emits.tolist(), round_ms.tolist(), alive.tolist(), \
+        worth.tolist()
+    for m in range(top - 1, emitted - 1, -1):
+        after, per = worth_l[m + 1:m + 1 + len(k)], 1.0 / alive_l[m]
+        actions = [ms + per * sum(p * w for p, w in zip(row, after))
+                   for ms, row in zip(ms_l, emits_l)]
+        plain = math.inf if longer > 0 else plain_ms * float(steps_left[m]) * per
+        worth_l[m] = alive_l[m] * min(plain, *actions)
+    return np.array([plain, *actions])
+
+
+@functools.lru_cache(maxsize=None)
+def token_table(trees: tuple[TreeConfig, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """E[tokens of a round] of each tree over the (h, g) grid, and its square. # [trees, grid]"""
+    tokens = np.stack([tree_model(tree)[1] for tree in trees])
+    return tokens, tokens**2
 
 
 @dataclass
@@ -210,6 +270,12 @@ class AutoTree:
     # ``seen`` of prompts with and without images, kept apart: a drafter may accept several
     # tokens a round on image answers and none on chat, and one must not silence the other
     kinds: dict[bool, dict[TreeConfig, np.ndarray]] = field(default_factory=dict)
+    # weights of the lengths (tokens) of past generations of each kind, ``lengths`` the
+    # current kind's: [L] ended at L tokens (L <= PLAN_LENGTHS), [-1] longer or cut short
+    length_kinds: dict[bool, np.ndarray] = field(default_factory=dict)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(PLAN_LENGTHS + 2))
+    emitted: int = 1                # tokens this generation has emitted
+    budget: int | None = None       # its most tokens
 
     def __post_init__(self) -> None:
         if not self.round_ms or self.plain_ms <= 0:
@@ -221,14 +287,18 @@ class AutoTree:
     def trees(self) -> tuple[TreeConfig, ...]:
         return tuple(self.round_ms)
 
-    def start(self, images: bool = False) -> None:
-        """A new generation: try trees again, trusting past rounds of prompts of its kind
-        (with or without images) ``memory`` as much (a drafter that never wins is tried about
-        every other generation, not every one)."""
+    def start(self, images: bool = False, budget: int | None = None) -> None:
+        """A new generation: try trees again, trusting past rounds and lengths of prompts of
+        its kind (with or without images) ``memory`` as much (a drafter that never wins is
+        tried about every other generation, not every one)."""
         self.fallen_back = self.explored = False
         self.seen = self.kinds.setdefault(images, self.seen if not self.kinds else {})
         for counts in self.seen.values():
             counts *= self.memory
+        self.lengths = self.length_kinds.setdefault(
+            images, self.lengths if not self.length_kinds else np.zeros(PLAN_LENGTHS + 2))
+        self.lengths *= self.memory
+        self.emitted, self.budget = 1, budget
 
     def posterior(self) -> np.ndarray:
         """Weights of the (h, g) grid given every round seen. # [grid]"""
@@ -242,34 +312,87 @@ class AutoTree:
         """Optimistic tokens of a round of ``tree``: the model's posterior mean, weighed as
         ``prior_rounds`` rounds against the tree's own rounds, + ``optimism`` sd (the model's
         spread and its ``misfit``, shrinking with the tree's own rounds)."""
-        w = self.posterior() if posterior is None else posterior
-        tokens = tree_model(tree)[1]
-        mean = float(w @ tokens)
-        var = float(w @ (tokens - mean) ** 2) + (self.misfit * mean) ** 2
-        own = self.seen.get(tree, np.zeros(1))
-        rounds = float(own.sum())
-        own_tokens = rounds + float(own @ np.arange(len(own)))  # tokens its rounds emitted
-        weight = self.prior_rounds / (self.prior_rounds + rounds)
-        mean = weight * mean + (1 - weight) * own_tokens / max(rounds, 1e-9)
-        return mean + self.optimism * math.sqrt(max(var, 0.0) * weight)
+        return float(self._expected((tree,), posterior)[0])
 
-    def rates(self) -> dict[TreeConfig | None, float]:
+    def _expected(self, trees: tuple[TreeConfig, ...],
+                  posterior: np.ndarray | None = None) -> np.ndarray:
+        """``expected_tokens`` of each of ``trees``, at once. # [len(trees)]"""
+        w = self.posterior() if posterior is None else posterior
+        tokens, squares = token_table(trees)
+        mean = tokens @ w
+        var = np.maximum(squares @ w - mean**2, 0.0) + (self.misfit * mean) ** 2
+        rounds, own_tokens = np.zeros(len(trees)), np.zeros(len(trees))
+        for i, tree in enumerate(trees):
+            own = self.seen.get(tree)
+            if own is not None:
+                rounds[i] = own.sum()
+                own_tokens[i] = rounds[i] + own @ np.arange(len(own))  # tokens its rounds emitted
+        weight = self.prior_rounds / (self.prior_rounds + rounds)
+        mean = weight * mean + (1 - weight) * own_tokens / np.maximum(rounds, 1e-9)
+        return mean + self.optimism * np.sqrt(var * weight)
+
+    def rates(self, posterior: np.ndarray | None = None) -> dict[TreeConfig | None, float]:
         """Expected tokens per millisecond of every candidate (``None``: plain decoding)."""
-        posterior = self.posterior()
-        out: dict[TreeConfig | None, float] = {None: 1.0 / self.plain_ms}
-        for tree, ms in self.round_ms.items():
-            out[tree] = self.expected_tokens(tree, posterior) / ms
-        return out
+        trees = self.trees
+        rates = self._expected(trees, posterior) / np.array([self.round_ms[t] for t in trees])
+        return {None: 1.0 / self.plain_ms, **dict(zip(trees, rates.tolist()))}
+
+    def emits(self, tree: TreeConfig, posterior: np.ndarray, tokens: float) -> np.ndarray:
+        """P(a round of ``tree`` emits k tokens), k = 1..levels + 1: the model's posterior
+        mean weighed as ``prior_rounds`` rounds against the tree's own rounds, its mean
+        raised to ``tokens`` (``expected_tokens``, optimistic) by moving mass to the most
+        tokens (a tree the plan leaves for plain decoding is never tried again). # [levels+1]"""
+        model = posterior @ tree_model(tree)[2]
+        own = self.seen.get(tree, np.zeros(len(model)))
+        weight = self.prior_rounds / (self.prior_rounds + float(own.sum()))
+        p = weight * model / model.sum() + (1 - weight) * own / max(float(own.sum()), 1e-9)
+        mean = float(p @ np.arange(1, len(p) + 1))
+        lift = min(max((tokens - mean) / max(len(p) - mean, 1e-9), 0.0), 1.0)
+        p *= 1 - lift
+        p[-1] += lift
+        return p
+
+    def to_end(self, posterior: np.ndarray | None = None,
+               rates: dict[TreeConfig | None, float] | None = None
+               ) -> dict[TreeConfig | None, float] | None:
+        """Expected milliseconds to this generation's end by each first action (``None``:
+        plain decoding to the end; trees within ``PLAN_SHARE`` of the best rate), where the
+        end is in planning reach (``plan_to_end``); None where it is not."""
+        lengths = self.lengths.copy()
+        if lengths.sum() <= 0:  # nothing seen yet: the generation may run to its budget
+            lengths[-1] = 1.0
+        if self.budget is not None and self.budget <= PLAN_LENGTHS:
+            lengths[self.budget] += lengths[self.budget + 1:].sum()
+            lengths[self.budget + 1:] = 0.0
+        if lengths[self.emitted + 1:-1].sum() <= 0:  # no end in reach (cheap: most rounds)
+            return None
+        w = self.posterior() if posterior is None else posterior
+        rates = self.rates(w) if rates is None else rates
+        best = max(r for t, r in rates.items() if t is not None)
+        trees = [t for t, r in rates.items() if t is not None and r >= PLAN_SHARE * best]
+        emits = np.zeros((len(trees), max(levels(t) for t in trees) + 1))
+        for i, tree in enumerate(trees):
+            p = self.emits(tree, w, rates[tree] * self.round_ms[tree])
+            emits[i, :len(p)] = p
+        ms = plan_to_end(self.emitted, lengths[:-1], float(lengths[-1]),
+                         np.array([self.round_ms[t] for t in trees]), emits, self.plain_ms)
+        return None if ms is None else dict(zip((None, *trees), ms.tolist()))
 
     def next_tree(self) -> TreeConfig | None:
         if self.fallen_back:
             return None
-        rates = self.rates()
+        posterior = self.posterior()
+        rates = self.rates(posterior)
         plain = rates.pop(None)
         best = max(rates.values())
         self.fallen_back = best < (1 + self.margin) * plain
         if self.fallen_back:
             return None
+        to_end = self.to_end(posterior, {**rates, None: plain})
+        if to_end is not None:  # the end is near: the soonest there
+            choice = min(to_end, key=to_end.get)
+            self.fallen_back = choice is None
+            return choice
         chosen = min((t for t, r in rates.items() if r >= (1 - self.tie) * best),
                      key=lambda t: self.round_ms[t])
         rounds = {t: self.seen[t].sum() if t in self.seen else 0.0 for t in rates}
@@ -284,3 +407,7 @@ class AutoTree:
             counts *= self.forget
         counts = self.seen.setdefault(tree, np.zeros(levels(tree) + 1))
         counts[min(accepted_levels, levels(tree))] += 1
+        self.emitted += min(accepted_levels, levels(tree)) + 1
+
+    def end(self, tokens: int, eos: bool) -> None:
+        self.lengths[min(tokens, PLAN_LENGTHS + 1) if eos else PLAN_LENGTHS + 1] += 1

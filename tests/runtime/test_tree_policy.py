@@ -13,7 +13,17 @@ from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.speculative import generate_speculative
 from vispec.runtime.tree import TreeConfig
 from vispec.runtime.tree_calibration import auto_tree, calibration_key
-from vispec.runtime.tree_policy import CANDIDATES, CPU_TREE, AutoTree, PlainDecoding, rank_probs, reach, resolve_tree
+from vispec.runtime.tree_policy import (
+    CANDIDATES,
+    CPU_TREE,
+    PLAN_LENGTHS,
+    AutoTree,
+    PlainDecoding,
+    plan_to_end,
+    rank_probs,
+    reach,
+    resolve_tree,
+)
 
 CHAIN, SMALL, MID, WIDE = TreeConfig(3, 1, 1), TreeConfig(4, 2, 2), TreeConfig(8, 2, 3), \
     TreeConfig(16, 3, 4)
@@ -129,13 +139,15 @@ def test_width_is_learnt_from_every_tree():
 
 
 def simulate(policy, probs, round_ms, plain_ms, answers=12, answer_tokens=9, seed=0):
-    """Tokens per ms of ``answers`` generations of ``answer_tokens`` tokens under ``policy``,
-    a round of tree t accepting l levels with the model's probabilities for ``probs``."""
+    """Tokens per ms of ``answers`` generations of ``answer_tokens`` tokens under ``policy``
+    (the first from the prefill, not timed), a round of tree t accepting l levels with the
+    model's probabilities for ``probs``, none past the answer's end (the drafter misses the
+    EOS, which the round's bonus token emits)."""
     rng = np.random.default_rng(seed)
     ms = tokens = 0.0
     for _ in range(answers):
         policy.start()
-        left = answer_tokens
+        left = answer_tokens - 1
         while left > 0:
             tree = policy.next_tree()
             if tree is None:
@@ -143,9 +155,11 @@ def simulate(policy, probs, round_ms, plain_ms, answers=12, answer_tokens=9, see
                 continue
             at_least = reach(tree, probs[:tree.top_k])
             accepted = rng.choice(len(at_least), p=at_least - np.append(at_least[1:], 0))
+            accepted = min(accepted, left - 1)  # the answer's end (EOS) is the bonus token
             policy.observe(tree, accepted)
-            emitted = min(accepted + 1, left)
+            emitted = accepted + 1
             ms, tokens, left = ms + round_ms[tree], tokens + emitted, left - emitted
+        policy.end(answer_tokens, True)
     return tokens / ms
 
 
@@ -160,6 +174,85 @@ def test_auto_nears_the_best_setting_on_short_answers(h, g):
 
     best = max([rate(lambda: t) for t in CANDIDATES] + [1 / 26.0])  # a tree: its own policy
     assert rate(lambda: AutoTree(round_ms=round_ms, plain_ms=26.0)) >= 0.9 * best
+
+
+INT4_MS = dict(zip(CANDIDATES, (9.79, 12.49, 18.22, 30.45, 51.12, 95.07)))  # int4 target
+INT4_PLAIN_MS = 5.88
+
+
+def test_short_answers_are_planned_to_their_end():
+    # int4 costs, rounds as on 9-token image answers (the answer's end cuts some of (4, 2,
+    # 2)'s): by rate (3, 1, 1) wins, yet the answer is 8 tokens after the prefill's: two
+    # rounds of 4 beat three of 3
+    p = AutoTree(round_ms=INT4_MS, plain_ms=INT4_PLAIN_MS)
+    for i in range(8):
+        p.observe(SMALL, 3 if i % 2 else 2)
+        p.observe(CHAIN, 2)
+    rates = p.rates()
+    assert rates[CHAIN] > rates[SMALL] and p.next_tree() == CHAIN  # nothing known of lengths
+    for _ in range(3):
+        p.end(9, True)
+    p.start(images=True)
+    assert p.next_tree() == SMALL
+    p.observe(SMALL, 3)
+    assert p.emitted == 5 and p.next_tree() == SMALL
+    p.emitted = 8  # one token left (the EOS): a plain step, not a round
+    assert p.next_tree() is None
+    p.start(images=True)
+    p.emitted = 9  # longer than any answer seen: the rate decides again
+    assert p.to_end() is None and p.next_tree() == CHAIN
+
+
+def test_a_small_budget_is_planned_without_history():
+    p = AutoTree(round_ms=INT4_MS, plain_ms=INT4_PLAIN_MS)
+    for i in range(8):
+        p.observe(SMALL, 3 if i % 2 else 2)
+        p.observe(CHAIN, 2)
+    p.start(budget=5)  # 4 tokens to go: one round of (4, 2, 2)
+    assert p.next_tree() == SMALL
+    p.start(budget=PLAN_LENGTHS + 1)
+    assert p.to_end() is None and p.next_tree() == CHAIN
+    p.end(PLAN_LENGTHS + 1, False)  # cut short by the budget: long, not an ending
+    p.start(budget=200)
+    assert p.to_end() is None
+
+
+def test_plan_to_end_values_the_long_run_at_the_best_rate():
+    # one tree emitting 2 tokens a round in 3 ms (1.5 ms a token) against 2 ms plain steps
+    emits = np.array([[0.0, 1.0]])
+    ends_at_3 = np.zeros(PLAN_LENGTHS + 1)
+    ends_at_3[3] = 1.0
+    ms = plan_to_end(1, ends_at_3, 0.0, np.array([3.0]), emits, 2.0)
+    assert ms == pytest.approx([4.0, 3.0])  # 2 plain steps, or one round
+    ms = plan_to_end(2, ends_at_3, 0.0, np.array([3.0]), emits, 2.0)
+    assert ms == pytest.approx([2.0, 3.0])  # the last token: a plain step
+    half = plan_to_end(2, ends_at_3, 1.0, np.array([3.0]), emits, 2.0)
+    assert half[0] == np.inf  # plain to the end of a long generation never pays here
+    assert plan_to_end(3, ends_at_3, 1.0, np.array([3.0]), emits, 2.0) is None  # past every end
+    assert plan_to_end(1, np.zeros(PLAN_LENGTHS + 1), 1.0, np.array([3.0]), emits, 2.0) is None
+
+
+class RateOnly(AutoTree):
+    """``AutoTree`` that never learns where generations end (the rate alone decides)."""
+
+    def end(self, tokens: int, eos: bool) -> None:
+        pass
+
+
+@pytest.mark.parametrize("h,g", [(0.9, 0.3), (0.8, 0.3), (0.65, 0.3)])
+def test_auto_nears_the_best_setting_on_short_int4_answers(h, g):
+    # int4 costs, where a multi-row step costs ~1.5x a plain one: 9-token answers, planned
+    # to their end, beat the rate's choices and near the best fixed tree
+    probs = rank_probs(h, g, 10)
+
+    def rate(make):
+        return np.mean([simulate(make(), probs, INT4_MS, INT4_PLAIN_MS, seed=s)
+                        for s in range(4)])
+
+    best = max([rate(lambda: t) for t in CANDIDATES] + [1 / INT4_PLAIN_MS])
+    planned = rate(lambda: AutoTree(round_ms=INT4_MS, plain_ms=INT4_PLAIN_MS))
+    assert planned >= 0.93 * best
+    assert planned > rate(lambda: RateOnly(round_ms=INT4_MS, plain_ms=INT4_PLAIN_MS))
 
 
 @pytest.mark.parametrize("family,draft_vocab", [("llava", False), ("qwen2_5_vl", False),
@@ -214,6 +307,10 @@ def test_pipeline_auto_generates_what_plain_does(tiny_target, tiny_drafter):
     spec = pipe.generate(PROMPT, max_new_tokens=24, on_tokens=streamed.extend)
     assert streamed == spec.tokens
     assert spec.tokens == pipe.generate(PROMPT, max_new_tokens=24, draft=False).tokens
+    lengths = pipe.tree_policy().lengths  # the generation's end is recorded (the budget's:
+    eos = spec.tokens[-1] in pipe.target.eos_token_ids  # cut short, as long ones)
+    assert lengths.sum() == 1
+    assert lengths[min(len(spec.tokens), PLAN_LENGTHS + 1) if eos else PLAN_LENGTHS + 1] == 1
     with pytest.raises(Exception, match="Expected: 'auto'"):
         Pipeline(tiny_target("llava")[1], tree="fast")
     with pytest.raises(AttributeError):
