@@ -8,9 +8,10 @@
             (-2) takes ``inputs_embeds`` as the decoder-layer input itself (ViSpec's adaptor
             rows). Then the kind's fusion (+ global feature | residual index), the decoder
             layer over 1-D positions, a bool mask and its one-layer past K/V, the LM head
-            (the target's, or a draft vocabulary of it) and a fused top-k:
-            -> drafter hidden [1, new, H], top-k log-probs and target ids, the new rows' K/V.
-            Full-vocabulary logits never leave the graph.
+            (the target's, or a draft vocabulary of it) and a fused top-k on the rows
+            ``logit_rows`` names (a tree level: all; a prompt or the accepted rows: the last):
+            -> drafter hidden [1, new, H], top-k log-probs and target ids [1, rows, k], the
+            new rows' K/V. Full-vocabulary logits never leave the graph.
   adaptor : (ViSpec only) raw image embeddings ``[tokens, H]`` -> ``[num_q, H]``
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ from .specs import (
     HIDDEN_STATES,
     INPUT_IDS,
     INPUTS_EMBEDS,
+    LOGIT_ROWS,
     NEW,
     POSITION_IDS,
+    ROWS,
     TOPK_IDS,
     TOPK_LOGPROBS,
     Dim,
@@ -52,10 +55,12 @@ IMAGE_INPUTS = (ADAPTOR, OFFICIAL_LLAVA15)
 
 def draft_spec(kind: str, *, hidden_size: int, kv_heads: int, head_dim: int, top_k: int,
                max_len: int, dtype: str = "float32") -> GraphSpec:
-    """Embedding, fusion, decoder layer, LM head and top-k of drafter ``kind`` in one graph."""
+    """Embedding, fusion, decoder layer, LM head and top-k of drafter ``kind`` in one graph
+    (the head and top-k on ``logit_rows`` only)."""
     if kind not in DRAFTER_TYPES:
         raise ValueError(f"unknown drafter type {kind!r}; expected one of {DRAFTER_TYPES}")
     rows = (1, NEW, hidden_size)
+    dims = step_dims(max_len)
     kv_in, kv_out = kv_tensors(1, kv_heads, head_dim, dtype)
     extra = {"vispec": (TensorSpec(GLOBAL_FEATURE, dtype, (1, hidden_size)),),
              "hivis": (TensorSpec(RESIDUAL_INDEX, "int64", (1,)),)}.get(kind, ())
@@ -66,12 +71,13 @@ def draft_spec(kind: str, *, hidden_size: int, kv_heads: int, head_dim: int, top
                 TensorSpec(FEATURES, dtype, rows),
                 TensorSpec(POSITION_IDS, "int64", (1, NEW)),
                 TensorSpec(ATTENTION_MASK, "bool", (1, 1, NEW, "past+new")),
+                TensorSpec(LOGIT_ROWS, "int64", (ROWS,)),
                 *kv_in, *extra),
         outputs=(TensorSpec(HIDDEN_STATES, dtype, rows),
-                 TensorSpec(TOPK_LOGPROBS, "float32", (1, NEW, top_k)),
-                 TensorSpec(TOPK_IDS, "int64", (1, NEW, top_k)),
+                 TensorSpec(TOPK_LOGPROBS, "float32", (1, ROWS, top_k)),
+                 TensorSpec(TOPK_IDS, "int64", (1, ROWS, top_k)),
                  *kv_out),
-        dims=step_dims(max_len),
+        dims=(*dims, Dim(ROWS, 1, dims[0].opt, dims[0].max)),
         meta={"kind": kind, "top_k": top_k, "kv_heads": kv_heads, "head_dim": head_dim},
     )
 

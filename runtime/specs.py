@@ -240,7 +240,7 @@ POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
-LOGIT_ROWS = "logit_rows"  # gqa LM step: the new rows the LM head runs on (a prefill: its last)
+LOGIT_ROWS = "logit_rows"  # the new rows a gqa LM step's head or a draft graph's top-k runs on
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
 TOKEN_IDS = "token_ids"
@@ -251,7 +251,7 @@ SCREEN_CANDIDATES, SCREEN_UPPER, SCREEN_FLOOR = "screen_candidates", "screen_upp
 # Dims shared by every step graph.
 NEW = "new"    # tokens fed this step (prefill length, 1 for decode, tree size)
 PAST = "past"  # tokens already in the KV cache
-ROWS = "rows"  # rows whose logits a gqa LM step computes (LOGIT_ROWS)
+ROWS = "rows"  # rows whose logits (top-k) a gqa LM step (draft graph) computes: LOGIT_ROWS
 
 
 STANDARD, GQA = "standard", "gqa"  # LM step forms (``kv_tensors``); gqa: ONNX Runtime's fused ops

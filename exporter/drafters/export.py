@@ -29,6 +29,7 @@ from vispec.runtime.model_dir import read_config
 from vispec.runtime.specs import (
     ATTENTION_MASK,
     INPUT_IDS,
+    LOGIT_ROWS,
     NEW,
     PAST,
     TOPK_IDS,
@@ -81,8 +82,12 @@ def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
                  new: int) -> dict[str, np.ndarray]:
     """The inputs ``example_feeds`` does not make up, where ``spec`` takes them: HiViS's
     residual row of tree level 1; ``new`` row ids mixing token ids, ``EMBEDDED`` and
-    ``FUSED_ROW`` rows (every kind of row is traced and checked)."""
+    ``FUSED_ROW`` rows (every kind of row is traced and checked); the rows to score, some
+    of them out of order (3 of 4 or more, else all: the tracer bakes in sizes of 1 and 2)."""
     feeds = {}
+    if LOGIT_ROWS in spec.input_names:
+        rows = rng.permutation(new)[:3] if new >= 4 else np.arange(new)
+        feeds[LOGIT_ROWS] = rows.astype(np.int64)
     if RESIDUAL_INDEX in spec.input_names:
         feeds[RESIDUAL_INDEX] = np.array([min(1, drafter.config.residual_rows - 1)], np.int64)
     if INPUT_IDS in spec.input_names:

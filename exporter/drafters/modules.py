@@ -176,9 +176,10 @@ class HivisDrafter(Drafter):
 
 # -- exportable graphs ---------------------------------------------------------------------
 class DraftGraph(torch.nn.Module):
-    """``(input_ids, inputs_embeds, features, position_ids, attention_mask, past_key.0,
-    past_value.0[, global_feature | residual_index]) -> (hidden_states, topk_logprobs,
-    topk_ids, present_key.0, present_value.0)`` (``drafter_specs.draft_spec``).
+    """``(input_ids, inputs_embeds, features, position_ids, attention_mask, logit_rows,
+    past_key.0, past_value.0[, global_feature | residual_index]) -> (hidden_states,
+    topk_logprobs, topk_ids, present_key.0, present_value.0)`` (``drafter_specs.draft_spec``;
+    the head and top-k on ``logit_rows`` only).
 
     Row embeddings: the drafter's table for ids >= 0, ``inputs_embeds`` for ``EMBEDDED``;
     ``FUSED_ROW`` rows skip the fusion. With ``draft_ids`` (a draft vocabulary) only those
@@ -201,13 +202,14 @@ class DraftGraph(torch.nn.Module):
         self.top_k = top_k
 
     def forward(self, input_ids, inputs_embeds, features, position_ids, attention_mask,
-                past_k, past_v, extra=None):
+                logit_rows, past_k, past_v, extra=None):
         tokens = self.drafter.embed_tokens(input_ids.clamp(min=0))
         embeds = torch.where((input_ids >= 0)[..., None], tokens, inputs_embeds)
         fused = self.drafter.fuse(embeds, features, extra)
         fused = torch.where((input_ids == FUSED_ROW)[..., None], inputs_embeds, fused)
         hidden, k, v = self.drafter.layer(fused, position_ids, attention_mask, past_k, past_v)
-        logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)  # [1,S,V or N]
+        scored = hidden.index_select(1, logit_rows)  # [1, rows, H]
+        logp = torch.log_softmax(self.lm_head(scored).float(), dim=-1)  # [1,rows,V or N]
         top = torch.topk(logp, self.top_k, dim=-1)
         ids = top.indices if self.d2t is None else self.d2t[top.indices]
         return hidden, top.values, ids, k, v

@@ -36,6 +36,7 @@ from ..specs import (
     HIDDEN_STATES,
     INPUT_IDS,
     INPUTS_EMBEDS,
+    LOGIT_ROWS,
     POSITION_IDS,
     TOPK_IDS,
     TOPK_LOGPROBS,
@@ -105,6 +106,10 @@ class DrafterSession:
                                           target.memory)
                         for name, g in manifest.graphs.items()}
         self.draft_runner = self.runners[DRAFT]
+        # the rows a draft call scores (head + top-k): slices of one range; graphs exported
+        # before ``logit_rows`` score every row
+        self._scored = np.arange(manifest.max_len, dtype=np.int64) \
+            if LOGIT_ROWS in manifest.graph(DRAFT).spec.input_names else None
         self.top_k: int = int(self.facts["top_k"])
         self.cache = KVCache(1, self.facts["kv_heads"], self.facts["head_dim"], manifest.max_len,
                              memory=target.memory)  # on the target's device
@@ -159,7 +164,7 @@ class DrafterSession:
         positions = np.full(k, self.next_position + level - 1, np.int64)
         out = self._draft(tokens, self._zero_embeds(k), features, positions,
                           tree_mask(self.committed, mask), level,            # [1,1,K,C+R+K]
-                          hidden=memory.rows(self._rows, (), 1 + r, 1 + r + k))
+                          hidden=memory.rows(self._rows, (), 1 + r, 1 + r + k), scored=(0, k))
         self.cache.commit(k)
         return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
 
@@ -221,13 +226,16 @@ class DrafterSession:
 
     # -- graph calls ---------------------------------------------------------------------------
     def _draft(self, ids, embeds, features, positions: np.ndarray, mask: np.ndarray,
-               level: int, hidden) -> dict:
+               level: int, hidden, scored: tuple[int, int]) -> dict:
         """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache.
         ``embeds``/``features``: ``[1, S, H]``, tensors of the target's memory or host rows
-        that ``prefill``/``advance`` batched; ``hidden``: where the output hidden states go."""
+        that ``prefill``/``advance`` batched; ``hidden``: where the output hidden states go;
+        ``scored``: the rows [start, end) whose top-k it returns (``[1, end - start, k]``)."""
         feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None], INPUTS_EMBEDS: embeds,
                  FEATURES: features, POSITION_IDS: positions[None], ATTENTION_MASK: mask,
                  **self.cache.past(), **self._fuse_inputs(level)}
+        if self._scored is not None:
+            feeds[LOGIT_ROWS] = self._scored[scored[0]:scored[1]]
         outputs = {**self.cache.present(len(positions)), HIDDEN_STATES: hidden}
         return self.draft_runner.infer(feeds, outputs)
 
@@ -237,7 +245,7 @@ class DrafterSession:
         out = self._draft(ids, embeds, features, positions,
                           causal_mask(self.cache.length, n), level=0,
                           hidden=memory.scratch("draft:hidden", (1, n, self._rows.shape[1]),
-                                                np.float32))
+                                                np.float32), scored=(n - 1, n))
         self.cache.commit(n)
         self.committed = self.cache.length
         self.next_position = int(positions[-1]) + 1

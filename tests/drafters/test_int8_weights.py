@@ -15,7 +15,7 @@ from vispec.runtime.drafter_specs import DRAFT
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest
-from vispec.runtime.specs import INPUT_IDS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
+from vispec.runtime.specs import INPUT_IDS, LOGIT_ROWS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
 from vispec.runtime.target import TargetModel
 from vispec.runtime.weights import require_weights_runtime
 
@@ -124,7 +124,7 @@ def test_int8_keeps_external_data_of_a_large_graph(tiny_drafter, tmp_path):
         quantize_matmuls(path, 8)
     assert sorted(p.name for p in external.parent.iterdir()) == ["draft.onnx", "draft.onnx.data"]
     feeds = example_feeds(entry.spec, {NEW: 3, PAST: 5}, np.random.default_rng(0),
-                          **{INPUT_IDS: np.array([[1, 2, 3]])})
+                          **{INPUT_IDS: np.array([[1, 2, 3]]), LOGIT_ROWS: np.array([2, 0])})
     outputs = [make_runner("ort", p, entry.spec).infer(feeds) for p in (inline, external)]
     for name in entry.spec.output_names:
         np.testing.assert_array_equal(outputs[0][name], outputs[1][name])
