@@ -1,11 +1,17 @@
-"""Drafter ONNX export: graphs match their specs and PyTorch (fp32), manifests, atomicity."""
+"""Drafter ONNX export: graphs match their specs and PyTorch (fp32), manifests, atomicity,
+the rows a draft call scores."""
 import os
 
+import numpy as np
 import pytest
 
-from vispec.exporter.drafters.export import export_drafter, validate_drafter
+from vispec.exporter.drafters.checkpoint import load_drafter
+from vispec.exporter.drafters.export import export_drafter, fixed_inputs, validate_drafter
+from vispec.exporter.onnx_io import example_feeds
+from vispec.runtime.backends import make_runner
 from vispec.runtime.errors import VispecError
 from vispec.runtime.manifest import Manifest, config_hash
+from vispec.runtime.specs import LOGIT_ROWS, NEW, PAST, TOPK_IDS, TOPK_LOGPROBS
 
 GRAPHS = {"eagle": {"draft"}, "vispec": {"draft", "adaptor"},
           "hivis": {"draft"}}
@@ -52,3 +58,19 @@ def test_refuses_existing_output(tiny_drafter, tiny_target):
     drafter_dir, artifacts = tiny_drafter("eagle", "llava")
     with pytest.raises(VispecError, match="already exists"):
         export_drafter(drafter_dir, tiny_target("llava")[0], artifacts)
+
+
+def test_scored_rows_are_those_of_every_row(tiny_drafter, tiny_target):
+    # logit_rows picks the rows the head and top-k run on: the same values as scoring all
+    drafter_dir, artifacts = tiny_drafter("vispec", "llava")
+    entry = Manifest.load(artifacts).graph("draft")
+    rng = np.random.default_rng(1)
+    drafter = load_drafter(drafter_dir, tiny_target("llava")[0])
+    feeds = example_feeds(entry.spec, {NEW: 6, PAST: 4}, rng,
+                          **fixed_inputs(entry.spec, drafter, rng, 6))
+    with make_runner("ort", artifacts / entry.file, entry.spec) as runner:
+        every = runner.infer({**feeds, LOGIT_ROWS: np.arange(6)})
+        chosen = runner.infer({**feeds, LOGIT_ROWS: np.array([5, 1])})
+    for name in (TOPK_LOGPROBS, TOPK_IDS):
+        assert chosen[name].shape[1] == 2
+        np.testing.assert_allclose(chosen[name], every[name][:, [5, 1]], rtol=1e-5, atol=1e-6)
