@@ -30,7 +30,7 @@ from .synthetic_images import DETAIL_QUESTION, QUESTION, examples, score
 Progress = Callable[[str], None]
 DEMO_TREE = "auto"  # what a user gets: fitted to this machine's measured costs (cached)
 DRAFT_VOCAB = 4096  # head rows the drafters keep (of 49,216; from their training counts)
-DRAFT_WEIGHTS = "int8"  # drafting ~1.5x cheaper on a CPU, proposals as good (RESULTS.md)
+DRAFT_WEIGHTS = "int4"  # drafting cheaper on a CPU (int8 ~1.5x), proposals as good (RESULTS.md)
 MAX_LEN = 512
 ATTENTION = GQA  # the LM graph in ONNX Runtime's fused CPU form (DESIGN.md: LM graph forms)
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
@@ -41,11 +41,12 @@ DETAILED = 2  # held-out images also asked DETAIL_QUESTION
 def export_demo_drafter(checkpoint: Path, model_dir: Path, work: Path,
                         progress: Progress = print) -> Path:
     """``checkpoint`` exported as the demo exports it (``DRAFT_VOCAB``, ``DRAFT_WEIGHTS``)
-    into ``work``, in a folder keyed by its weights' hash: reused while they are the same
-    (benchmarks on the demo target)."""
+    into ``work``, in a folder keyed by its weights' hash and precision: reused while they
+    are the same (benchmarks on the demo target)."""
     from .real_drafters import file_hash
 
-    out = work / f"{checkpoint.name}-onnx-{file_hash(checkpoint / 'model.safetensors')}"
+    weights = file_hash(checkpoint / "model.safetensors")
+    out = work / f"{checkpoint.name}-onnx-{DRAFT_WEIGHTS}-{weights}"
     if not (out / "manifest.json").exists():
         export_drafter(checkpoint, model_dir, out, max_len=MAX_LEN, draft_vocab=DRAFT_VOCAB,
                        weights=DRAFT_WEIGHTS, progress=progress)

@@ -38,7 +38,7 @@ from vispec.runtime.specs import (
     past_names,
     present_names,
 )
-from vispec.runtime.weights import BITS, FLOAT, require_weights_runtime
+from vispec.runtime.weights import BITS, FLOAT, WEIGHTS, require_weights_runtime
 
 from ..artifacts import ArtifactInfo, GraphJob, write_artifact
 from ..export import DEFAULT_OPSET, EXAMPLE_NEW, EXAMPLE_PAST, check_opset
@@ -51,7 +51,6 @@ from .draft_vocab import DRAFT_VOCAB_FILE, select_draft_vocab
 from .modules import AdaptorGraph, Drafter, DraftGraph
 
 DEFAULT_MAX_IMAGE_TOKENS = 4096
-WEIGHTS = (FLOAT, "int8")  # int8: the draft graph's MatMuls as 8-bit MatMulNBits (CPU)
 EXAMPLE_IMAGE_TOKENS = 8
 
 
@@ -122,8 +121,8 @@ def export_drafter(drafter_dir: str | os.PathLike, target_model_dir: str | os.Pa
     ``target_model_dir`` into ``out_dir``: ``draft.onnx`` (+ ``adaptor.onnx`` for ViSpec)
     and ``manifest.json``, atomically. ``draft_vocab``: keep only that many target ids in the
     head (``draft_vocab.select_draft_vocab``; ``vocab_corpus`` gives the frequencies).
-    ``weights="int8"``: the draft graph's MatMul weights in int8, for ONNX Runtime on CPU
-    (``weight_quant.quantize_matmuls``, blocks of 32)."""
+    ``weights="int8"`` / ``"int4"``: the draft graph's MatMul weights in 8 / 4 bits, for ONNX
+    Runtime on CPU (``weight_quant.quantize_matmuls``, blocks of 32)."""
     drafter_dir, target_model_dir = Path(drafter_dir), Path(target_model_dir)
     start = time.perf_counter()
     if weights not in WEIGHTS:

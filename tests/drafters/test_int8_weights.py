@@ -1,5 +1,5 @@
-"""int8 drafter weights: the quantized graph against PyTorch, exact speculative output, and
-where it may not go (TensorRT)."""
+"""int8 (and int4) drafter weights: the quantized graph against PyTorch, exact speculative
+output, and where it may not go (TensorRT)."""
 import numpy as np
 import onnx
 import pytest
@@ -22,17 +22,18 @@ from vispec.runtime.weights import require_weights_runtime
 
 @pytest.fixture(scope="module")
 def int8_drafter(tiny_target, tiny_drafter, tmp_path_factory):
-    """``int8_drafter(kind, family) -> (drafter_dir, float32 artifacts, int8 artifacts)``."""
+    """``int8_drafter(kind, family, weights="int8") -> (drafter_dir, float32 artifacts,
+    quantized artifacts)``."""
     made = {}
 
-    def get(kind, family):
-        if (kind, family) not in made:
+    def get(kind, family, weights="int8"):
+        if (kind, family, weights) not in made:
             model_dir, _ = tiny_target(family)
             drafter_dir, fp32 = tiny_drafter(kind, family)
-            out = tmp_path_factory.mktemp(f"int8-{kind}-{family}") / "artifacts"
-            export_drafter(drafter_dir, model_dir, out, top_k=4, max_len=256, weights="int8")
-            made[kind, family] = drafter_dir, fp32, out
-        return made[kind, family]
+            out = tmp_path_factory.mktemp(f"{weights}-{kind}-{family}") / "artifacts"
+            export_drafter(drafter_dir, model_dir, out, top_k=4, max_len=256, weights=weights)
+            made[kind, family, weights] = drafter_dir, fp32, out
+        return made[kind, family, weights]
 
     return get
 
@@ -64,6 +65,21 @@ def test_greedy_with_int8_weights_equals_plain(int8_drafter, tiny_target, assert
     assert_greedy_exact(target, open_drafter(int8, target))
 
 
+def test_int4_draft_graph_within_int4_tolerance_and_exact(int8_drafter, tiny_target,
+                                                          assert_greedy_exact):
+    drafter_dir, _, int4 = int8_drafter("vispec", "llava", "int4")
+    manifest = Manifest.load(int4)
+    assert manifest.model["weights"] == "int4"
+    bits = {a.i for n in onnx.load(str(int4 / manifest.graph(DRAFT).file)).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
+    rows = validate_drafter(drafter_dir, tiny_target("llava")[0], int4)
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert {r.precision for r in rows if r.graph == DRAFT} == {"int4"}
+    target = TargetModel(tiny_target("llava")[1])
+    assert_greedy_exact(target, open_drafter(int4, target))
+
+
 def test_tensorrt_build_refuses_int8_weights(int8_drafter):
     _, _, int8 = int8_drafter("eagle", "llava_next")
     with pytest.raises(VispecError, match="without --weights.*Hint|Hint.*without --weights"):
@@ -75,8 +91,8 @@ def test_cli_weights_option(tiny_target, tiny_drafter, tmp_path):
     drafter_dir, _ = tiny_drafter("eagle", "llava")
     args = ["export-drafter", str(drafter_dir), str(tmp_path / "out"), "--target", str(model_dir),
             "--top-k", "4", "--max-len", "256"]
-    bad = CliRunner().invoke(cli, args + ["--weights", "int4"])
-    assert bad.exit_code == 2 and "int8" in bad.output and not (tmp_path / "out").exists()
+    bad = CliRunner().invoke(cli, args + ["--weights", "int2"])
+    assert bad.exit_code == 2 and "int4" in bad.output and not (tmp_path / "out").exists()
     good = CliRunner().invoke(cli, args + ["--weights", "int8"])
     assert good.exit_code == 0, good.output
     assert "int8" in good.output and Manifest.load(tmp_path / "out").model["weights"] == "int8"
