@@ -37,7 +37,7 @@ from .specs import (
 DRAFTER_TYPES = ("eagle", "vispec", "hivis")
 
 FEATURES = "features"                # target's final post-norm hidden states
-GLOBAL_FEATURE = "global_feature"    # ViSpec: last adaptor row of the latest image (or 0)
+GLOBAL_FEATURE = "global_feature"    # ViSpec, per row: last adaptor row of the latest image (or 0)
 RESIDUAL_INDEX = "residual_index"    # HiViS: row k of the learned residual table
 IMAGE_EMBEDS = "image_embeds"        # ViSpec adaptor input: one image's projector output
 ADAPTOR_ROWS = "adaptor_rows"        # ViSpec adaptor output
@@ -62,7 +62,7 @@ def draft_spec(kind: str, *, hidden_size: int, kv_heads: int, head_dim: int, top
     rows = (1, NEW, hidden_size)
     dims = step_dims(max_len)
     kv_in, kv_out = kv_tensors(1, kv_heads, head_dim, dtype)
-    extra = {"vispec": (TensorSpec(GLOBAL_FEATURE, dtype, (1, hidden_size)),),
+    extra = {"vispec": (TensorSpec(GLOBAL_FEATURE, dtype, rows),),
              "hivis": (TensorSpec(RESIDUAL_INDEX, "int64", (1,)),)}.get(kind, ())
     return GraphSpec(
         name=DRAFT,

@@ -16,6 +16,7 @@ from vispec.runtime.drafter_specs import (
     DRAFT,
     EMBEDDED,
     FUSED_ROW,
+    GLOBAL_FEATURE,
     IMAGE_EMBEDS,
     IMAGE_TOKENS,
     RESIDUAL_INDEX,
@@ -81,9 +82,14 @@ def fixed_inputs(spec: GraphSpec, drafter: Drafter, rng: np.random.Generator,
                  new: int) -> dict[str, np.ndarray]:
     """The inputs ``example_feeds`` does not make up, where ``spec`` takes them: HiViS's
     residual row of tree level 1; ``new`` row ids mixing token ids, ``EMBEDDED`` and
-    ``FUSED_ROW`` rows (every kind of row is traced and checked); the rows to score, some
+    ``FUSED_ROW`` rows (every kind of row is traced and checked); ViSpec's global feature
+    per row (0, then one image's, as over a prompt's rows); the rows to score, some
     of them out of order (3 of 4 or more, else all: the tracer bakes in sizes of 1 and 2)."""
     feeds = {}
+    if GLOBAL_FEATURE in spec.input_names:  # as a prompt's rows see it: 0 before the image
+        g = np.zeros((1, new, drafter.config.hidden_size), np.float32)
+        g[:, new // 2:] = rng.standard_normal(drafter.config.hidden_size)
+        feeds[GLOBAL_FEATURE] = g
     if LOGIT_ROWS in spec.input_names:
         rows = rng.permutation(new)[:3] if new >= 4 else np.arange(new)
         feeds[LOGIT_ROWS] = rows.astype(np.int64)

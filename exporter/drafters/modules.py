@@ -151,7 +151,9 @@ class VispecDrafter(Drafter):
         return global_feature
 
     def fuse(self, embeds, features, global_feature):
-        g = global_feature[:, None].expand_as(features)  # [1,H] -> [1,S,H]
+        """``global_feature``: one g ``[B, H]`` for every row, or one a row ``[B, S, H]``."""
+        g = global_feature if global_feature.dim() == features.dim() else \
+            global_feature[:, None].expand_as(features)
         return self.fc(torch.cat([embeds, self.img_fc(torch.cat([features, g], dim=-1))], -1))
 
 

@@ -87,7 +87,7 @@ class DrafterSession:
     """Drafter state of one generation: committed cache rows, next position, last hidden.
 
     Subclasses set ``kind`` and implement the kind-specific parts: ``_fuse_inputs`` (the
-    draft graph's extra input) and, where rows are dropped or compressed, ``_prefill_chunks``;
+    draft graph's extra input) and, where rows are dropped or compressed, ``_prompt_rows``;
     ``image_inputs`` lists the image inputs the kind supports.
     """
 
@@ -139,10 +139,10 @@ class DrafterSession:
                              f"end at {self.prompt_end}")
         else:
             self.cache.truncate(self.prompt_rows)
-        for ids, rows, feats, positions in self._prefill_chunks(
-                np.asarray(input_ids), embeds, features, next_token, start):
-            top = self._commit(ids, host_batch(rows, np.float32), host_batch(feats, np.float32),
-                               positions)
+        ids, rows, feats, positions, extra = self._prompt_rows(
+            np.asarray(input_ids), embeds, features, next_token, start)
+        top = self._commit(ids, host_batch(rows, np.float32), host_batch(feats, np.float32),
+                           positions, extra)
         # The last row embeds x_L by token id: a longer prompt replaces it (and what followed).
         self.prompt_end, self.prompt_rows = len(input_ids) - 1, self.cache.length - 1
         self.prefills += 1
@@ -163,7 +163,8 @@ class DrafterSession:
                                     "draft:features")
         positions = np.full(k, self.next_position + level - 1, np.int64)
         out = self._draft(tokens, self._zero_embeds(k), features, positions,
-                          tree_mask(self.committed, mask), level,            # [1,1,K,C+R+K]
+                          tree_mask(self.committed, mask),                   # [1,1,K,C+R+K]
+                          self._fuse_inputs(level, k),
                           hidden=memory.rows(self._rows, (), 1 + r, 1 + r + k), scored=(0, k))
         self.cache.commit(k)
         return out[TOPK_LOGPROBS][0], out[TOPK_IDS][0]
@@ -212,38 +213,40 @@ class DrafterSession:
     def _reset_state(self) -> None:
         """Forget kind state carried across rounds (ViSpec's global feature)."""
 
-    def _fuse_inputs(self, level: int) -> dict[str, np.ndarray]:
-        """The draft graph's extra input for rows of tree ``level`` (0 = committed rows)."""
+    def _fuse_inputs(self, level: int, rows: int) -> dict[str, np.ndarray]:
+        """The draft graph's extra input for ``rows`` rows of tree ``level`` (0 = committed
+        rows)."""
         return {}
 
-    def _prefill_chunks(self, input_ids, embeds, features, next_token, start):
-        """The prompt rows from ``start`` on, in one or more draft calls (kind state may
-        change between them): each chunk is ids ``[N]`` (``drafter_specs`` row codes),
-        embeddings and features ``[N, H]`` and positions ``[N]``. EAGLE's shift: row i <-
+    def _prompt_rows(self, input_ids, embeds, features, next_token, start):
+        """The prompt rows from ``start`` on, for one draft call: ids ``[N]``
+        (``drafter_specs`` row codes), embeddings and features ``[N, H]``, positions ``[N]``
+        and the extra input (None: ``_fuse_inputs(0, N)``). EAGLE's shift: row i <-
         (f_i, e_{i+1}), the last row embeds x_L with the drafter's table."""
-        yield shifted_rows(input_ids[start:], embeds, next_token) + (
-            features, np.arange(start, len(input_ids), dtype=np.int64))
+        return shifted_rows(input_ids[start:], embeds, next_token) + (
+            features, np.arange(start, len(input_ids), dtype=np.int64), None)
 
     # -- graph calls ---------------------------------------------------------------------------
     def _draft(self, ids, embeds, features, positions: np.ndarray, mask: np.ndarray,
-               level: int, hidden, scored: tuple[int, int]) -> dict:
+               extra: dict, hidden, scored: tuple[int, int]) -> dict:
         """One draft-graph call over ``S`` rows after the cache's rows; K/V land in the cache.
         ``embeds``/``features``: ``[1, S, H]``, tensors of the target's memory or host rows
-        that ``prefill``/``advance`` batched; ``hidden``: where the output hidden states go;
-        ``scored``: the rows [start, end) whose top-k it returns (``[1, end - start, k]``)."""
+        that ``prefill``/``advance`` batched; ``extra``: the kind's input (``_fuse_inputs``);
+        ``hidden``: where the output hidden states go; ``scored``: the rows [start, end)
+        whose top-k it returns (``[1, end - start, k]``)."""
         feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None], INPUTS_EMBEDS: embeds,
                  FEATURES: features, POSITION_IDS: positions[None], ATTENTION_MASK: mask,
-                 **self.cache.past(), **self._fuse_inputs(level)}
+                 **self.cache.past(), **extra}
         if self._scored is not None:
             feeds[LOGIT_ROWS] = self._scored[scored[0]:scored[1]]
         outputs = {**self.cache.present(len(positions)), HIDDEN_STATES: hidden}
         return self.draft_runner.infer(feeds, outputs)
 
-    def _commit(self, ids, embeds, features,
-                positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _commit(self, ids, embeds, features, positions: np.ndarray,
+                extra: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         memory, n = self.cache.memory, len(positions)
-        out = self._draft(ids, embeds, features, positions,
-                          causal_mask(self.cache.length, n), level=0,
+        out = self._draft(ids, embeds, features, positions, causal_mask(self.cache.length, n),
+                          self._fuse_inputs(0, n) if extra is None else extra,
                           hidden=memory.scratch("draft:hidden", (1, n, self._rows.shape[1]),
                                                 np.float32), scored=(n - 1, n))
         self.cache.commit(n)

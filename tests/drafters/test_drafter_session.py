@@ -1,4 +1,7 @@
 """The numpy drafter sessions match the full-sequence PyTorch reference of each drafter."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from vispec.exporter.drafters.reference import reference_prefill, run_rows
 from vispec.runtime.drafters import open_drafter
 from vispec.runtime.errors import ManifestError
 from vispec.runtime.masks import causal_mask
+from vispec.runtime.target import TargetModel
 from vispec.runtime.tree import TreeConfig, build_draft_tree
 
 # (kind, target family, drafter's embed_tokens: copy of the target's | own | none)
@@ -135,3 +139,17 @@ def test_refuses_other_target(tiny_drafter, target_model):
         open_drafter(artifacts, target_model("qwen2_5_vl"))
     with pytest.raises(ManifestError, match="not a drafter"):
         open_drafter(target_model("llava").dir, target_model("llava"))
+
+
+def test_a_vispec_graph_with_one_global_feature_a_call_is_refused(tiny_drafter, tiny_target,
+                                                                  tmp_path):
+    # exports before the per-row global feature took g [1, H]: re-export, says the error
+    _, artifacts = tiny_drafter("vispec", "llava")
+    old = shutil.copytree(artifacts, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    [g] = [t for t in manifest["graphs"]["draft"]["spec"]["inputs"] if t["name"] == "global_feature"]
+    g["shape"] = [1, g["shape"][-1]]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    target = TargetModel(tiny_target("llava")[1])
+    with pytest.raises(ManifestError, match="older form.*export-drafter"):
+        open_drafter(old, target)
