@@ -15,7 +15,9 @@ from rich.table import Table
 
 from vispec.runtime.bench import BenchRow, interleaved
 from vispec.runtime.cpu_load import QUIET_CORES
-from vispec.runtime.errors import VispecError
+from vispec.runtime.drafter_specs import DRAFT, draft_spec
+from vispec.runtime.errors import ManifestError, VispecError
+from vispec.runtime.manifest import Manifest
 from vispec.runtime.pipeline import Pipeline
 from vispec.runtime.specs import GQA
 from vispec.runtime.tree import TreeConfig
@@ -42,15 +44,28 @@ def export_demo_drafter(checkpoint: Path, model_dir: Path, work: Path,
                         progress: Progress = print) -> Path:
     """``checkpoint`` exported as the demo exports it (``DRAFT_VOCAB``, ``DRAFT_WEIGHTS``)
     into ``work``, in a folder keyed by its weights' hash and precision: reused while they
-    are the same (benchmarks on the demo target)."""
+    are the same and its draft graph has this version's inputs and outputs (benchmarks on
+    the demo target)."""
     from .real_drafters import file_hash
 
     weights = file_hash(checkpoint / "model.safetensors")
     out = work / f"{checkpoint.name}-onnx-{DRAFT_WEIGHTS}-{weights}"
-    if not (out / "manifest.json").exists():
+    if not current_draft_graph(out):
         export_drafter(checkpoint, model_dir, out, max_len=MAX_LEN, draft_vocab=DRAFT_VOCAB,
-                       weights=DRAFT_WEIGHTS, progress=progress)
+                       weights=DRAFT_WEIGHTS, overwrite=out.exists(), progress=progress)
     return out
+
+
+def current_draft_graph(folder: Path) -> bool:
+    """``folder`` holds a drafter export whose draft graph has the IO this version writes."""
+    try:
+        manifest = Manifest.load(folder, kind="drafter")
+    except ManifestError:
+        return False
+    f = manifest.model
+    return manifest.graph(DRAFT).spec == draft_spec(
+        manifest.family, hidden_size=f["hidden_size"], kv_heads=f["kv_heads"],
+        head_dim=f["head_dim"], top_k=f["top_k"], max_len=manifest.max_len)
 
 
 def demo_prompts(images: int = 8, seed: int = 0) -> list[tuple[str, list, object]]:
