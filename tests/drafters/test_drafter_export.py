@@ -1,10 +1,13 @@
 """Drafter ONNX export: graphs match their specs and PyTorch (fp32), manifests, atomicity,
-the rows a draft call scores."""
+the rows a draft call scores, when a cached export is current."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
+from vispec.exporter.demo.real_demo import current_draft_graph
 from vispec.exporter.drafters.checkpoint import load_drafter
 from vispec.exporter.drafters.export import export_drafter, fixed_inputs, validate_drafter
 from vispec.exporter.onnx_io import example_feeds
@@ -74,3 +77,14 @@ def test_scored_rows_are_those_of_every_row(tiny_drafter, tiny_target):
     for name in (TOPK_LOGPROBS, TOPK_IDS):
         assert chosen[name].shape[1] == 2
         np.testing.assert_allclose(chosen[name], every[name][:, [5, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_export_is_current_only_with_this_versions_draft_io(tiny_drafter, tmp_path):
+    _, artifacts = tiny_drafter("vispec", "llava")
+    assert current_draft_graph(artifacts) and not current_draft_graph(tmp_path / "none")
+    old = shutil.copytree(artifacts, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["graphs"]["draft"]["spec"]["inputs"] = [
+        t for t in manifest["graphs"]["draft"]["spec"]["inputs"] if t["name"] != LOGIT_ROWS]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert not current_draft_graph(old)  # exported before logit_rows: export again
