@@ -150,7 +150,7 @@ class Group:
     precision: str
     tok_s: dict[str, float] = field(default_factory=dict)   # "project plain" -> median tok/s
     ttft: dict[str, float] = field(default_factory=dict)    # -> median seconds
-    others: float = 0.0                                      # max mean cores used by others
+    others: float = 0.0                                      # others' mean cores (time-weighted)
     busiest: tuple = ()
     identical: bool | None = None                            # fp32: project == peer tokens
     points: dict[str, dict] = field(default_factory=dict)    # key -> {(prompt, repeat): Run}
@@ -184,11 +184,14 @@ def summarize(runs: list[Run]) -> list[Group]:
     """Median tok/s and TTFT per (group, precision, side + mode); contention and fp32 identity."""
     groups: dict[tuple[str, str], Group] = {}
     for run in runs:
-        g = groups.setdefault((run.group, run.precision), Group(run.group, run.precision))
-        if run.cpu.cores >= g.others:
-            g.others, g.busiest = run.cpu.cores, run.cpu.by_process
+        groups.setdefault((run.group, run.precision), Group(run.group, run.precision))
     for (name, precision), g in groups.items():
         mine = [r for r in runs if (r.group, r.precision) == (name, precision)]
+        # others' cores over the group's time: a run's own share is in 10 ms jiffies, +-0.25
+        # cores of a 40 ms image answer, so the busiest run of many says nothing
+        used = [r.cpu.cores * (r.ttft + r.decode_seconds) for r in mine]
+        g.others = sum(used) / max(sum(r.ttft + r.decode_seconds for r in mine), 1e-9)
+        g.busiest = mine[max(range(len(mine)), key=used.__getitem__)].cpu.by_process
         for key in sorted({f"{r.side} {r.mode}" for r in mine}):
             same = [r for r in mine if f"{r.side} {r.mode}" == key]
             g.tok_s[key] = statistics.median(r.tokens_per_second for r in same)

@@ -89,3 +89,15 @@ def test_ratios_pair_runs_of_one_prompt_and_repeat():
     assert group.tok_s["project plain"] / group.tok_s["ort-genai plain"] == pytest.approx(0.45)
     assert group.to_dict()["ratios"] == pytest.approx(
         {"plain / peer": 0.9, "TTFT plain / peer": 0.5, "spec / peer": None, "spec / plain": None})
+
+
+def test_a_group_is_contended_by_its_time_weighted_load_not_one_short_run():
+    # 40 ms image answers: one jiffy of someone else reads 0.25 cores in that run alone
+    P = peers.PROJECT
+    runs = [_run(P, "plain", "int4", i, list(range(9)), 200, 0.0, cores=0.25 if i == 3 else 0.0,
+                 group="image") for i in range(8)]
+    [image] = peers.summarize(runs)
+    assert image.others == pytest.approx(0.25 / 8) and not image.contended()
+    runs += [_run(P, "plain", "int4", 9, list(range(200)), 200, 0.0, cores=0.5, group="image")]
+    [image] = peers.summarize(runs)
+    assert image.contended() and image.busiest == (("busy[9]", 0.5),)
