@@ -1,8 +1,9 @@
 """PyTorch drafters (EAGLE, ViSpec, HiViS) whose parameter names are the official checkpoint keys,
 and the two exportable graphs over them (draft, adaptor).
 
-    draft   : (ids [1,S], e [1,S,H], f [1,S,H], positions [1,S], mask [1,1,S,P+S], past K/V,
-               g [1,H] | residual index [1]) -> hidden, top-k, new K/V
+    draft   : (ids [1,S], e [1,S,H], f [1,S,H], positions [1,S], mask [1,1,S,P+S], scored
+               rows [R], past K/V, g [1,S,H] | residual index [1]) -> hidden, top-k of the
+               scored rows, new K/V
     adaptor : (ViSpec) image embeddings [N,H] -> [num_q,H]
 """
 from __future__ import annotations
