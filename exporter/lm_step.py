@@ -21,14 +21,13 @@ import torch
 ACCUMULATE = torch.float32  # residual stream, norms, rotary, attention core
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [1, heads, S, hd]``, ``cos/sin [1, S, hd]`` (HF half-rotation convention)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``x [1, heads, S, hd]``, ``cos/sin [1, S, hd]`` (HF half-rotation convention). The
+    halves are cut at the Python int ``head_dim // 2``: constant slices in the graph (a
+    traced ``chunk`` computes them from the shape, six nodes a call)."""
+    half = head_dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,6 +39,14 @@ def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """``[1, S, n*hd] -> [1, n, S, hd]``."""
     return x.view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+def _share_kv(x: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``[1, kvh, T, hd]`` -> ``[1, heads, T, hd]``, each KV head repeated for its query
+    heads (``repeat_interleave``) by an expand and a reshape of constant shapes (Python ints:
+    a traced ``repeat_interleave`` tiles through a dozen shape nodes)."""
+    groups = heads // kv_heads
+    return x[:, :, None].expand(-1, -1, groups, -1, -1).reshape(1, heads, -1, head_dim)
 
 
 def project(linear: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
@@ -65,14 +72,14 @@ def attend(layer_attn: torch.nn.Module, h: torch.Tensor, cos, sin, bias, past_k,
     the new rows' K/V ``[1, S, kvh, hd]`` at the weights' precision.
     """
     dtype, hd = h.dtype, layer_attn.head_dim
-    q = apply_rope(_heads(project(layer_attn.q_proj, h), hd), cos, sin)  # [1, nh, S, hd]
-    k = apply_rope(_heads(project(layer_attn.k_proj, h), hd), cos, sin).to(dtype)
-    v = _heads(project(layer_attn.v_proj, h), hd).to(dtype)              # [1, kvh, S, hd]
-    groups = q.shape[1] // k.shape[1]
+    q = apply_rope(_heads(project(layer_attn.q_proj, h), hd), cos, sin, hd)  # [1, nh, S, hd]
+    k = apply_rope(_heads(project(layer_attn.k_proj, h), hd), cos, sin, hd).to(dtype)
+    v = _heads(project(layer_attn.v_proj, h), hd).to(dtype)                  # [1, kvh, S, hd]
     keys = torch.cat([past_k.transpose(1, 2), k], dim=2)  # [1, kvh, P+S, hd]
     values = torch.cat([past_v.transpose(1, 2), v], dim=2)
-    keys = keys.repeat_interleave(groups, dim=1).to(ACCUMULATE)  # [1, nh, P+S, hd]
-    values = values.repeat_interleave(groups, dim=1).to(ACCUMULATE)
+    heads = (layer_attn.q_proj.out_features // hd, layer_attn.k_proj.out_features // hd, hd)
+    keys = _share_kv(keys, *heads).to(ACCUMULATE)  # [1, nh, P+S, hd]
+    values = _share_kv(values, *heads).to(ACCUMULATE)
     scores = torch.matmul(q, keys.transpose(-1, -2)) * layer_attn.scaling + bias
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values).transpose(1, 2).reshape(1, h.shape[1], -1).to(dtype)
