@@ -189,8 +189,9 @@ def summarize(runs: list[Run]) -> list[Group]:
         mine = [r for r in runs if (r.group, r.precision) == (name, precision)]
         # others' cores over the group's time: a run's own share is in 10 ms jiffies, +-0.25
         # cores of a 40 ms image answer, so the busiest run of many says nothing
-        used = [r.cpu.cores * (r.ttft + r.decode_seconds) for r in mine]
-        g.others = sum(used) / max(sum(r.ttft + r.decode_seconds for r in mine), 1e-9)
+        spans = [r.ttft + r.decode_seconds for r in mine]
+        used = [r.cpu.cores * span for r, span in zip(mine, spans)]
+        g.others = sum(used) / max(sum(spans), 1e-9)
         g.busiest = mine[max(range(len(mine)), key=used.__getitem__)].cpu.by_process
         for key in sorted({f"{r.side} {r.mode}" for r in mine}):
             same = [r for r in mine if f"{r.side} {r.mode}" == key]
