@@ -17,7 +17,8 @@ cores on average is marked contended (ratios flip under load: see shared/PITFALL
     python benchmarks/peers.py [--precisions fp32,int4] [--threads 2] [--repeats 3]
         [--max-new-tokens 128] [--images 4] [--drafter vispec|none] [--png peers.png]
         [--attention gqa|standard] [--weights-method rtn|gptq|minmax] [--calibration FILE]
-        [--weights-head int8|int4] [--json FILE] [--workdir DIR]
+        [--weights-head int8|int4] [--weights-block 32|64|128] [--peer-block 32|64|128]
+        [--json FILE] [--workdir DIR]
 
 Plain rows run a drafter-less ``Pipeline`` (as a user decoding plainly loads it: its LM's
 thread pool spins on between steps), speculative rows one with the drafter.
@@ -119,12 +120,22 @@ class PeerModel:
         return tokens, t1 - t0, time.perf_counter() - t1
 
 
-def build_peer(hf_dir: Path, out: Path, precision: str) -> Path:
-    """ORT-GenAI's builder on ``hf_dir`` (CPU), once per precision."""
+PEER_BLOCK = 32  # the peer builder's default int4 block
+
+
+def block_suffix(block: int) -> str:
+    """A work folder's suffix for a quantization block other than 32."""
+    return "" if block == PEER_BLOCK else f"-b{block}"
+
+
+def build_peer(hf_dir: Path, out: Path, precision: str, block: int = PEER_BLOCK) -> Path:
+    """ORT-GenAI's builder on ``hf_dir`` (CPU), once per precision (int4: blocks of
+    ``block``)."""
     if not (out / "genai_config.json").exists():
+        extra = ["--extra_options", f"block_size={block}"] if block != PEER_BLOCK else []
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "peer-cache")],
-                       check=True)
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "peer-cache"),
+                        *extra], check=True)
     return out
 
 
@@ -258,6 +269,10 @@ def main() -> None:
     parser.add_argument("--weights-head", default=None, choices=("int8", "int4"),
                         help="the project's LM head precision at int4 (default: the "
                              "method's; the peer's builder makes it int4)")
+    parser.add_argument("--weights-block", type=int, default=32, choices=(32, 64, 128),
+                        help="the project's int4/int8 block (64: ~1.15x the steps of 32)")
+    parser.add_argument("--peer-block", type=int, default=PEER_BLOCK, choices=(32, 64, 128),
+                        help="the peer's int4 block (default: its builder's)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="gptq's calibration file (default: the demo's training images)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -288,14 +303,16 @@ def main() -> None:
     model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
     method = {p: "rtn" if p == "fp32" else args.weights_method for p in {"fp32", *precisions}}
     head = {p: None if p == "fp32" else args.weights_head for p in method}
+    block = {p: 32 if p == "fp32" else args.weights_block for p in method}
     targets = {p: work / f"target-{p}-{args.attention}-{method[p]}"
-                         f"{'-head-' + head[p] if head[p] else ''}" for p in method}
+                         f"{'-head-' + head[p] if head[p] else ''}"
+                         f"{block_suffix(block[p])}" for p in method}
     for p, out in targets.items():
         if not (out / "manifest.json").exists():
             calibration = None if method[p] != "gptq" else \
                 args.calibration or write_calibration(work / "calibration")
             export_target(model_dir, out, max_len=MAX_LEN, weights={"fp32": "float32"}.get(p, p),
-                          attention=args.attention, weights_method=method[p],
+                          weights_block=block[p], attention=args.attention, weights_method=method[p],
                           weights_head=head[p], calibration=calibration, progress=say)
     drafter_dir = None
     if args.drafter != "none":  # the demo's drafter (shipped, else trained and cached)
@@ -306,7 +323,9 @@ def main() -> None:
     plain = {p: Pipeline(targets[p], threads=args.threads) for p in precisions}
     pipes = {p: Pipeline(targets[p], drafter_dir=drafter_dir, threads=args.threads, progress=say)
              for p in precisions} if drafter_dir else {}
-    peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}", p), args.threads)
+    peer_block = {p: PEER_BLOCK if p == "fp32" else args.peer_block for p in precisions}
+    peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}{block_suffix(peer_block[p])}", p,
+                                     peer_block[p]), args.threads)
              for p in precisions} if has_peer else {}
     texts = [plain[precisions[0]].target.prepare(t) for t in TEXT_PROMPTS]
     images = [plain[precisions[0]].target.prepare(QUESTION, [e.image])
@@ -314,7 +333,8 @@ def main() -> None:
     for pipe in pipes.values():
         pipe.tree_policy()  # auto measures its costs before any timing
     say(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-        f"{args.threads} threads each; {args.repeats} repeats after a warm-up, "
+        f"{args.threads} threads each; int4 blocks: project {args.weights_block}, peer "
+        f"{args.peer_block}; {args.repeats} repeats after a warm-up, "
         f"{args.max_new_tokens} new tokens at most; {len(texts)} text prompts (both), "
         f"{len(images)} held-out images (project)")
     runs: list[Run] = []

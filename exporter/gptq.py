@@ -44,12 +44,13 @@ class Grid(NamedTuple):
 
 
 def block_grid(w: torch.Tensor, bits: int, block: int, zero_points: bool) -> Grid:
-    """The grid of each block of ``block`` inputs of ``w [N, K]`` (module docstring)."""
+    """The grid of each block of ``block`` inputs of ``w [N, K]`` (module docstring); a last
+    partial block padded with its last column, as ``weight_quant`` stores it."""
     n, k = w.shape
-    blocks = w.reshape(n, k // block, block)
+    blocks = torch.cat([w, w[:, -1:].expand(n, -k % block)], 1).reshape(n, -1, block)
     first = torch.arange(0, k, block)
     top = 2 ** bits - 1
-    none = torch.full((n, k // block), -1)
+    none = torch.full(blocks.shape[:2], -1)
     zeros = blocks.abs().amax(2) == 0  # all-zero blocks: scale 1, nothing held
     if zero_points:
         lo, hi = blocks.min(2).values.clamp(max=0), blocks.max(2).values.clamp(min=0)
@@ -82,9 +83,6 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: i
     with ``hessian [K, K]`` in act order; returns float32 values on the grid."""
     w = weight.detach().float().clone()
     k = w.shape[1]
-    if k % block:
-        raise VispecError(f"GPTQ: a weight with {k} inputs, not a multiple of the block "
-                          f"({block}). Hint: --weights-method rtn or another --weights-block")
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1

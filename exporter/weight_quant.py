@@ -215,7 +215,7 @@ def block_sums(k: int, block: int, digits: int) -> np.ndarray:
 
 def _blocks(weight: np.ndarray, block: int) -> np.ndarray:
     """``weight [N, K]`` -> ``[N, ceil(K / block), block]``, a last partial block padded with
-    its own first value (which changes neither its minimum nor its maximum)."""
+    its last column (which changes neither its minimum nor its maximum)."""
     rows, width = weight.shape
     pad = -width % block
     return np.pad(weight, ((0, 0), (0, pad)), mode="edge").reshape(rows, -1, block)

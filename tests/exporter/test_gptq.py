@@ -66,11 +66,11 @@ def _matmul_model(q, path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-@pytest.mark.parametrize("bits,block", [(4, 32), (8, 64)])
-def test_export_stores_symmetric_gptq_weights_exactly(bits, block, tmp_path):
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 128), (8, 64, 128), (4, 64, 160)])
+def test_export_stores_symmetric_gptq_weights_exactly(bits, block, k, tmp_path):
     """Round to nearest (ONNX Runtime's quantizer) reproduces GPTQ's values bit for bit: its
     scale is the block's largest-magnitude value over -2^(bits-1), as GPTQ's grid."""
-    w, x = _problem(1)
+    w, x = _problem(1, k=k)
     q = gptq_weight(w, 2 * x.T.double() @ x.double(), bits, block).numpy()  # [N, K]
     path = tmp_path / "m.onnx"
     _matmul_model(q, path)
@@ -78,20 +78,22 @@ def test_export_stores_symmetric_gptq_weights_exactly(bits, block, tmp_path):
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     packed = next(v for n, v in weights.items() if n.endswith(f"_Q{bits}"))
     scales = next(v for n, v in weights.items() if n.endswith("_scales")).reshape(len(q), -1)
-    values = unpack(packed.reshape(len(q), -1), bits, q.shape[1]).reshape(len(q), -1, block)
-    np.testing.assert_array_equal((values * scales[..., None]).reshape(q.shape), q)
+    width = -(-k // block) * block  # a last partial block stored padded
+    values = unpack(packed.reshape(len(q), -1), bits, width).reshape(len(q), -1, block)
+    np.testing.assert_array_equal((values * scales[..., None]).reshape(len(q), width)[:, :k], q)
 
 
-def test_export_stores_zero_point_gptq_weights(tmp_path):
+@pytest.mark.parametrize("k,block", [(128, 32), (160, 64)])  # 160: a last partial block
+def test_export_stores_zero_point_gptq_weights(k, block, tmp_path):
     """The min/max packing with no float part finds GPTQ's levels, scales and zero points
     again (the held extremes fix them): the same values up to the scale's last bit."""
-    w, x = _problem(1)
-    q = gptq_weight(w, 2 * x.T.double() @ x.double(), 4, 32, zero_points=True).numpy()
-    rows, k = q.shape
-    data, scales, zeros = pack_minmax(q, 32, digits=0)
-    levels = unpack(data.reshape(rows, -1), 4, k).reshape(rows, -1, 32) + 8
-    points = unpack(zeros.reshape(rows, -1), 4, k // 32) + 8
-    values = (scales[..., None] * (levels - points[..., None])).reshape(q.shape)
+    w, x = _problem(1, k=k)
+    q = gptq_weight(w, 2 * x.T.double() @ x.double(), 4, block, zero_points=True).numpy()
+    rows, width = len(q), -(-k // block) * block
+    data, scales, zeros = pack_minmax(q, block, digits=0)
+    levels = unpack(data.reshape(rows, -1), 4, width).reshape(rows, -1, block) + 8
+    points = unpack(zeros.reshape(rows, -1), 4, width // block) + 8
+    values = (scales[..., None] * (levels - points[..., None])).reshape(rows, width)[:, :k]
     np.testing.assert_allclose(values, q, rtol=1e-6, atol=1e-9)
 
 
