@@ -120,7 +120,9 @@ OPSET = click.option("--opset", type=click.IntRange(OPSETS.start, OPSETS.stop - 
               help="Weight-only blockwise quantization of the LM (ONNX Runtime CPU; `build` "
                    "takes int4 with --weights-block 64/128 for TensorRT).")
 @click.option("--weights-block", type=click.Choice(["32", "64", "128"]), default="32",
-              show_default=True, help="Weights per quantization scale (along the input).")
+              show_default=True, help="Weights per quantization scale (along the input). "
+                                      "64: ONNX Runtime's int4 steps ~10-15% faster than 32 "
+                                      "(with gptq about as accurate).")
 @click.option("--weights-exclude", default="embed", show_default=True,
               help="Parts kept float, comma-separated: head (the LM head), embed (the token "
                    "embedding); 'none' quantizes both.")
