@@ -22,8 +22,11 @@ cores on average is marked contended (ratios flip under load: see shared/PITFALL
 
 Plain rows run a drafter-less ``Pipeline`` (as a user decoding plainly loads it: its LM's
 thread pool spins on between steps), speculative rows one with the drafter.
-``--weights-method gptq`` calibrates on ``--calibration`` (default: 32 of the demo's training
-images with both questions and GPTQ's text prompts, ``real_target.write_calibration``).
+``--weights-block`` / ``--peer-block``: the int4 block of each side (both default to 32, the
+peer builder's; the project's fastest accurate form is ``--weights-method gptq
+--weights-block 64``, RESULTS.md). ``--weights-method gptq`` calibrates on
+``--calibration`` (default: 32 of the demo's training images with both questions and GPTQ's
+text prompts, ``real_target.write_calibration``).
 """
 from __future__ import annotations
 
@@ -120,19 +123,19 @@ class PeerModel:
         return tokens, t1 - t0, time.perf_counter() - t1
 
 
-PEER_BLOCK = 32  # the peer builder's default int4 block
+DEFAULT_BLOCK = 32  # the default quantization block of both: the project's export, the peer's builder
 
 
 def block_suffix(block: int) -> str:
     """A work folder's suffix for a quantization block other than 32."""
-    return "" if block == PEER_BLOCK else f"-b{block}"
+    return "" if block == DEFAULT_BLOCK else f"-b{block}"
 
 
-def build_peer(hf_dir: Path, out: Path, precision: str, block: int = PEER_BLOCK) -> Path:
+def build_peer(hf_dir: Path, out: Path, precision: str, block: int = DEFAULT_BLOCK) -> Path:
     """ORT-GenAI's builder on ``hf_dir`` (CPU), once per precision (int4: blocks of
     ``block``)."""
     if not (out / "genai_config.json").exists():
-        extra = ["--extra_options", f"block_size={block}"] if block != PEER_BLOCK else []
+        extra = ["--extra_options", f"block_size={block}"] if block != DEFAULT_BLOCK else []
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
                         "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "peer-cache"),
                         *extra], check=True)
@@ -269,9 +272,9 @@ def main() -> None:
     parser.add_argument("--weights-head", default=None, choices=("int8", "int4"),
                         help="the project's LM head precision at int4 (default: the "
                              "method's; the peer's builder makes it int4)")
-    parser.add_argument("--weights-block", type=int, default=32, choices=(32, 64, 128),
+    parser.add_argument("--weights-block", type=int, default=DEFAULT_BLOCK, choices=(32, 64, 128),
                         help="the project's int4/int8 block (64: ~1.15x the steps of 32)")
-    parser.add_argument("--peer-block", type=int, default=PEER_BLOCK, choices=(32, 64, 128),
+    parser.add_argument("--peer-block", type=int, default=DEFAULT_BLOCK, choices=(32, 64, 128),
                         help="the peer's int4 block (default: its builder's)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="gptq's calibration file (default: the demo's training images)")
@@ -303,7 +306,7 @@ def main() -> None:
     model_dir, hf_dir = cached_target(say), smollm2_dir(progress=say)
     method = {p: "rtn" if p == "fp32" else args.weights_method for p in {"fp32", *precisions}}
     head = {p: None if p == "fp32" else args.weights_head for p in method}
-    block = {p: 32 if p == "fp32" else args.weights_block for p in method}
+    block = {p: DEFAULT_BLOCK if p == "fp32" else args.weights_block for p in method}
     targets = {p: work / f"target-{p}-{args.attention}-{method[p]}"
                          f"{'-head-' + head[p] if head[p] else ''}"
                          f"{block_suffix(block[p])}" for p in method}
@@ -323,7 +326,7 @@ def main() -> None:
     plain = {p: Pipeline(targets[p], threads=args.threads) for p in precisions}
     pipes = {p: Pipeline(targets[p], drafter_dir=drafter_dir, threads=args.threads, progress=say)
              for p in precisions} if drafter_dir else {}
-    peer_block = {p: PEER_BLOCK if p == "fp32" else args.peer_block for p in precisions}
+    peer_block = {p: DEFAULT_BLOCK if p == "fp32" else args.peer_block for p in precisions}
     peers = {p: PeerModel(build_peer(hf_dir, work / f"peer-{p}{block_suffix(peer_block[p])}", p,
                                      peer_block[p]), args.threads)
              for p in precisions} if has_peer else {}
