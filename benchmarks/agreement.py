@@ -9,11 +9,15 @@ Prompts: distill-data's held-out chat prompts (``HELD_OUT_CHAT``) and held-out s
 images asked the short question (the demo's SmolLM2 LLaVA target). The reference answers
 each greedily; every other export then runs one prefill over prompt + answer
 (``runtime.ties.teacher_forced_logits``) and its argmax per position is compared with the
-answer's next token. Prints the mean per group.
+answer's next token. Prints the mean per group. An ONNX Runtime GenAI model folder (one with
+``genai_config.json``, e.g. peers.py's ``peer-int4``) among ARTIFACTS is run the same way on
+the same token ids, chat prompts only (it has no vision).
 """
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -40,14 +44,38 @@ def main() -> None:
         prompt = reference.prepare(text, images)
         answers.append((group, prompt, generate_plain(reference, prompt, args.tokens).tokens))
     for path in args.artifacts:
-        target = TargetModel(path, threads=args.threads)
+        peer = (Path(path) / "genai_config.json").exists()
+        target = None if peer else TargetModel(path, threads=args.threads)
         agreement: dict[str, list[float]] = {}
         for group, prompt, answer in answers:
-            chosen = teacher_forced_logits(target, prompt, answer).argmax(-1)
+            if peer and prompt.images:
+                continue
+            logits = (peer_logits(Path(path), prompt.input_ids, answer, args.threads) if peer
+                      else teacher_forced_logits(target, prompt, answer))
+            chosen = logits.argmax(-1)
             agreement.setdefault(group, []).append(float(np.mean(chosen == np.array(answer))))
         print(path, ", ".join(f"{g} {np.mean(v):.3f} ({len(v)} prompts)"
                               for g, v in agreement.items()), flush=True)
-        target.close()
+        if target is not None:
+            target.close()
+
+
+def peer_logits(folder: Path, ids: np.ndarray, answer: list[int], threads: int) -> np.ndarray:
+    """An ORT GenAI folder's ``model.onnx`` over prompt ``ids`` + ``answer`` in one pass (an
+    empty past): the logits ``[len(answer), V]`` that choose each answer token."""
+    import onnxruntime as ort
+
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    tokens = np.array([[*ids.tolist(), *answer[:-1]]], np.int64)
+    feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+    feeds.update({arg.name: past for arg in session.get_inputs()
+                  if arg.name.startswith("past_key_values")})
+    return session.run(["logits"], feeds)[0][0, len(ids) - 1:]
 
 
 if __name__ == "__main__":
