@@ -44,13 +44,14 @@ def main() -> None:
         prompt = reference.prepare(text, images)
         answers.append((group, prompt, generate_plain(reference, prompt, args.tokens).tokens))
     for path in args.artifacts:
-        peer = (Path(path) / "genai_config.json").exists()
+        peer = PeerForward(Path(path), args.threads) if (Path(path) / "genai_config.json").exists() \
+            else None
         target = None if peer else TargetModel(path, threads=args.threads)
         agreement: dict[str, list[float]] = {}
         for group, prompt, answer in answers:
             if peer and prompt.images:
                 continue
-            logits = (peer_logits(Path(path), prompt.input_ids, answer, args.threads) if peer
+            logits = (peer.logits(prompt.input_ids, answer) if peer
                       else teacher_forced_logits(target, prompt, answer))
             chosen = logits.argmax(-1)
             agreement.setdefault(group, []).append(float(np.mean(chosen == np.array(answer))))
@@ -60,23 +61,28 @@ def main() -> None:
             target.close()
 
 
-def peer_logits(folder: Path, ids: np.ndarray, answer: list[int], threads: int) -> np.ndarray:
-    """An ORT GenAI folder's ``model.onnx`` over prompt ``ids`` + ``answer`` in one pass (an
-    empty past): the logits ``[len(answer), V]`` that choose each answer token."""
-    import onnxruntime as ort
+class PeerForward:
+    """An ORT GenAI folder's ``model.onnx``, run over a whole sequence from an empty past."""
 
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(folder / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    tokens = np.array([[*ids.tolist(), *answer[:-1]]], np.int64)
-    feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
-    feeds.update({arg.name: past for arg in session.get_inputs()
-                  if arg.name.startswith("past_key_values")})
-    return session.run(["logits"], feeds)[0][0, len(ids) - 1:]
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime as ort
 
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]),
+                             np.float32)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def logits(self, ids: np.ndarray, answer: list[int]) -> np.ndarray:
+        """The logits ``[len(answer), V]`` that choose each token of ``answer`` after prompt
+        ``ids``: one pass over prompt + answer."""
+        tokens = np.array([[*ids.tolist(), *answer[:-1]]], np.int64)
+        feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+        feeds.update({arg.name: self.past for arg in self.session.get_inputs()
+                      if arg.name.startswith("past_key_values")})
+        return self.session.run(["logits"], feeds)[0][0, len(ids) - 1:]
 
 if __name__ == "__main__":
     main()
