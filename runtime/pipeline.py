@@ -53,6 +53,8 @@ class Pipeline:
     default without a drafter. Pass False where other pipelines of the process (or other
     processes) decode on the same cores at the same time or right after (the workers spin
     ~40 ms past a generation's last step): spinning pools fight them.
+    ``exact``: greedy speculative output bit-identical to plain output on any target,
+    quantized ones included (``TargetModel``: passes of even row counts, chain trees only).
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
@@ -60,7 +62,7 @@ class Pipeline:
                  threads: int | None = None, tree: TreeSetting = AUTO,
                  sampling: Sampling = Sampling(), drafter_image_input: str = ADAPTOR,
                  progress: Callable[[str], None] | None = None,
-                 keep_spinning: bool | None = None):
+                 keep_spinning: bool | None = None, exact: bool = False):
         if threads is not None and threads < 1:
             raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
                               f"ONNX Runtime's default")
@@ -69,7 +71,7 @@ class Pipeline:
             Manifest.load(_check_artifacts(Path(drafter_dir), "drafter"), kind="drafter")
         self.target = TargetModel(target_dir, backend=backend, threads=threads,
                                   keep_spinning=drafter_dir is None if keep_spinning is None
-                                  else keep_spinning)
+                                  else keep_spinning, exact=exact)
         self.drafter = None
         if drafter_dir is not None:
             from .drafters import open_drafter

@@ -36,10 +36,17 @@ from .generate import (
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
-from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
+from .speculative import (
+    Drafter,
+    check_tree_size,
+    check_tree_width,
+    draft,
+    fitting,
+    verify,
+)
 from .target import StepOutput, TargetModel
 from .tree import TreeConfig
-from .tree_policy import TreePolicy
+from .tree_policy import TreePolicy, check_chains
 
 Cancel = Callable[[], bool]  # polled after every target pass: True ends the generation
 
@@ -109,6 +116,7 @@ class Session:
         check_fits(prompt, max_new_tokens, self.target.max_len)
         check_tree_width(tree.trees, self.drafter)
         check_tree_size(tree.trees, self.target.max_len)
+        check_chains(tree.trees, self.target)
         tree.start(prompt.has_images, max_new_tokens)
         turn = Turn(max_new_tokens, TokenChooser(sampling), GenerationStats(), on_tokens, cancel)
         with self._consistent():
@@ -230,8 +238,9 @@ class Session:
         steps = target.greedy_steps(cache) if greedy else None
         while not turn.done:
             t0 = time.perf_counter()
-            if steps is not None:
-                token, out = steps(turn.tokens[-1], self.position), steps.hidden[0]
+            bound = steps is not None and steps.fits()  # an exact step's padding row too
+            if bound:
+                token, out = steps(turn.tokens[-1], self.position), steps.hidden[0, :1]
             else:
                 out = target.step_tokens(cache, turn.tokens[-1:],
                                          target.glue.step_position_ids(self.position,
@@ -240,7 +249,7 @@ class Session:
             t1 = time.perf_counter()
             cache.commit(1)
             self._commit(turn.tokens[-1:], out, [0])
-            if steps is None:
+            if not bound:
                 token = turn.chooser.choose_next(out)
             turn.emit([token], target.eos_token_ids)
             turn.stats.target_passes += 1

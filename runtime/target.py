@@ -10,7 +10,7 @@ import numpy as np
 
 from .backends import default_memory, make_runner
 from .device import DeviceTensor, HostMemory, Memory, host_batch, is_device
-from .errors import ManifestError
+from .errors import ManifestError, VispecError
 from .families import FamilyGlue, Prompt, glue_for
 from .greedy_steps import GreedySteps
 from .head_screen import HEAD_WEIGHTS, MAX_ROWS, SCREEN, HeadScreen
@@ -100,6 +100,19 @@ class StepOutput:
         return np.argmax(self.logits, axis=-1)
 
 
+def paired(embeds: np.ndarray, position_ids: np.ndarray, mask: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An odd pass's inputs with one more row after the last (its embedding again at the
+    next position, seeing every key; no other row sees it): its K/V land after the pass's
+    rows, where the next pass writes over them."""
+    n = embeds.shape[1]
+    grown = np.zeros((*mask.shape[:2], n + 1, mask.shape[3] + 1), mask.dtype)
+    grown[:, :, :n, :-1] = mask
+    grown[:, :, n] = True
+    return (np.concatenate([embeds, embeds[:, -1:]], axis=1),
+            np.concatenate([position_ids, position_ids[..., -1:] + 1], axis=-1), grown)
+
+
 class TargetModel:
     """Loads an artifact folder written by ``export_target`` and runs its graphs.
 
@@ -114,11 +127,18 @@ class TargetModel:
     int4 decoding ~5% faster on a quiet 2-core CPU; a drafter's runs beside the spinning
     workers took ~10-30% longer, so ``Pipeline`` asks for it without a drafter). Not
     where a head screen runs after each step (its own pool would meet the same fight).
+    ``exact`` (host memory): every pass after a prompt's runs an even number of rows (an
+    odd one gets a padding row, ``paired``), so a row's arithmetic does not depend on how
+    rows are grouped into passes (ONNX Runtime's CPU kernels compute an odd pass's last row
+    apart), and speculation verifies chains only (``tree_policy``): greedy speculative
+    output then equals plain output bit for bit, on quantized targets too (which part at
+    near-ties otherwise; ``runtime.ties``).
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort",
                  threads: int | None = None,
-                 memory: Memory | None = None, keep_spinning: bool = False):
+                 memory: Memory | None = None, keep_spinning: bool = False,
+                 exact: bool = False):
         self.dir = Path(artifact_dir)
         self.backend, self.threads = backend, threads
         self.manifest = Manifest.load(self.dir, kind="target")
@@ -134,6 +154,10 @@ class TargetModel:
                                 f"(--attention gqa): it runs on the CPU backend (ort) with host "
                                 f"memory. Hint: export again with --attention standard for "
                                 f"{backend} or device memory")
+        if exact and not isinstance(self.memory, HostMemory):
+            raise VispecError(f"exact decoding pads passes on the host: {backend} with device "
+                              f"memory cannot. Hint: drop exact, or use host memory")
+        self.exact = exact
         self.traffic = self.memory.traffic
         config, self.processor = load_artifact_processor(self.dir)
         self.glue: FamilyGlue = glue_for(config)
@@ -252,36 +276,44 @@ class TargetModel:
         """The LM over ``embeds [1, S, H]`` in ``memory``; ``greedy``: the screen chooses
         where it serves."""
         n = embeds.shape[1]
+        if self.exact and n % 2 and not last_logits and cache.length + n < cache.max_len:
+            embeds, position_ids, mask = paired(embeds, position_ids, mask)
+        rows = embeds.shape[1]  # n, or n + 1 with a padding row (no logits, not returned)
         greedy = greedy and self.screen is not None and (1 if last_logits else n) <= MAX_ROWS
         feeds = {INPUTS_EMBEDS: embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask}
-        sizes, first = {NEW: n}, 0
+        sizes, first = {NEW: rows}, 0
         if self.selects_logits:
             first = n - 1 if last_logits else 0
             feeds[LOGIT_ROWS] = self._rows[n if greedy else first:n]
             sizes[ROWS] = 0 if greedy else n - first
-        if n <= KEPT_ROWS:
+        if rows <= KEPT_ROWS:
             for name in (INPUTS_EMBEDS, POSITION_IDS, LOGIT_ROWS):
                 if name in feeds and not is_device(feeds[name]):
                     feeds[name] = self._keep(name, feeds[name])
         outputs = self._scratch("lm", (LOGITS, HIDDEN_STATES), sizes)
-        past, present = cache.past(), cache.present(n)
+        past, present = cache.past(), cache.present(rows)
         if cache.heads_major:  # the same slabs every step: bound once
             out = self.runners["lm"].infer(feeds, outputs, held=(past, present))
         else:
             out = self.runners["lm"].infer({**feeds, **past}, {**outputs, **present})
-        return StepOutput(out[LOGITS], out[HIDDEN_STATES], self.memory,
-                          self.runners.get(ARGMAX), first, self.screen if greedy else None)
+        logits, hidden = out[LOGITS], out[HIDDEN_STATES]
+        if rows > n:
+            hidden, logits = hidden[:, :n], logits if self.selects_logits else logits[:, :n]
+        return StepOutput(logits, hidden, self.memory, self.runners.get(ARGMAX), first,
+                          self.screen if greedy else None)
 
     def greedy_steps(self, cache: KVCache) -> GreedySteps | None:
         """Greedy one-token steps on ``cache`` with every buffer bound once (``greedy_steps``),
         where they serve: ONNX Runtime, the ``gqa`` form, a host embedding table, no head
-        screen (which chooses greedy tokens without the float head). None elsewhere."""
+        screen (which chooses greedy tokens without the float head); two rows a step where
+        ``exact``. None elsewhere."""
         runner = self.runners["lm"]
         if (not hasattr(runner, "bound_step") or self._table is None or not cache.heads_major
                 or self.screen is not None):
             return None
         if self._greedy is None or self._greedy.cache is not cache:  # kept for the last cache
-            self._greedy = GreedySteps(runner, self._table, cache, self.selects_logits)
+            self._greedy = GreedySteps(runner, self._table, cache, self.selects_logits,
+                                       2 if self.exact else 1)
         return self._greedy
 
     def _keep(self, name: str, array: np.ndarray) -> np.ndarray:

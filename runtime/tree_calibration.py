@@ -28,7 +28,7 @@ from .generate import generate_plain
 from .speculative import Drafter, generate_speculative
 from .target import TargetModel
 from .tree import TreeConfig
-from .tree_policy import CANDIDATES, AutoTree, PlainDecoding
+from .tree_policy import CANDIDATES, CHAINS, AutoTree, PlainDecoding
 
 CALIBRATION_PROMPT = "Write a few sentences about the sea."
 CALIBRATION_TOKENS = 4   # per generation: a few rounds, so that passes are short (~1 s)
@@ -63,15 +63,17 @@ def artifact_facts(*folders: Path) -> list:
 def calibration_key(target: TargetModel, drafter_dir: Path) -> str:
     facts = {"machine": machine_facts(target.backend, target.threads),
              "artifacts": artifact_facts(target.dir, drafter_dir),
-             "method": [CALIBRATION_PROMPT, CALIBRATION_TOKENS, CALIBRATION_PASSES]}
+             "method": [CALIBRATION_PROMPT, CALIBRATION_TOKENS, CALIBRATION_PASSES],
+             "exact": target.exact}  # its steps and its candidates differ
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def usable_trees(target: TargetModel, drafter: Drafter,
-                 candidates: tuple[TreeConfig, ...] = CANDIDATES) -> tuple[TreeConfig, ...]:
-    """Candidates the drafter graph is wide enough for and the cache has room for."""
+                 candidates: tuple[TreeConfig, ...] | None = None) -> tuple[TreeConfig, ...]:
+    """Candidates (default: ``CANDIDATES``, chains for an ``exact`` target) the drafter
+    graph is wide enough for and the cache has room for."""
     room = target.max_len // 8
-    return tuple(t for t in candidates
+    return tuple(t for t in candidates or (CHAINS if target.exact else CANDIDATES)
                  if t.top_k <= drafter.top_k and max(t.total_tokens, t.drafter_rows) <= room)
 
 

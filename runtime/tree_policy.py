@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 
 from .errors import VispecError
-from .tree import StaticPolicy, TreeConfig, build_draft_tree
+from .tree import StaticPolicy, TreeConfig, build_draft_tree, tree_name
 
 if TYPE_CHECKING:
     from .speculative import Drafter
@@ -64,6 +64,9 @@ CANDIDATES = (
     TreeConfig(total_tokens=30, depth=3, top_k=8),
     TreeConfig(total_tokens=60, depth=5, top_k=10),
 )
+# An ``exact`` target's candidates: chains (``speculative.check_chains``), and its default
+CHAINS = tuple(TreeConfig(total_tokens=n + 1, depth=n - 1, top_k=1) for n in (2, 3, 4, 5))
+EXACT_TREE = CHAINS[1]
 
 
 class TreePolicy(Protocol):
@@ -114,10 +117,12 @@ TreeSetting = str | TreeConfig | TreeFields | TreePolicy | None  # what a user p
 
 
 def default_tree(kind: str, backend: str = "ort", total_tokens: int | None = None,
-                 depth: int | None = None, top_k: int | None = None) -> TreeConfig:
+                 depth: int | None = None, top_k: int | None = None,
+                 exact: bool = False) -> TreeConfig:
     """The default tree for drafter ``kind`` on ``backend`` (CPU-sized for CPU backends,
-    the published one otherwise), with any of its fields overridden."""
-    base = CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
+    the published one otherwise; a chain for ``exact`` targets), with any of its fields
+    overridden."""
+    base = EXACT_TREE if exact else CPU_TREE if backend in CPU_BACKENDS else DEFAULT_TREES[kind]
     try:
         return TreeConfig(total_tokens=base.total_tokens if total_tokens is None else total_tokens,
                           depth=base.depth if depth is None else depth,
@@ -148,8 +153,21 @@ def resolve_tree(setting: TreeSetting, target: TargetModel, drafter: Drafter | N
         from .tree_calibration import auto_tree  # it runs the loop, which imports this module
         return auto_tree(target, drafter, drafter_dir, progress)
     if setting is None or isinstance(setting, tuple):
-        return default_tree(drafter.kind, target.backend, *(setting or ()))
-    return setting
+        policy = default_tree(drafter.kind, target.backend, *(setting or ()), exact=target.exact)
+    else:
+        policy = setting
+    check_chains(policy.trees, target)
+    return policy
+
+
+def check_chains(trees, target: TargetModel) -> None:
+    """Refuse branched trees on an ``exact`` target: a node's ancestors would sit at other
+    key positions than in plain decoding, which the attention's sums see."""
+    branched = [t for t in trees if t.top_k > 1]
+    if target.exact and branched:
+        raise VispecError(f"exact decoding verifies chains, not tree {tree_name(branched[0])} "
+                          f"(top_k {branched[0].top_k}). Hint: --top-k 1, or the auto tree (no "
+                          f"--total-tokens/--depth/--top-k), or drop --exact")
 
 
 def levels(tree: TreeConfig) -> int:

@@ -16,6 +16,7 @@ from vispec.runtime.tree_calibration import auto_tree, calibration_key
 from vispec.runtime.tree_policy import (
     CANDIDATES,
     CPU_TREE,
+    EXACT_TREE,
     PLAN_LENGTHS,
     AutoTree,
     PlainDecoding,
@@ -320,9 +321,11 @@ def test_pipeline_auto_generates_what_plain_does(tiny_target, tiny_drafter):
 
 
 def test_every_tree_setting_resolves_to_one_policy():
-    target, drafter = SimpleNamespace(backend="ort"), SimpleNamespace(kind="eagle")
+    target, drafter = SimpleNamespace(backend="ort", exact=False), SimpleNamespace(kind="eagle")
     auto = policy()
     assert resolve_tree(None, target, drafter, None) == CPU_TREE  # the backend's default
+    exact = SimpleNamespace(backend="ort", exact=True)
+    assert resolve_tree(None, exact, drafter, None) == EXACT_TREE  # a chain (test_exact)
     assert resolve_tree((10, 2, None), target, drafter, None) == TreeConfig(10, 2, 4)
     assert resolve_tree(MID, target, drafter, None) is MID
     assert MID.trees == (MID,) and MID.next_tree() is MID  # a tree is its own policy
