@@ -36,14 +36,7 @@ from .generate import (
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
-from .speculative import (
-    Drafter,
-    check_tree_size,
-    check_tree_width,
-    draft,
-    fitting,
-    verify,
-)
+from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
 from .target import StepOutput, TargetModel
 from .tree import TreeConfig
 from .tree_policy import TreePolicy, check_chains

@@ -64,7 +64,7 @@ CANDIDATES = (
     TreeConfig(total_tokens=30, depth=3, top_k=8),
     TreeConfig(total_tokens=60, depth=5, top_k=10),
 )
-# An ``exact`` target's candidates: chains (``speculative.check_chains``), and its default
+# An ``exact`` target's candidates: chains (``check_chains``), and its default tree
 CHAINS = tuple(TreeConfig(total_tokens=n + 1, depth=n - 1, top_k=1) for n in (2, 3, 4, 5))
 EXACT_TREE = CHAINS[1]
 
