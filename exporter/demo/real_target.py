@@ -3,16 +3,14 @@
     image 64x64 ─► CLIP tower (3 layers, hidden 128, 16 px patches) ─► 16 patch features
                ─► projector (128 -> 576 -> 576) ─► 16 image tokens in the SmolLM2 prompt
     prompt     "<|im_start|>user\\n<image>\\nDescribe the image.<|im_end|>\\n<|im_start|>assistant\\n"
-               (or "Describe the picture in detail.": the ~55-token detailed description)
+               (or "Describe the picture in detail.": the 39-token detailed description)
 
 The tower and projector are trained on the synthetic task of ``synthetic_images`` with the
 LM frozen (``vision_training``); their weights ship in ``assets/`` (fp16, ~2 MB), so
 ``make_target`` only converts the GGUF (cached) and assembles the folder. Reproduce the
-shipped weights with ``python -m vispec.exporter.demo.real_target --write-weights`` (stages 1-4
-from scratch). Stage 5 (the detailed description; ``--write-weights FILE --detail-only``
-continues a file with it) does not pass its accuracy bars yet, so the shipped file answers
-the detailed question with the short sentence; write its output elsewhere than the shipped
-path.
+shipped weights with ``python -m vispec.exporter.demo.real_target --write-weights`` (stages 1-7
+from scratch; the shipped file is stages 1-4's file continued with stages 5-7, the detailed
+description: ``--write-weights FILE --detail-only`` continues FILE with them).
 """
 from __future__ import annotations
 
@@ -181,7 +179,7 @@ def write_weights(path: str | os.PathLike = WEIGHTS, config: VisionTrainConfig =
                   continue_steps: int = 0, detail_only: bool = False,
                   progress: Progress = lambda msg: None) -> Path:
     """Train from scratch (``continue_steps`` > 0: continue the weights at ``path`` with that
-    many more stage-2 steps on fresh images; ``detail_only``: continue them with stage 5
+    many more stage-2 steps on fresh images; ``detail_only``: continue them with stages 5-7
     alone, as the shipped file was made), report held-out accuracy, write
     ``trained_state`` to ``path``."""
     lm_dir = smollm2_dir(progress=progress)
@@ -264,8 +262,8 @@ if __name__ == "__main__":
     parser.add_argument("--continue-steps", type=int, default=0,
                         help="continue the weights file with this many stage-2 steps")
     parser.add_argument("--detail-only", action="store_true",
-                        help="continue the weights file with stage 5 alone (both questions; "
-                             "not yet at the shipped file's accuracy: write elsewhere)")
+                        help="continue the weights file with stages 5-7 alone (both questions: "
+                             "the detailed description)")
     parser.add_argument("--images", type=int, default=None,
                         help="held-out images to score (128), or calibration images (32)")
     parser.add_argument("--artifacts", type=Path, default=None,

@@ -44,16 +44,13 @@ class Scene:
         return f"{COUNTS[self.count - 1].capitalize()} {self.colour} {noun} at the {self.position}."
 
     def detailed_answer(self) -> str:
-        """The answer to DETAIL_QUESTION: the short answer's facts in four sentences."""
+        """The answer to DETAIL_QUESTION (>= 30 words): the short answer, then its facts again
+        in three sentences (the frozen LM copies them from its own first sentence)."""
         count, many = COUNTS[self.count - 1], self.count > 1
         noun = self.shape + ("s" if many else "")
-        vertical, horizontal = self.position.split()
-        return (f"The picture shows {count} {self.colour} {noun} on a plain dark background. "
-                f"{'They are' if many else 'It is'} in the {self.position} corner, in the "
-                f"{vertical} half and on the {horizontal} side of the picture. "
-                f"{'Each shape is' if many else 'The shape is'} a {self.colour} {self.shape}, "
-                f"{f'and there are {count} of them' if many else 'and it is the only shape'}. "
-                f"The rest of the picture is empty.")
+        return (f"{self.answer()} The picture shows {count} {self.colour} {noun} on a plain dark "
+                f"background. {'They are' if many else 'It is'} in the {self.position} corner of "
+                f"the picture. The rest of the picture is empty.")
 
 
 def all_scenes() -> list[Scene]:

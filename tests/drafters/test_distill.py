@@ -191,7 +191,7 @@ def test_detailed_answers_name_the_four_attributes_in_30_words_or_more():
         answer = example.scene.detailed_answer()
         assert len(answer.split()) >= 30
         assert score(answer, example.scene) == {a: True for a in ATTRIBUTES}
-        assert answer.startswith("The picture shows")
+        assert answer.startswith(example.scene.answer() + " The picture shows")
 
 
 def test_config_rejects_bad_sizes():
