@@ -18,7 +18,15 @@ import platform
 import tempfile
 from pathlib import Path
 
-from vispec.exporter.demo.real_demo import ATTENTION, DRAFT_VOCAB, DRAFT_WEIGHTS, MAX_LEN, demo_prompts
+from vispec.exporter.demo.real_demo import (
+    ATTENTION,
+    DRAFT_VOCAB,
+    DRAFT_WEIGHTS,
+    GROUPS,
+    MAX_LEN,
+    demo_prompts,
+    prompt_group,
+)
 from vispec.exporter.demo.real_drafters import demo_drafters
 from vispec.exporter.demo.real_target import cached_target
 from vispec.exporter.drafters.export import export_drafter
@@ -50,12 +58,11 @@ def main() -> None:
     checkpoints = demo_drafters(model_dir, kinds, progress=say)
     trees = [TreeConfig(*(int(x) for x in t.split(":"))) for t in args.trees.split(",")]
     prompts = demo_prompts(images=args.images)
-    groups = {"image": [(t, i) for t, i, s in prompts if i],
-              "text": [(t, i) for t, i, s in prompts if not i]}
+    groups = {g: [(t, i) for t, i, s in prompts if prompt_group(t, i) == g] for g in GROUPS}
     print(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
           f"SmolLM2-135M LLaVA target (fp32, ORT CPU); {args.repeats} repeats, "
           f"{args.max_new_tokens} new tokens at most; prompts: {len(groups['image'])} held-out "
-          f"images, {len(groups['text'])} text", flush=True)
+          f"images, {len(groups['detailed'])} detailed, {len(groups['text'])} text", flush=True)
     for kind in kinds:
         for size, weights in ((v, w) for w in args.weights.split(",")
                               for v in args.draft_vocab.split(",")):

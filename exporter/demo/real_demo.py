@@ -37,7 +37,8 @@ MAX_LEN = 512
 ATTENTION = GQA  # the LM graph in ONNX Runtime's fused CPU form (DESIGN.md: LM graph forms)
 CHART = "speedup.png"  # in the demo's output folder, beside results.json
 REPEATS = 2  # timed passes after the warm-up (each setting, each prompt)
-DETAILED = 2  # held-out images also asked DETAIL_QUESTION
+DETAILED = 4  # held-out images also asked DETAIL_QUESTION
+GROUPS = ("image", "detailed", "text")  # the demo's prompt groups, timed apart
 
 
 def export_demo_drafter(checkpoint: Path, model_dir: Path, work: Path,
@@ -111,8 +112,9 @@ def run_real_demo(out: Path, *, max_new_tokens: int = 48, tree: TreeConfig | str
 def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_tokens: int,
             tree: TreeConfig | str, console: Console, progress: Progress,
             repeats: int = REPEATS) -> dict[str, list[BenchRow]]:
-    """Per prompt group ("image", "text"): a plain row and one row per drafter kind, timed
-    by ``bench.interleaved`` (warm-up, ``repeats`` rotating passes, contention sampled)."""
+    """Per prompt group (``GROUPS``: short image answers, detailed descriptions, text): a
+    plain row and one row per drafter kind, timed by ``bench.interleaved`` (warm-up,
+    ``repeats`` rotating passes, contention sampled)."""
     fixed = None if tree == DEMO_TREE else tree
     plain_pipe = Pipeline(target_onnx, tree=None)
     pipes = {k: Pipeline(target_onnx, drafter_dir=d, tree=tree, progress=progress)
@@ -127,8 +129,10 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
         return result
 
     results = {}
-    for group in ("image", "text"):
-        items = [(text, images) for text, images, _ in prompts if bool(images) == (group == "image")]
+    for group in GROUPS:
+        items = [(text, images) for text, images, _ in prompts if prompt_group(text, images) == group]
+        if not items:
+            continue
         settings = [(BenchRow("plain", None), plain)]
         settings += [(BenchRow(kind, fixed), lambda text, images, pipe=pipe: pipe.generate(
             text, images, max_new_tokens, draft=True)) for kind, pipe in pipes.items()]
@@ -147,6 +151,11 @@ def measure(target_onnx: Path, drafters: dict[str, Path], prompts, max_new_token
         console.print(f"target named every attribute right on {sum(correct)}/{len(correct)} "
                       f"held-out image prompts")
     return results
+
+
+def prompt_group(text: str, images: list) -> str:
+    """The ``GROUPS`` entry of a prompt."""
+    return "text" if not images else "detailed" if text == DETAIL_QUESTION else "image"
 
 
 def _key(text: str, images: list) -> str:

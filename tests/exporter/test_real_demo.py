@@ -24,7 +24,7 @@ def test_speed_table_times_like_bench_and_marks_contention(tiny_target, tiny_dra
     console = Console(record=True, width=200)
     results = measure(tiny_target("llava")[1], {"eagle": tiny_drafter("eagle", "llava", 0)[1]},
                       prompts, 8, TreeConfig(4, 2, 2), console, lambda msg: None, repeats=2)
-    assert list(results) == ["image", "text"]
+    assert list(results) == ["image", "detailed", "text"]
     for rows in results.values():
         assert [r.setting for r in rows] == ["plain", "eagle"]
         assert all(len(r.repeats) == len(r.others) == 2 and r.identical for r in rows)
