@@ -283,9 +283,9 @@ def fit_detail(model, processor, config: VisionTrainConfig = VisionTrainConfig()
     """Stages 5+ in place, mixed batches of both questions (``detail_fraction`` asked
     DETAIL_QUESTION): stage 5 at ``detail_lr``, every attribute word weighted
     ``position_weight``; then per ``detail_polish_lrs`` a round of ``detail_polish_steps``
-    with the position words alone weighted (position is what stage 5 loses: 128 held-out
-    images 0.84 right after it, 0.92 after one round). The projector alone unless
-    ``detail_tower``."""
+    with the position words alone weighted (position is what stage 5 loses: held-out
+    positions 0.84 right after it, 0.92 after one round, 0.95 after two). The projector
+    alone unless ``detail_tower``."""
     stage = dataclasses.replace(config, steps=config.detail_steps, lr=config.detail_lr,
                                 seed=config.seed + 34)
     fit_answers(model, processor, stage, progress, position_weight=config.position_weight,
