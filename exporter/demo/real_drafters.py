@@ -100,10 +100,11 @@ class Recipe:
     such steps 3.78."""
     image_repeats: int = 2
     """Copies of the image answers in the training set. The loss is a mean over answer
-    rows, and an image answer is one ~9-token sentence (the target answers both questions
-    with it) beside ~180-token text answers: once each, image rows are ~11% of the loss,
-    twice ~20%. ViSpec at 1200 steps, fixed tree (30, 5, 8), tokens per pass on 32
-    held-out images / 10 held-out chat prompts: 2.96 / 1.90 once, 3.25 / 1.86 twice."""
+    rows, and an image answer is short (~9 tokens; detailed, 39) beside ~180-token text
+    answers: with the detailed answers, twice each makes image rows ~17% of the loss.
+    Measured when both questions had the ~9-token answer (~11% once, ~20% twice): ViSpec at
+    1200 steps, fixed tree (30, 5, 8), tokens per pass on 32 held-out images / 10 held-out
+    chat prompts: 2.96 / 1.90 once, 3.25 / 1.86 twice."""
 
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
