@@ -5,7 +5,7 @@ tree, so that no timing plays a part (RESULTS.md: acceptance against distilled t
         [--workdir DIR]
 
 Each drafter checkpoint (default: the demo's shipped ViSpec, HiViS and EAGLE) is exported as
-the demo exports it (int8 weights, 4,096-token draft vocabulary) against the demo's float32
+the demo exports it (its ``DRAFT_WEIGHTS``, int4, and 4,096-token draft vocabulary) against the demo's float32
 ``gqa`` target, then decodes held-out synthetic images asked the short and the detailed
 question and the held-out chat prompts (``HELD_OUT_CHAT``) speculatively; each output is
 checked against plain greedy decoding. Prints the mean tokens per pass over each group's
