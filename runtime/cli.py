@@ -16,6 +16,7 @@ import click
 from vispec.runtime.atomic import check_writable
 from vispec.runtime.drafter_specs import ADAPTOR, IMAGE_INPUTS
 from vispec.runtime.errors import VispecError
+from vispec.runtime.lookup import LOOKUP
 
 POSITIVE = click.IntRange(min=1)
 BENCH_PROMPTS = ("Describe the picture in detail.", "What is in the picture?",
@@ -65,13 +66,13 @@ def _images(paths) -> list:
 
 
 def _pipeline(model, drafter, backend, threads, sampling=None, image_input=ADAPTOR,
-              tree="auto", keep_spinning=None, exact=False):
+              tree="auto", keep_spinning=None, exact=False, lookup=LOOKUP):
     hide_torch()
     from vispec.runtime.pipeline import Pipeline
     from vispec.runtime.sampling import Sampling
     return Pipeline(model, drafter_dir=drafter, backend=backend, threads=threads,
                     tree=tree, sampling=sampling or Sampling(), drafter_image_input=image_input,
-                    progress=_progress, keep_spinning=keep_spinning, exact=exact)
+                    progress=_progress, keep_spinning=keep_spinning, exact=exact, lookup=lookup)
 
 
 def _mode(pipe, result) -> str:
@@ -124,6 +125,9 @@ def _stats_line(mode: str, s) -> str:
               help="Speculative output bit-identical to plain on quantized targets too: "
                    "passes of even row counts, chain trees only (int4 plain steps ~15%% "
                    "slower).")
+@click.option("--lookup", type=click.IntRange(min=0), default=LOOKUP, show_default=True,
+              help="Greedy rounds also verify up to this many tokens that followed the latest "
+                   "earlier occurrence of the conversation's last words (0: off).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the reply and its statistics (per round too) as one JSON object "
                    "instead of streaming text.")
@@ -131,7 +135,7 @@ def _stats_line(mode: str, s) -> str:
               help="Also write the statistics, per round too, to this JSON file.")
 def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_new_tokens,
              temperature, top_p, seed, total_tokens, depth, top_k, backend, threads,
-             exact, as_json, stats_json):
+             exact, lookup, as_json, stats_json):
     """Generate a reply with the runtime (no torch needed), streaming it as tokens are
     accepted, then print speed statistics on stderr: time to first token, decode tokens/s,
     target passes (prefill included) and mean tokens per decode pass (accepted drafts +
@@ -146,7 +150,7 @@ def generate(model, prompt, images, drafter, drafter_image_input, no_draft, max_
         raise click.BadParameter(str(e)) from None
     pictures = _images(images)
     pipe = _pipeline(model, drafter, backend, threads, sampling, drafter_image_input,
-                     _tree_setting(total_tokens, depth, top_k), exact=exact)
+                     _tree_setting(total_tokens, depth, top_k), exact=exact, lookup=lookup)
     streamer = None
     if not as_json:
         from vispec.runtime.streaming import TextStreamer

@@ -11,6 +11,7 @@ from .drafter_specs import ADAPTOR
 from .errors import ManifestError, VispecError
 from .families import Prompt
 from .generate import GenerationResult, OnTokens, check_fits
+from .lookup import LOOKUP
 from .manifest import EXPORT_COMMAND, MANIFEST_NAME, Manifest
 from .sampling import Sampling
 from .session import Cancel, Session
@@ -55,6 +56,8 @@ class Pipeline:
     ~40 ms past a generation's last step): spinning pools fight them.
     ``exact``: greedy speculative output bit-identical to plain output on any target,
     quantized ones included (``TargetModel``: passes of even row counts, chain trees only).
+    ``lookup``: greedy rounds also verify up to this many tokens that followed the latest
+    earlier occurrence of the conversation's last words (``Session``; 0: off).
     """
 
     def __init__(self, artifact_dir: str | os.PathLike, *,
@@ -62,10 +65,14 @@ class Pipeline:
                  threads: int | None = None, tree: TreeSetting = AUTO,
                  sampling: Sampling = Sampling(), drafter_image_input: str = ADAPTOR,
                  progress: Callable[[str], None] | None = None,
-                 keep_spinning: bool | None = None, exact: bool = False):
+                 keep_spinning: bool | None = None, exact: bool = False,
+                 lookup: int = LOOKUP):
         if threads is not None and threads < 1:
             raise VispecError(f"threads={threads}. Expected: >= 1. Hint: leave it unset for "
                               f"ONNX Runtime's default")
+        if lookup < 0:
+            raise VispecError(f"lookup={lookup}. Expected: >= 0 tokens (0: off). Hint: leave "
+                              f"it at its default, {LOOKUP}")
         target_dir = _check_artifacts(Path(artifact_dir), "target")
         if drafter_dir is not None:  # a wrong drafter folder is told before the target loads
             Manifest.load(_check_artifacts(Path(drafter_dir), "drafter"), kind="drafter")
@@ -83,7 +90,7 @@ class Pipeline:
         self._policy: TreePolicy | None = None  # resolved once; `auto` learns across calls
         self.sampling = sampling
         self.cache = self.target.new_cache()
-        self.session = Session(self.target, self.drafter, self.cache)  # the conversation held
+        self.session = Session(self.target, self.drafter, self.cache, lookup)  # the conversation held
         if tree != AUTO:  # a fixed setting is checked now; `auto` measures on first use
             self.tree_policy()
 

@@ -34,11 +34,12 @@ from .generate import (
     prefill,
 )
 from .kv_cache import KVCache
+from .lookup import graft, lookup_chain
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
 from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
 from .target import StepOutput, TargetModel
-from .tree import TreeConfig
+from .tree import DraftTree, TreeConfig
 from .tree_policy import TreePolicy, check_chains
 
 Cancel = Callable[[], bool]  # polled after every target pass: True ends the generation
@@ -66,11 +67,16 @@ class Session:
     """The target's KV cache and the token of every valid row (``rows``), the images among
     them, the text position of the next row, and, with a drafter, the target's features of
     every row (what a later turn's drafter rows read). The last token a generation emits is
-    not in the cache yet: a next turn's prompt feeds it."""
+    not in the cache yet: a next turn's prompt feeds it.
+
+    ``lookup`` N > 0: greedy rounds also verify up to N tokens that ``lookup.lookup_chain``
+    finds in the conversation, grafted onto the drafter's tree (not on ``exact`` targets,
+    which verify chains only).
+    """
 
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
-                 cache: KVCache | None = None):
-        self.target, self.drafter = target, drafter
+                 cache: KVCache | None = None, lookup: int = 0):
+        self.target, self.drafter, self.lookup = target, drafter, lookup
         self.cache = cache or target.new_cache()
         self.reset()
         rows = (target.max_len, target.glue.hidden_size)  # host, row-aligned, with a drafter:
@@ -202,6 +208,8 @@ class Session:
         while not turn.done and config is not None:
             r0 = time.perf_counter()
             draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
+            if self.lookup and turn.chooser.sampling.greedy and not self.target.exact:
+                draft_tree = self._with_lookup(draft_tree, turn.tokens[-1])
             r1 = time.perf_counter()
             verification, out = verify(self.target, self.cache, draft_tree, self.position,
                                        turn.chooser)
@@ -222,6 +230,17 @@ class Session:
             r4 = time.perf_counter()
             turn.stats.rounds.append(RoundStats(used, (r1 - r0 + r4 - r3) * 1e3, (r2 - r1) * 1e3,
                                                 (r3 - r2) * 1e3, len(turn.tokens) - before))
+
+    def _with_lookup(self, tree: DraftTree, root: int) -> DraftTree:
+        """``tree`` with the lookup branch grafted on (``lookup.graft``), where both caches
+        have room for the grown tree and its longest accepted path."""
+        chain = lookup_chain(np.array(self.rows + [root], np.int64), self.lookup)
+        if not len(chain):
+            return tree
+        grown = graft(tree, chain)
+        fits = (self.cache.length + len(grown.tokens) <= self.cache.max_len
+                and int(grown.depths.max()) + 2 <= self.drafter.room())
+        return grown if fits else tree
 
     def _decode_plain(self, turn: Turn) -> None:
         """One token per target pass from the last emitted token until the turn is done

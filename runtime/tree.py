@@ -165,13 +165,13 @@ def _assemble(
     parents = np.where(parent_cand < 0, -1, np.searchsorted(chosen, parent_cand)) + 1
     parents = np.concatenate([[-1], parents]).astype(np.int64)  # [T]
     depths = _candidate_depths(chosen, config)
-    mask = _ancestor_mask(parents, depths)
+    mask = ancestor_mask(parents, depths)
     return DraftTree(
         tokens=np.concatenate([[root_token], tokens[chosen]]).astype(np.int64),
         parents=parents,
         depths=depths,
         mask=mask,
-        paths=_leaf_paths(parents, depths, mask),
+        paths=leaf_paths(parents, depths, mask),
     )
 
 
@@ -182,7 +182,7 @@ def _candidate_depths(chosen: np.ndarray, config: TreeConfig) -> np.ndarray:
     return np.concatenate([[0], depths]).astype(np.int64)
 
 
-def _ancestor_mask(parents: np.ndarray, depths: np.ndarray) -> np.ndarray:
+def ancestor_mask(parents: np.ndarray, depths: np.ndarray) -> np.ndarray:
     """[T, T] bool: each row is its parent's row plus itself, filled level by level."""
     mask = np.eye(len(parents), dtype=bool)
     for depth in range(1, int(depths.max()) + 1):
@@ -191,7 +191,7 @@ def _ancestor_mask(parents: np.ndarray, depths: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _leaf_paths(parents: np.ndarray, depths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def leaf_paths(parents: np.ndarray, depths: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[n_leaves, max_depth + 1]: column d holds the leaf's ancestor at depth d, else -1."""
     is_leaf = np.ones(len(parents), bool)
     is_leaf[parents[1:]] = False

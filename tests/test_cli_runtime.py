@@ -54,6 +54,17 @@ def test_generate_json_and_stats_file(tiny_target, tiny_drafter, tmp_path):
     assert saved["rounds"] == reply["rounds"] and "text" not in saved
 
 
+def test_generate_lookup_setting(tiny_target, tiny_drafter):
+    args = ("generate", "--model", tiny_target("llava")[1], "--drafter",
+            tiny_drafter("eagle", "llava")[1], "--prompt", "Tell me a story",
+            "--max-new-tokens", 8, "--json")
+    off, on = run(*args, "--lookup", 0), run(*args)
+    assert off.exit_code == on.exit_code == 0, off.output + on.output
+    assert json.loads(off.stdout)["tokens"] == json.loads(on.stdout)["tokens"]
+    bad = run(*args, "--lookup", -1)
+    assert bad.exit_code == 2 and "--lookup" in bad.output
+
+
 def test_one_token_has_no_decode_speed(tiny_target):
     result = run("generate", "--model", tiny_target("llava")[1], "--prompt", "Hi",
                  "--max-new-tokens", 1)
