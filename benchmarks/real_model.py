@@ -8,7 +8,7 @@ per pass, decode tok/s, the ratio, and the pass's cost split (drafter / target /
 
     python benchmarks/real_model.py [--kinds vispec,hivis,eagle] [--draft-vocab 4096,full]
                                     [--weights float32,int8]
-                                    [--trees 4:2:2] [--margins 0.05]
+                                    [--trees 4:2:2] [--margins 0.05] [--lookups 0]
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--margins", default="", help="auto again with these margins, e.g. 0.05")
+    parser.add_argument("--lookups", default="", help="auto again with these lookup lengths "
+                                                      "(0: off), e.g. 0")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vispec-real-"))
     say = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -74,7 +76,8 @@ def main() -> None:
             pipe = Pipeline(target_onnx, drafter_dir=out, progress=say)
             for group, items in groups.items():
                 rows = run_bench(pipe, items, trees, args.max_new_tokens, args.repeats,
-                                 margins=[float(m) for m in args.margins.split(",") if m])
+                                 margins=[float(m) for m in args.margins.split(",") if m],
+                                 lookups=[int(n) for n in args.lookups.split(",") if n])
                 rate = {r.setting: r.tokens_per_second for r in rows}
                 best = max(r.tokens_per_second for r in rows if r.tree is not None)
                 print(f"\n{kind}, draft vocab {size}, {weights} weights, {group} prompts\n"

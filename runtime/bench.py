@@ -107,10 +107,11 @@ class BenchRow:
 def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequence[TreeConfig],
               max_new_tokens: int = 64, repeats: int = 3,
               progress: Callable[[str], None] | None = None,
-              margins: Sequence[float] = ()) -> list[BenchRow]:
+              margins: Sequence[float] = (), lookups: Sequence[int] = ()) -> list[BenchRow]:
     """Rows for plain decoding, each tree of ``trees`` and ``auto``, the policy of ``pipe``
     (built with ``tree="auto"``, the default), then ``auto`` on the same costs with each
-    of ``margins`` (rows "auto m=<margin>", each policy learning on its own). Greedy
+    of ``margins`` (rows "auto m=<margin>") and with each lookup length of ``lookups``
+    instead of the pipeline's (rows "auto lookup=<n>"), each policy learning on its own. Greedy
     sampling is assumed for the identity check; with sampling ``identical`` is not
     meaningful."""
     if pipe.tree != AUTO:
@@ -120,13 +121,16 @@ def run_bench(pipe: Pipeline, prompts: Sequence[tuple[str, list]], trees: Sequen
     auto = pipe.tree_policy()  # measure auto's costs before any timing (cached afterwards)
     settings: list[tuple[BenchRow, TreePolicy | None]] = [(BenchRow(PLAIN, None), None)]
     settings += [(BenchRow(tree_name(t), t), t) for t in trees] + [(BenchRow(AUTO, None), auto)]
-    if margins and not isinstance(auto, AutoTree):
+    if (margins or lookups) and not isinstance(auto, AutoTree):
         raise VispecError("auto decodes plainly here (no candidate tree fits the cache), so "
-                          "it has no margin to compare. Hint: leave out the margins")
+                          "it has no margin or lookup to compare. Hint: leave them out")
     settings += [(BenchRow(f"{AUTO} m={m:g}", None), AutoTree(auto.round_ms, auto.plain_ms,
                                                               margin=m)) for m in margins]
-    return interleaved([(row, partial(_generate, pipe, tree, max_new_tokens))
-                        for row, tree in settings], prompts, repeats, progress)
+    runs = [(row, partial(_generate, pipe, tree, max_new_tokens)) for row, tree in settings]
+    runs += [(BenchRow(f"{AUTO} lookup={n}", None),
+              partial(_generate, pipe, AutoTree(auto.round_ms, auto.plain_ms), max_new_tokens,
+                      lookup=n)) for n in lookups]
+    return interleaved(runs, prompts, repeats, progress)
 
 
 def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence[tuple[str, list]],
@@ -162,11 +166,17 @@ def interleaved(settings: Sequence[tuple[BenchRow, Generate]], prompts: Sequence
 
 
 def _generate(pipe: Pipeline, tree: TreePolicy | None, max_new_tokens: int, text: str,
-              images: list) -> GenerationResult:
-    """One generation: plain where ``tree`` is None, else speculative with that policy."""
+              images: list, lookup: int | None = None) -> GenerationResult:
+    """One generation: plain where ``tree`` is None, else speculative with that policy (and
+    ``lookup`` for this call instead of the pipeline's, if given)."""
     if tree is None:
         return pipe.generate(text, images, max_new_tokens, draft=False)
-    return pipe.generate(text, images, max_new_tokens, tree=tree)
+    session, kept = pipe.session, pipe.session.lookup
+    session.lookup = kept if lookup is None else lookup
+    try:
+        return pipe.generate(text, images, max_new_tokens, tree=tree)
+    finally:
+        session.lookup = kept
 
 
 def format_table(rows: list[BenchRow]) -> str:

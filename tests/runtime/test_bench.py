@@ -11,15 +11,18 @@ def test_bench_rows_table_and_chart(tiny_target, tiny_drafter, noise_image, tmp_
     pipe = Pipeline(tiny_target("llava")[1], drafter_dir=drafter_dir)
     prompts = [("Describe the red boat.", []), ("What is this?", [noise_image(56, 56, 1)])]
     trees = [TreeConfig(4, 2, 2), TreeConfig(8, 2, 3)]
-    rows = run_bench(pipe, prompts, trees, max_new_tokens=12, repeats=1, margins=[0.0])
-    assert [r.setting for r in rows] == [PLAIN, "4,2,2", "8,2,3", AUTO, f"{AUTO} m=0"]
+    rows = run_bench(pipe, prompts, trees, max_new_tokens=12, repeats=1, margins=[0.0],
+                     lookups=[0])
+    assert [r.setting for r in rows] == [PLAIN, "4,2,2", "8,2,3", AUTO, f"{AUTO} m=0",
+                                         f"{AUTO} lookup=0"]
+    assert pipe.session.lookup == 8  # the pipeline's own setting again
     assert all(r.identical and r.decoded == 2 * 11 for r in rows)  # 12 tokens, 1 from prefill
     assert rows[0].tokens_per_pass == 1.0 and rows[1].tokens_per_pass >= 1.0
-    assert all(sum(r.trees_used.values()) == r.passes for r in rows[-2:])
+    assert all(sum(r.trees_used.values()) == r.passes for r in rows[-3:])
     plain_split, tree_split = rows[0].pass_split_ms, rows[1].pass_split_ms
     assert plain_split[0] == 0 and plain_split[1] > 0 and min(tree_split) > 0
     table = format_table(rows)
-    assert table.count("\n") == 6 and "| plain |" in table
+    assert table.count("\n") == 7 and "| plain |" in table
     png = plot(rows, tmp_path / "bench.png", "tiny")
     with Image.open(png) as im:
         assert im.size[0] > 500
