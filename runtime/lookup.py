@@ -4,7 +4,11 @@ grafted onto the drafter's tree as one more branch.
 
 Small targets repeat themselves (lists, refrains, restated questions); where the drafter's
 one layer misses such a repeat, the lookup branch catches it. Verification is unchanged: a
-branch is only a guess, and the target keeps its own argmax path (greedy decoding).
+branch is only a guess, and the target keeps its own argmax path (greedy decoding). The
+grafted nodes cost verification time where they miss: on the demo's 48-token answers the
+branch (8 tokens) changed text by -0.02..+0.02x and cost detailed descriptions 0.17-0.31x
+(the drafters already copy those); on 128-token chat answers it gained +0.07-0.09x over a
+fixed (4,2,2) tree (benchmarks/RESULTS.md). Hence off by default.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import numpy as np
 from .tree import DraftTree, ancestor_mask, leaf_paths
 
 NGRAMS = (3, 2)  # suffix lengths tried, longest first
-LOOKUP = 8  # the branch's default length: on the demo's chat answers 4-8 gain alike, 16 less
+LOOKUP = 0  # off by default: it pays on long repetitive answers only (README, RESULTS.md)
 
 
 def lookup_chain(context: np.ndarray, max_tokens: int, ngrams: tuple[int, ...] = NGRAMS) -> np.ndarray:

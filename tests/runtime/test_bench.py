@@ -8,7 +8,7 @@ from vispec.runtime.tree import TreeConfig
 
 def test_bench_rows_table_and_chart(tiny_target, tiny_drafter, noise_image, tmp_path):
     _, drafter_dir = tiny_drafter("vispec", "llava", 0)
-    pipe = Pipeline(tiny_target("llava")[1], drafter_dir=drafter_dir)
+    pipe = Pipeline(tiny_target("llava")[1], drafter_dir=drafter_dir, lookup=8)
     prompts = [("Describe the red boat.", []), ("What is this?", [noise_image(56, 56, 1)])]
     trees = [TreeConfig(4, 2, 2), TreeConfig(8, 2, 3)]
     rows = run_bench(pipe, prompts, trees, max_new_tokens=12, repeats=1, margins=[0.0],
