@@ -61,10 +61,11 @@ def main() -> None:
     trees = [TreeConfig(*(int(x) for x in t.split(":"))) for t in args.trees.split(",")]
     prompts = demo_prompts(images=args.images)
     groups = {g: [(t, i) for t, i, s in prompts if prompt_group(t, i) == g] for g in GROUPS}
+    groups = {g: items for g, items in groups.items() if items}  # --images 0: text only
     print(f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores; "
           f"SmolLM2-135M LLaVA target (fp32, ORT CPU); {args.repeats} repeats, "
-          f"{args.max_new_tokens} new tokens at most; prompts: {len(groups['image'])} held-out "
-          f"images, {len(groups['detailed'])} detailed, {len(groups['text'])} text", flush=True)
+          f"{args.max_new_tokens} new tokens at most; prompts: "
+          f"{', '.join(f'{len(items)} {g}' for g, items in groups.items())}", flush=True)
     for kind in kinds:
         for size, weights in ((v, w) for w in args.weights.split(",")
                               for v in args.draft_vocab.split(",")):

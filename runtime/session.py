@@ -34,7 +34,7 @@ from .generate import (
     prefill,
 )
 from .kv_cache import KVCache
-from .lookup import graft, lookup_chain
+from .lookup import LookupGate, graft, lookup_chain
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
 from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
@@ -70,13 +70,14 @@ class Session:
     not in the cache yet: a next turn's prompt feeds it.
 
     ``lookup`` N > 0: greedy rounds also verify up to N tokens that ``lookup.lookup_chain``
-    finds in the conversation, grafted onto the drafter's tree (not on ``exact`` targets,
-    which verify chains only).
+    finds in the conversation, grafted onto the drafter's tree where ``lookup_gate`` finds
+    it pays (not on ``exact`` targets, which verify chains only).
     """
 
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
                  cache: KVCache | None = None, lookup: int = 0):
         self.target, self.drafter, self.lookup = target, drafter, lookup
+        self.lookup_gate = LookupGate()  # learns across this session's generations
         self.cache = cache or target.new_cache()
         self.reset()
         rows = (target.max_len, target.glue.hidden_size)  # host, row-aligned, with a drafter:
@@ -208,12 +209,17 @@ class Session:
         while not turn.done and config is not None:
             r0 = time.perf_counter()
             draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
-            if self.lookup and turn.chooser.sampling.greedy and not self.target.exact:
+            drafted = len(draft_tree.tokens)
+            if (self.lookup and turn.chooser.sampling.greedy and not self.target.exact
+                    and self.lookup_gate.wanted(bool(self.images))):
                 draft_tree = self._with_lookup(draft_tree, turn.tokens[-1])
             r1 = time.perf_counter()
             verification, out = verify(self.target, self.cache, draft_tree, self.position,
                                        turn.chooser)
             r2 = time.perf_counter()
+            if len(draft_tree.tokens) > drafted:
+                self.lookup_gate.observe(bool(self.images), len(draft_tree.tokens) - drafted,
+                                         int((verification.accepted >= drafted).sum()))
             new = accepted_tokens(draft_tree, verification)
             before = len(turn.tokens)
             features = self._commit(draft_tree.tokens[verification.accepted], out,

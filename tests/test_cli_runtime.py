@@ -58,7 +58,7 @@ def test_generate_lookup_setting(tiny_target, tiny_drafter):
     args = ("generate", "--model", tiny_target("llava")[1], "--drafter",
             tiny_drafter("eagle", "llava")[1], "--prompt", "Tell me a story",
             "--max-new-tokens", 8, "--json")
-    off, on = run(*args), run(*args, "--lookup", 8)
+    off, on = run(*args, "--lookup", 0), run(*args)
     assert off.exit_code == on.exit_code == 0, off.output + on.output
     assert json.loads(off.stdout)["tokens"] == json.loads(on.stdout)["tokens"]
     bad = run(*args, "--lookup", -1)

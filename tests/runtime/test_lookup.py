@@ -5,7 +5,7 @@ import pytest
 
 from vispec.runtime.acceptance import accept_greedy_choices
 from vispec.runtime.generate import generate_plain
-from vispec.runtime.lookup import graft, lookup_chain
+from vispec.runtime.lookup import PROBE, LookupGate, graft, lookup_chain
 from vispec.runtime.session import Session
 from vispec.runtime.tree import TreeConfig, build_draft_tree
 
@@ -118,3 +118,16 @@ def test_no_lookup_under_sampling_or_without_a_setting(runtime_pair, family, mon
         prompt, 12, tree=TreeConfig(3, 1, 1), sampling=Sampling(temperature=0.8, seed=1))
     Session(target, drafter).generate_speculative(prompt, 12, tree=TreeConfig(3, 1, 1))
     assert calls == []
+
+
+def test_the_gate_stops_a_kind_whose_grafts_miss_and_probes_it_again():
+    gate = LookupGate()
+    assert gate.wanted(False) and gate.wanted(True)  # the prior: worth a try
+    for _ in range(20):
+        gate.observe(True, grafted=8, accepted=0)
+    wanted = [gate.wanted(True) for _ in range(2 * PROBE)]
+    assert sum(wanted) == 2  # a probe every PROBE rounds
+    assert gate.wanted(False)  # prompts without images keep their own record
+    for _ in range(30):
+        gate.observe(True, grafted=4, accepted=2)
+    assert all(gate.wanted(True) for _ in range(PROBE))
