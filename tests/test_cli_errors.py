@@ -316,8 +316,11 @@ def test_a_killed_run_leaves_nothing_behind(tmp_path, sig):
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
+    # Ctrl-C's default action in the child even where pytest runs in the background (`cmd &`
+    # leaves SIGINT ignored, and a child inherits that)
     child = subprocess.Popen([sys.executable, "-m", "vispec.exporter.cli", "demo", "--tiny",
-                              str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+                              str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in child.stderr:  # the demo has started writing its output
         if line.startswith("building a tiny"):
             break
