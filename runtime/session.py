@@ -37,7 +37,15 @@ from .kv_cache import KVCache
 from .lookup import LookupGate, graft, lookup_chain
 from .masks import causal_mask
 from .sampling import Sampling, TokenChooser
-from .speculative import Drafter, check_tree_size, check_tree_width, draft, fitting, verify
+from .speculative import (
+    Drafter,
+    check_tree_size,
+    check_tree_width,
+    draft,
+    fits_caches,
+    fitting,
+    verify,
+)
 from .target import StepOutput, TargetModel
 from .tree import DraftTree, TreeConfig
 from .tree_policy import TreePolicy, check_chains
@@ -209,16 +217,16 @@ class Session:
         while not turn.done and config is not None:
             r0 = time.perf_counter()
             draft_tree = draft(self.drafter, turn.tokens[-1], topk, config)
-            drafted = len(draft_tree.tokens)
+            drafted, images = len(draft_tree.tokens), bool(self.images)
             if (self.lookup and turn.chooser.sampling.greedy and not self.target.exact
-                    and self.lookup_gate.wanted(bool(self.images))):
+                    and self.lookup_gate.wanted(images)):
                 draft_tree = self._with_lookup(draft_tree, turn.tokens[-1])
             r1 = time.perf_counter()
             verification, out = verify(self.target, self.cache, draft_tree, self.position,
                                        turn.chooser)
             r2 = time.perf_counter()
             if len(draft_tree.tokens) > drafted:
-                self.lookup_gate.observe(bool(self.images), len(draft_tree.tokens) - drafted,
+                self.lookup_gate.observe(images, len(draft_tree.tokens) - drafted,
                                          int((verification.accepted >= drafted).sum()))
             new = accepted_tokens(draft_tree, verification)
             before = len(turn.tokens)
@@ -244,9 +252,8 @@ class Session:
         if not len(chain):
             return tree
         grown = graft(tree, chain)
-        fits = (self.cache.length + len(grown.tokens) <= self.cache.max_len
-                and int(grown.depths.max()) + 2 <= self.drafter.room())
-        return grown if fits else tree
+        rows = int(grown.depths.max()) + 2  # the longest path and the bonus, one row spare
+        return grown if fits_caches(self.cache, self.drafter, len(grown.tokens), rows) else tree
 
     def _decode_plain(self, turn: Turn) -> None:
         """One token per target pass from the last emitted token until the turn is done

@@ -93,9 +93,13 @@ def fitting(tree: TreeConfig, cache: KVCache, drafter: Drafter) -> TreeConfig | 
     rows, its rows after the drafter's committed ones, once the drafter has taken the last
     round's rows), else None: the generation ends plainly, which needs one row per token,
     as the budget check guaranteed."""
-    if cache.length + tree.total_tokens > cache.max_len:
-        return None
-    return tree if tree.drafter_rows <= drafter.room() else None
+    return tree if fits_caches(cache, drafter, tree.total_tokens, tree.drafter_rows) else None
+
+
+def fits_caches(cache: KVCache, drafter: Drafter, nodes: int, drafter_rows: int) -> bool:
+    """Whether a round verifying ``nodes`` tree nodes and then needing ``drafter_rows`` rows
+    after the drafter's committed ones fits both caches."""
+    return cache.length + nodes <= cache.max_len and drafter_rows <= drafter.room()
 
 
 def check_tree_size(trees, max_len: int) -> None:
