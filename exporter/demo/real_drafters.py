@@ -115,6 +115,11 @@ class Recipe:
     1200): the second round took their held-out chat top-1 from 0.39-0.41 to 0.43-0.45 and
     short image answers under ``auto`` from 4.0 to 4.9-6.4 tokens a pass."""
 
+    def __post_init__(self):
+        check_fields(self, "training settings > 0 (rounds >= 1)", (lambda v: v > 0, [
+            "steps", "batch", "lr", "unroll", "unroll_steps", "unroll_lr", "image_repeats",
+            "rounds", "round_steps", "round_lr"]))
+
 
 _DATA_FIELDS = ("image_prompts", "text_prompts", "image_tokens", "text_tokens", "seed")
 _TRAIN_FIELDS = ("steps", "batch", "lr", "seed")
@@ -408,5 +413,9 @@ if __name__ == "__main__":
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
                             default=field.default)
     args = parser.parse_args()
-    write_weights(args.write_weights, _recipe_from_args(args), args.work,
-                  tuple(args.kinds.split(",")), progress=print)
+    try:
+        recipe = _recipe_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exit code 2
+    write_weights(args.write_weights, recipe, args.work, tuple(args.kinds.split(",")),
+                  progress=print)

@@ -80,6 +80,8 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
     later = recipe_folders(Recipe(round_lr=Recipe().round_lr / 2))  # round 1 kept
     assert later.stages[:2] == folders.stages[:2] and later.stages[2] != folders.stages[2]
     one_more = recipe_folders(Recipe(rounds=Recipe().rounds + 1))  # the rounds before kept
+    with pytest.raises(ValueError, match="rounds=0"):
+        Recipe(rounds=0)
     assert one_more.stages[:-2] == folders.stages and len(set(one_more.stages)) == len(one_more.stages)
     more_text = recipe_folders(Recipe(text_prompts=7))
     assert more_text.text != folders.text and more_text.images == folders.images
