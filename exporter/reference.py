@@ -23,14 +23,21 @@ def torch_inputs(prompt: Prompt) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def model_device(adapter: FamilyExport) -> torch.device:
+    """Where the adapter's language model lives (inputs go there; outputs come from there)."""
+    return adapter.language_model.embed_tokens.weight.device
+
+
 @torch.no_grad()
 def hf_prompt_embeds(adapter: FamilyExport, glue: FamilyGlue, prompt: Prompt) -> torch.Tensor:
-    """``[L, H]``: token embeddings with HF ``get_image_features`` placed at image slots."""
-    ids = torch.from_numpy(prompt.input_ids)
+    """``[L, H]`` on the model's device: token embeddings with HF ``get_image_features``
+    placed at image slots."""
+    device = model_device(adapter)
+    ids = torch.from_numpy(prompt.input_ids).to(device)
     embeds = adapter.language_model.embed_tokens(ids).clone()
     if prompt.has_images:
         inputs = torch_inputs(prompt)
-        kwargs = {k: v for k, v in inputs.items()
+        kwargs = {k: v.to(device) for k, v in inputs.items()
                   if k in ("pixel_values", "image_sizes", "image_grid_thw")}
         out = adapter.model.model.get_image_features(**kwargs)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -50,7 +57,7 @@ def hf_lm(adapter: FamilyExport, embeds: torch.Tensor, position_ids: np.ndarray,
     with warnings.catch_warnings():  # newer transformers call it `cache`; >= 5.0 takes this
         warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
         out = adapter.language_model(inputs_embeds=embeds[None],
-                                     position_ids=torch.from_numpy(position_ids),
+                                     position_ids=torch.from_numpy(position_ids).to(embeds.device),
                                      past_key_values=cache, use_cache=True)
     hidden = out.last_hidden_state
     return adapter.lm_head(hidden)[0], hidden[0], cache

@@ -188,10 +188,13 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     usable, line = _gpu_status()
-    if usable:
-        return
-    skip = pytest.mark.skip(reason=f"needs a GPU stack ({line})")
+    skips = {"gpu": None if usable else pytest.mark.skip(reason=f"needs a GPU stack ({line})"),
+             "torch_cuda": None if torch.cuda.is_available() else
+             pytest.mark.skip(reason="needs torch with a CUDA GPU (this torch sees none)")}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)

@@ -4,9 +4,10 @@
               many kinds x topics, plus questions the target writes itself for personas x
               topics); images: a user's folder or the demo's synthetic images, each asked
               IMAGE_QUESTIONS
-    answers : HF ``model.generate`` on batches of prompts (left-padded): on 2 CPU cores
-              ~5x the answer tokens/s of the exported target under ONNX Runtime, which
-              decodes one sequence at a time (RESULTS.md)
+    answers : HF ``model.generate`` on batches of prompts (left-padded), on the rank's
+              device (its GPU where CUDA is there, in float32): on 2 CPU cores ~5x the
+              answer tokens/s of the exported target under ONNX Runtime, which decodes one
+              sequence at a time (RESULTS.md)
     teacher : one PyTorch forward per sequence -> LM-input embeddings e and features f
     output  : OUT/answers/chunk-*.npz (ids, e, f in float16, label_from, job), chunk k
               written by rank k % world (``shards``); OUT/prompts.jsonl lists the jobs
@@ -229,7 +230,8 @@ def generate_answers(adapter, prompts: list[Prompt], budgets: list[int]) -> list
     pad = pad if pad is not None else min(eos)
     answers: list[list[int]] = [[] for _ in prompts]
     for group in _groups(prompts):
-        inputs = _collate([prompts[i] for i in group], pad)
+        inputs = {k: v.to(model.device) for k, v in
+                  _collate([prompts[i] for i in group], pad).items()}
         out = model.generate(**inputs, max_new_tokens=max(budgets[i] for i in group),
                              do_sample=False, pad_token_id=pad)
         for row, i in enumerate(group):
@@ -248,17 +250,18 @@ def teacher_arrays(adapter, glue: FamilyGlue, prompt: Prompt, answer: list[int],
     whole = Prompt(ids, prompt.processed)
     embeds = hf_prompt_embeds(adapter, glue, whole)                  # [L, H]
     _, hidden, _ = hf_lm(adapter, embeds, glue.position_ids(whole)[0])
-    return {"ids": ids, "embeds": embeds.numpy().astype(dtype),
-            "features": hidden.float().numpy().astype(dtype),
+    return {"ids": ids, "embeds": embeds.cpu().numpy().astype(dtype),
+            "features": hidden.float().cpu().numpy().astype(dtype),
             "label_from": np.int64(len(prompt.input_ids))}
 
 
 # -- the run ------------------------------------------------------------------------------
 class _Target:
-    """The loaded target with what building prompts needs."""
+    """The loaded target (on ``device``) with what building prompts needs."""
 
-    def __init__(self, model_dir, synthetic: int, seed: int):
+    def __init__(self, model_dir, synthetic: int, seed: int, device: torch.device):
         self.adapter, self.glue = load_target(model_dir)
+        self.adapter.model.to(device)
         self.processor = load_processor(model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._synthetic = examples(synthetic, seed, "train") if synthetic else []
@@ -338,7 +341,7 @@ def distill_data(model_dir: str | os.PathLike, out: str | os.PathLike,
         world.barrier()
         if shards.read_settings(out) != settings:
             raise VispecError(f"{out} changed under this run. Hint: run one distill-data per folder")
-        target = _Target(model_dir, config.synthetic_images, config.seed)
+        target = _Target(model_dir, config.synthetic_images, config.seed, world.device)
         if texts is None:
             texts = _builtin_prompts(target, world, out, config, progress)
         jobs = answer_jobs(config, texts, images)

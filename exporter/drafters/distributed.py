@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from vispec.runtime.errors import VispecError
+
 BARRIER_TIMEOUT = timedelta(hours=4)  # ranks wait for the slowest at stage ends
 
 
@@ -49,10 +51,16 @@ class World:
 
 
 def env_world() -> World:
-    """The world the launcher describes in the environment (one process without one)."""
+    """The world the launcher describes in the environment (one process without one): each
+    rank on the GPU of its local rank where CUDA is there, else on the CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and local >= gpus:
+        raise VispecError(f"local rank {local} but {gpus} GPU(s) here. Expected: one process "
+                          f"per GPU. Hint: --nproc_per_node {gpus}, or CUDA_VISIBLE_DEVICES= "
+                          f"to run every process on the CPU")
+    device = torch.device(f"cuda:{local}") if gpus else torch.device("cpu")
     return World(int(os.environ.get("RANK", "0")), size, local, device)
 
 

@@ -51,7 +51,8 @@ def torchrun(*args):
 
 
 def one_thread_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    """A subprocess on one CPU thread, on the CPU even where a GPU is."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def by_job(folder):
@@ -61,9 +62,13 @@ def by_job(folder):
 
 @pytest.fixture(scope="module")
 def single(tiny_target, tmp_path_factory):
-    """The reference: SMALL data from one in-process run."""
+    """The reference: SMALL data from one process on the CPU."""
     model_dir, _ = tiny_target("llava")
-    return distill_data(model_dir, tmp_path_factory.mktemp("single") / "data", CONFIG)
+    out = tmp_path_factory.mktemp("single") / "data"
+    done = subprocess.run(cli_cmd("distill-data", model_dir, out, *SMALL), capture_output=True,
+                          text=True, timeout=300, env=one_thread_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -109,6 +114,22 @@ def test_two_processes_write_what_one_writes(single, tiny_target, tmp_path):
         assert two[job][0].tolist() == ids.tolist()
         np.testing.assert_allclose(two[job][2].astype(np.float32), f.astype(np.float32),
                                    atol=2e-3)  # float16 storage of the same forward
+
+
+@pytest.mark.torch_cuda
+def test_a_gpu_writes_what_the_cpu_writes(single, tiny_target, tmp_path):
+    """In this process the target runs on the GPU (float32): the same answers, the same
+    features within float16 storage and TF32 convolutions (1e-2)."""
+    import torch
+
+    model_dir, _ = tiny_target("llava")
+    torch.cuda.reset_peak_memory_stats()
+    gpu, cpu = by_job(distill_data(model_dir, tmp_path / "data", CONFIG)), by_job(single)
+    assert torch.cuda.max_memory_allocated() > 0  # it ran there
+    assert gpu.keys() == cpu.keys()
+    for job, (ids, e, f) in cpu.items():
+        assert gpu[job][0].tolist() == ids.tolist(), job
+        np.testing.assert_allclose(gpu[job][2].astype(np.float32), f.astype(np.float32), atol=1e-2)
 
 
 def test_a_killed_run_finishes_without_loss_or_duplicates(single, tiny_target, tmp_path):

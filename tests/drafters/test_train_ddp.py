@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from vispec.exporter.cli import cli
 from vispec.exporter.drafters.checkpoint import new_drafter
 from vispec.exporter.drafters.distill import DistillDataConfig, distill_data
+from vispec.exporter.drafters.distributed import env_world
 from vispec.exporter.drafters.export import target_lm_head
 from vispec.exporter.drafters.train import STATE_FILE, RunOptions, TrainConfig, fit, load_samples
 from vispec.runtime.errors import VispecError
@@ -38,9 +39,14 @@ def launch(prefix, model_dir, data, out, *extra):
     args = [*prefix, "-m", "vispec.exporter.cli", "train-drafter", model_dir, out, "--data", data,
             *TRAIN, *extra]
     done = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=cpu_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def cpu_env():
+    """Subprocesses on one CPU thread each, on the CPU even where a GPU is (gloo)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def log(out):
@@ -88,7 +94,7 @@ def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path):
     args = [sys.executable, "-m", "vispec.exporter.cli", "train-drafter", model_dir, out,
             "--data", data, *TRAIN]
     child = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             stderr=subprocess.DEVNULL, env=cpu_env())
     deadline = time.time() + 120
     while not (state / STATE_FILE).is_file() and time.time() < deadline:
         time.sleep(0.005)
@@ -123,3 +129,30 @@ def test_autocast_precisions_need_cuda(setup, tmp_path):
                                       "--precision", "bf16"])
     assert result.exit_code == 2 and "needs CUDA" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.torch_cuda
+def test_bf16_on_the_gpu_follows_the_cpu(setup, tmp_path):
+    """In this process the run takes the GPU, in bf16 autocast: the CPU's float32 loss curve
+    within bf16's rounding (first step 2e-2, the last 10 steps' mean 5e-2 relative)."""
+    model_dir, data, one = setup
+    result = CliRunner().invoke(cli, ["train-drafter", str(model_dir), str(tmp_path / "out"),
+                                      "--data", str(data), *map(str, TRAIN),
+                                      "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    gpu, cpu = np.array(log(tmp_path / "out")["loss"]), np.array(log(one)["loss"])
+    assert len(gpu) == len(cpu) == STEPS
+    assert abs(gpu[0] - cpu[0]) <= 2e-2 * cpu[0]
+    assert abs(gpu[-10:].mean() - cpu[-10:].mean()) <= 5e-2 * cpu[-10:].mean()
+
+
+def test_more_processes_than_gpus_are_refused(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: a clear error, not a CUDA crash."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(VispecError, match="--nproc_per_node 1, or CUDA_VISIBLE_DEVICES="):
+        env_world()
