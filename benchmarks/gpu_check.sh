@@ -5,7 +5,7 @@
 #   1. which backends are here: the GPU, ONNX Runtime's CUDA provider (or the CPU wheel
 #      shadowing it), TensorRT, torch;
 #   2. the GPU-marked tests (ORT CUDA parity, TensorRT runner, generate and drafters end to
-#      end on TensorRT);
+#      end on TensorRT; distillation and bf16 drafter training on torch's CUDA);
 #   3. benchmarks/gpu.py at 1B and 7B shapes (cut to a few layers; needs onnxruntime-gpu and
 #      a CPU torch to build the models).
 #
@@ -24,8 +24,8 @@ fi
 echo "== backends"
 "$PYTHON" benchmarks/gpu.py --probe "$OUT/probe.json" || { rm -rf "$OUT"; exit 2; }
 
-echo "== GPU-marked tests (at most 4 minutes)"
-timeout 240 "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprovider \
+echo "== GPU-marked tests (at most 4 minutes): ORT CUDA, TensorRT, torch on CUDA"
+timeout 240 "$PYTHON" -m pytest -q -m "gpu or torch_cuda" -rs -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" tests
 echo $? > "$OUT/tests.rc"
 

@@ -330,6 +330,11 @@ def distill_data(model_dir: str | os.PathLike, out: str | os.PathLike,
     read_config(model_dir)  # cheap checks before anything is written
     check_weights(model_dir)
     texts = list(prompts) if prompts is not None else None
+    pool = len(prompt_pool(config.seed))
+    if texts is None and config.text_prompts > pool:
+        raise VispecError(f"{config.text_prompts} built-in text prompts asked for; the built-in "
+                          f"set has {pool}. Expected: text_prompts <= {pool}. Hint: pass a "
+                          f"prompts file (--prompts) for more")
     images = image_files(images_dir) if images_dir is not None else []
     settings = {**asdict(config), "model": _model_fingerprint(model_dir),
                 "prompts": _text_hash(texts) if texts is not None else None,

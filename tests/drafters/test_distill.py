@@ -215,6 +215,14 @@ def test_detailed_answers_name_the_four_attributes_in_30_words_or_more():
         assert answer.startswith(example.scene.answer() + " The picture shows")
 
 
+def test_more_built_in_prompts_than_the_set_holds_exit_2(tiny_target, tmp_path):
+    model_dir, _ = tiny_target("llava")
+    result = CliRunner().invoke(cli, ["distill-data", str(model_dir), str(tmp_path / "data"),
+                                      "--text-prompts", "5000"])
+    assert result.exit_code == 2 and "the built-in set has 2020" in result.output, result.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_config_rejects_bad_sizes():
     with pytest.raises(VispecError, match="batch=0"):
         DistillDataConfig(batch=0)
