@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from vispec.runtime.cache import cache_dir
 from ..drafters.distill import HELD_OUT_CHAT
 from ..settings import check_fields
 from .real_target import WEIGHTS as VISION_WEIGHTS
+
+if TYPE_CHECKING:
+    from ..drafters.train import TrainConfig
 
 Progress = Callable[[str], None]
 KINDS = ("vispec", "hivis", "eagle")
@@ -292,10 +295,9 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
             synthetic_images=0, max_new_tokens=recipe.max_new_tokens, batch=len(HELD_OUT_CHAT)),
             prompts=list(HELD_OUT_CHAT), progress=progress)
         sets = data[:1] + data[1:] * recipe.image_repeats
-        stages = list(zip(folders.stages, recipe_stages(recipe)))
         for kind in kinds:
             init = None
-            for folder, config in stages:
+            for folder, config in folders.stages:
                 if not (folder / kind / "config.json").is_file():
                     train_drafter(model_dir, folder / kind, kind=None if init else kind,
                                   init_dir=init, config=config, data=sets, progress=progress)
@@ -311,8 +313,8 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
               "versions": versions(), "drafters": {}, "seconds": 0}
     with atomic_output_dir(out, overwrite=True) as tmp:
         for kind in kinds:
-            logs = [json.loads((f / kind / LOG_FILE).read_text()) for f in folders.stages]
-            final = folders.stages[-1] / kind
+            logs = [json.loads((f / kind / LOG_FILE).read_text()) for f, _ in folders.stages]
+            final = folders.stages[-1][0] / kind
             held = evaluate(load_drafter(final, model_dir), lm_head, glue, check)
             record["drafters"][kind] = {
                 "final_loss": float(np.mean(logs[-1]["loss"][-50:])),  # levels 0..unroll-1
@@ -331,20 +333,24 @@ def write_weights(out: Path = DRAFTER_ASSETS, recipe: Recipe = Recipe(),
 @dataclass(frozen=True)
 class RecipeFolders:
     """Where a recipe's run keeps its work: the text answers (the LM's alone: any vision
-    weights), the image answers of these vision weights, the held-out chat answers and the
-    checkpoints of each training stage (``recipe_stages``), each keyed by the settings that
-    shape it."""
+    weights), the image answers of these vision weights, the held-out chat answers, and
+    each training stage in order, its checkpoints' folder and its ``TrainConfig``: stage 1
+    and stage 2 (``_stage2_config``), then both again for each later round
+    (``Recipe.rounds``), each continuing the stage before. Every folder is keyed by the
+    settings that shape it."""
 
     text: Path
     images: Path
     held_out: Path
-    stages: tuple[Path, ...]
+    stages: tuple[tuple[Path, TrainConfig], ...]
 
 
 def recipe_folders(recipe: Recipe, work: Path | None = None) -> RecipeFolders:
-    """The folders of ``recipe`` under ``work`` (default: the cache), each keyed by the
-    settings that shape it: a run with new training settings or new vision weights reuses
-    the data it can."""
+    """The folders of ``recipe`` under ``work`` (default: the cache): a run with new
+    training settings or new vision weights reuses the data it can, a later round's folder
+    changes with any setting before it."""
+    from ..drafters.train import TrainConfig
+
     settings, vision = asdict(recipe), file_hash(VISION_WEIGHTS)
 
     def key(fields, *extra) -> str:
@@ -355,28 +361,19 @@ def recipe_folders(recipe: Recipe, work: Path | None = None) -> RecipeFolders:
     trained = tuple(k for k in settings if k not in _ROUND_FIELDS)  # what shapes round 1
     stage1 = tuple(k for k in trained if k not in _UNROLL_FIELDS)
     later = tuple(k for k in settings if k != "rounds")  # round r: these and r
-    stages = (work / f"train-{key(stage1, vision)}", work / f"unrolled-{key(trained, vision)}")
+    first = TrainConfig(steps=recipe.steps, batch=recipe.batch, lr=recipe.lr,
+                        vocab=recipe.train_vocab, seed=recipe.seed)
+    stages = ((work / f"train-{key(stage1, vision)}", first),
+              (work / f"unrolled-{key(trained, vision)}", _stage2_config(first, recipe)))
     for r in range(2, recipe.rounds + 1):
-        stages += (work / f"round{r}-{key(later, vision, r)}",
-                   work / f"round{r}-unrolled-{key(later, vision, r)}")
+        more = replace(first, steps=recipe.round_steps, lr=recipe.round_lr,
+                       seed=recipe.seed + r - 1)
+        stages += ((work / f"round{r}-{key(later, vision, r)}", more),
+                   (work / f"round{r}-unrolled-{key(later, vision, r)}",
+                    _stage2_config(more, recipe)))
     return RecipeFolders(work / f"text-{key(_RECIPE_TEXT)}",
                          work / f"images-{key(_RECIPE_IMAGES, vision)}",
                          work / f"held-out-{key(('max_new_tokens',))}", stages)
-
-
-def recipe_stages(recipe: Recipe) -> list:
-    """The ``TrainConfig`` of each training stage of ``recipe``, in order: stage 1 and
-    stage 2 (``_stage2_config``), then both again for each later round (``Recipe.rounds``),
-    each continuing the stage before."""
-    from ..drafters.train import TrainConfig
-
-    first = TrainConfig(steps=recipe.steps, batch=recipe.batch, lr=recipe.lr,
-                        vocab=recipe.train_vocab, seed=recipe.seed)
-    configs = [first, _stage2_config(first, recipe)]
-    for r in range(1, recipe.rounds):
-        more = replace(first, steps=recipe.round_steps, lr=recipe.round_lr, seed=recipe.seed + r)
-        configs += [more, _stage2_config(more, recipe)]
-    return configs
 
 
 def distill_recipe(model_dir: Path, recipe: Recipe, folders: RecipeFolders, *,

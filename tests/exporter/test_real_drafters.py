@@ -70,7 +70,7 @@ def test_new_training_settings_reuse_the_recipe_data(tmp_path, monkeypatch):
 
     folders = recipe_folders(Recipe())
     assert folders.text.parent.name.startswith("recipe-")
-    assert folders.images.parent == folders.stages[0].parent == folders.text.parent
+    assert folders.images.parent == folders.stages[0][0].parent == folders.text.parent
     assert len(folders.stages) == 2 * Recipe().rounds
     longer = recipe_folders(Recipe(steps=Recipe().steps + 100))
     assert (longer.text, longer.images) == (folders.text, folders.images)
@@ -104,7 +104,7 @@ def test_recipe_on_the_real_target_with_a_tiny_budget(tmp_path):
     record = json.loads((out / RECIPE_FILE).read_text())
     assert record["recipe"]["steps"] == 2 and record["vision_weights"] == file_hash(VISION_WEIGHTS)
     stages = [json.loads((f / "eagle" / "train_log.json").read_text())["config"]
-              for f in recipe_folders(recipe, tmp_path / "work").stages]
+              for f, _ in recipe_folders(recipe, tmp_path / "work").stages]
     assert [(c["unroll"], c["steps"], c["seed"]) for c in stages] == [
         (1, 2, 0), (recipe.unroll, 2, 0), (1, 3, 1), (recipe.unroll, 2, 1)]
     assert 3 <= record["data"]["sequences"] <= 2 + 4  # some questions it writes are dropped
