@@ -23,16 +23,11 @@ def torch_inputs(prompt: Prompt) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def model_device(adapter: FamilyExport) -> torch.device:
-    """Where the adapter's language model lives (inputs go there; outputs come from there)."""
-    return adapter.language_model.embed_tokens.weight.device
-
-
 @torch.no_grad()
 def hf_prompt_embeds(adapter: FamilyExport, glue: FamilyGlue, prompt: Prompt) -> torch.Tensor:
     """``[L, H]`` on the model's device: token embeddings with HF ``get_image_features``
     placed at image slots."""
-    device = model_device(adapter)
+    device = adapter.model.device
     ids = torch.from_numpy(prompt.input_ids).to(device)
     embeds = adapter.language_model.embed_tokens(ids).clone()
     if prompt.has_images:
